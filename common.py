@@ -1,0 +1,1067 @@
+"""Infrastructure shared by the six method files -- and nothing that is a method.
+
+Read a method file (byol.py first) next to the paper; come here when it calls something.
+
+    1. errors          ConfigError: one-line messages for bad input
+    2. encoder         CIFAR ResNet-18/50 whose stages carry the paper's names, MLP heads
+    3. named-stage EMA --ema-stages, the target network, Eq. (6), the beta schedule, forward counting
+    4. data            datasets held in memory as uint8 tensors on the run device
+    5. augmentation    batched, per-sample random augmentations in plain torch
+    6. optimisation    LARS, parameter groups, warm-up + cosine learning rate
+    7. evaluation      online linear probe, weighted kNN
+    8. runs            arguments, seeding, atomic checkpoints, metrics.jsonl, the epoch line
+
+The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
+Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are used throughout.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# 1. Errors
+# ----------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """Bad input: the message names the problem and the fix, on one line."""
+
+
+def run_cli(main):
+    """Run `main()`; a ConfigError ends the program with one line on stderr and exit code 2."""
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint (last.pt) is intact; rerun with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Encoder: CIFAR ResNet with named stages, MLP heads
+# ----------------------------------------------------------------------------------------
+
+BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
+STAGES = BACKBONE_STAGES + ("projector",)  # the paper's names, input to output (Fig. 1)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes * 4:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNetCIFAR(nn.Module):
+    """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool.
+
+    Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
+    follows block4 (in `run_stages`); it has no parameters and is not a stage.
+    Deviation: solo-learn, which the paper ran, pads conv1 by 2 (34x34 maps); we pad by 1 as
+    the MoCo CIFAR demo and the original ResNet do.
+    """
+
+    def __init__(self, arch="resnet18", zero_init_residual=False):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
+        block, depths = ARCHS[arch]
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        in_planes, stages = 64, []
+        for planes, depth, stride in zip((64, 128, 256, 512), depths, (1, 2, 2, 2)):
+            layers = []
+            for s in [stride] + [1] * (depth - 1):
+                layers.append(block(in_planes, planes, s))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3, self.block4 = stages
+        self.feature_dim = in_planes  # 512 for ResNet-18, 2048 for ResNet-50
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:  # each residual branch starts as the identity (SimSiam's setting)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+
+    def forward(self, x):
+        """f = b(x), Eq. (1): pooled features."""
+        return run_stages({s: getattr(self, s) for s in BACKBONE_STAGES}, x, "conv1")["projector"]
+
+
+def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_bn_affine=True, bias=True):
+    """Linear -> [BN] -> ReLU, repeated, then Linear [-> BN]: the projector g and predictor h."""
+    layers, dim = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=bias or not bn)]
+        layers += [nn.BatchNorm1d(hidden_dim)] if bn else []
+        layers += [nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
+    return nn.Sequential(*layers)
+
+
+def run_stages(modules, h, start, counter=None):
+    """Run the encoder from stage `start` to its end with the given {stage name: module}.
+
+    Returns the activation entering each stage that ran, plus "output": acts["projector"] is the
+    pooled backbone feature f, acts["output"] the projection z (or f when no projector ran).
+    """
+    acts = {}
+    for name in STAGES[STAGES.index(start):]:
+        if name not in modules:
+            break
+        acts[name] = h
+        h = modules[name](h)
+        if name == "block4":
+            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
+            acts["projector"] = h
+        if counter is not None:
+            counter.ran(name, h.shape[0])
+    acts["output"] = h
+    return acts
+
+
+class Encoder(nn.Module):
+    """The online encoder E = g o b: backbone stages conv1..block4, pooling, projector g.
+
+    forward(x) returns (f, z, acts): f = b(x) (Eq. 1), z = g(f) (Eq. 3), and acts, the
+    activation entering each stage -- what the target branch starts from (activation reuse).
+    """
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+        self.counter = None  # a ForwardCounter, set by the method file
+
+    def stages(self):
+        return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
+
+    def forward(self, x):
+        counting = self.training and self.counter is not None
+        if counting and torch.is_grad_enabled():
+            self.counter.views += x.shape[0]
+        acts = run_stages(self.stages(), x, "conv1", self.counter if counting else None)
+        return acts["projector"], acts["output"], acts
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Named-stage EMA: which stages the target network keeps a moving average of
+# ----------------------------------------------------------------------------------------
+
+STAGE_ALIASES = {"all": STAGES, "backbone": BACKBONE_STAGES, "none": ()}
+
+
+def parse_ema_stages(text):
+    """'all' | 'backbone' | 'projector' | 'none' | a comma list such as 'block4,projector'.
+
+    Returns the stage names in input-to-output order.
+    """
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector")
+    chosen = set()
+    for name in names:
+        if name in STAGE_ALIASES:
+            chosen.update(STAGE_ALIASES[name])
+        elif name in STAGES:
+            chosen.add(name)
+        else:
+            raise ConfigError(f"unknown stage '{name}' in --ema-stages; choose from {', '.join(STAGES)} "
+                              f"or all, backbone, none")
+    return [s for s in STAGES if s in chosen]
+
+
+def check_beta(beta, flag="--beta"):
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"{flag} {beta} is outside [0, 1]; 0 removes momentum, 0.99 is the paper's default, 1 freezes the target")
+    return beta
+
+
+def beta_at(step, total_steps, base, final, schedule):
+    """The EMA coefficient for optimiser step `step` (0-based).
+
+    'constant': beta = base.  'cosine' (solo-learn, which the paper ran, and the BYOL paper):
+    beta rises from base to final, beta = final - (final - base) * (cos(pi * step / total) + 1) / 2.
+    beta = 0 (no momentum) and beta = 1 (frozen target) stay what they say whatever the schedule.
+    """
+    if schedule == "constant" or base in (0.0, 1.0):
+        return base
+    return final - (final - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+@contextmanager
+def running_stats_frozen(modules):
+    """BatchNorm in these modules uses batch statistics but leaves its running statistics alone.
+
+    Used when the target branch runs a *shared* stage: the online network's running mean and
+    variance (used by evaluation) should describe the online network's own forward passes only.
+    """
+    bns = [m for module in modules for m in module.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+class NamedStageEMA(nn.Module):
+    """The target network: EMA copies of the listed stages, the online modules for the rest.
+
+    * A stage not listed is *shared*: the target uses the online network's very module, under
+      stop-gradient (Fig. 1b). Only EMA copies are parameters of this module (and of its
+      state_dict); they never receive gradients.
+    * forward(acts) -- activation reuse. Shared stages in front of the first EMA stage would
+      compute exactly what the online network computed on the same view, so the target branch
+      starts from the online activation entering the first EMA stage (detached) and runs only
+      the stages from there on. With --ema-stages projector this is Eq. (7), z_m = g_m(f), and
+      the backbone runs once per view (Algorithm 1); with all it is Eq. (2)-(3), twice.
+    * update(beta) -- Eq. (6), xi <- beta * xi + (1 - beta) * theta, on the EMA stages' parameters
+      only, called after the optimiser step. BatchNorm running statistics are buffers, not
+      parameters: they are not averaged; each EMA copy keeps its own, from its own train-mode
+      forward passes (as in solo-learn and BYOL).
+    """
+
+    def __init__(self, online: Encoder, ema_stages):
+        super().__init__()
+        self.ema_stages = list(ema_stages)
+        online_stages = online.stages()
+        self.ema = nn.ModuleDict({s: copy.deepcopy(online_stages[s]) for s in self.ema_stages})
+        self.ema.requires_grad_(False)
+        object.__setattr__(self, "online", online)  # a plain reference: not a submodule, not saved twice
+
+    def stage_modules(self):
+        """{stage: module} as the target sees it: EMA copy if listed, else the online module."""
+        return {s: self.ema[s] if s in self.ema else m for s, m in self.online.stages().items()}
+
+    @torch.no_grad()
+    def forward(self, acts):
+        if not self.ema_stages:  # no EMA at all: the target is the online output under stop-gradient
+            return acts["output"].detach()
+        first = self.ema_stages[0]
+        modules = self.stage_modules()
+        shared_after_first = [m for s, m in modules.items() if s not in self.ema and STAGES.index(s) > STAGES.index(first)]
+        with running_stats_frozen(shared_after_first):
+            return run_stages(modules, acts[first].detach(), first, self.online.counter if self.training else None)["output"]
+
+    def parameter_pairs(self):
+        """(xi, theta) for every parameter of every EMA stage."""
+        online_stages = self.online.stages()
+        xi = [p for s in self.ema_stages for p in self.ema[s].parameters()]
+        theta = [p for s in self.ema_stages for p in online_stages[s].parameters()]
+        return xi, theta
+
+    @torch.no_grad()
+    def update(self, beta):
+        """Eq. (6): xi <- beta * xi + (1 - beta) * theta, for the listed stages only."""
+        if not self.ema_stages or beta == 1.0:  # beta = 1: a frozen target, left bit-identical
+            return
+        xi, theta = self.parameter_pairs()
+        torch._foreach_mul_(xi, beta)
+        torch._foreach_add_(xi, theta, alpha=1.0 - beta)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.ema.parameters())
+
+
+def stage_flops(backbone, image_size):
+    """FLOPs of each backbone stage for one image (matmuls and convolutions, torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    flops, h = {}, torch.zeros(1, 3, image_size, image_size, device=device)
+    with torch.no_grad():
+        for name in BACKBONE_STAGES:
+            with FlopCounterMode(display=False) as counter:
+                h = getattr(backbone, name)(h)
+            flops[name] = counter.get_total_flops()
+    backbone.train(was_training)
+    return flops
+
+
+class ForwardCounter:
+    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
+
+    backbone forwards per image = FLOP-weighted backbone stage runs (online and target) divided
+    by the number of views fed to the online network with gradients. BYOL: 2 with EMA on all
+    stages, 1 with EMA on the projector only, between 1 and 2 for block4,projector.
+    """
+
+    def __init__(self, flops_per_stage):
+        self.flops_per_stage = flops_per_stage
+        self.flops_per_forward = sum(flops_per_stage.values())
+        self.reset()
+
+    def reset(self):
+        self.flops_run, self.views = 0.0, 0
+
+    def ran(self, stage, num_images):
+        self.flops_run += self.flops_per_stage.get(stage, 0.0) * num_images
+
+    def forwards_per_image(self):
+        return self.flops_run / (self.flops_per_forward * max(self.views, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Data: whole datasets as uint8 tensors (N, 3, H, W) on the run device
+# ----------------------------------------------------------------------------------------
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+
+
+@dataclass
+class Data:
+    train_images: torch.Tensor  # N x 3 x H x W, uint8
+    train_labels: torch.Tensor  # N, int64; -1 marks an unlabelled image (STL-10's unlabeled split)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor  # 3, per-channel mean of the training images in [0, 1]
+    std: torch.Tensor
+
+    @property
+    def image_size(self):
+        return self.train_images.shape[-1]
+
+
+def _torchvision_dataset(name, root, download):
+    import torchvision
+
+    try:
+        if name == "stl10":
+            train = torchvision.datasets.STL10(root, split="train+unlabeled", download=download)
+            test = torchvision.datasets.STL10(root, split="test", download=download)
+            return (torch.from_numpy(train.data), torch.from_numpy(train.labels).long(),
+                    torch.from_numpy(test.data), torch.from_numpy(test.labels).long(), 10)
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        hint = "drop --no-download to fetch it" if not download else "check the folder"
+        raise ConfigError(f"{name} not found under --data-dir {root} ({error}); {hint}, or point --data-dir at a copy") from None
+    except OSError as error:  # no network, DNS failure, refused connection, disk full
+        raise ConfigError(f"could not download {name} into {root} ({error.__class__.__name__}: {error}); "
+                          f"copy the dataset there from a machine with internet and pass --no-download") from None
+    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # N x H x W x 3 -> N x 3 x H x W
+    return (to_tensor(train.data), torch.tensor(train.targets), to_tensor(test.data), torch.tensor(test.targets),
+            len(train.classes))
+
+
+def _image_folder(root, image_size):
+    """train/<class>/*.{jpg,png}, and val/<class>/... or test/<class>/..., resized to image_size."""
+    import torchvision
+    from PIL import Image
+
+    root = Path(root)
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise ConfigError(f"--data-dir {root} needs train/ and val/ (or test/) sub-folders, each with one folder "
+                          f"of images per class")
+    splits = []
+    for split_dir in (root / "train", test_dir):
+        try:
+            folder = torchvision.datasets.ImageFolder(str(split_dir))
+        except (FileNotFoundError, RuntimeError) as error:
+            raise ConfigError(f"no images in {split_dir} ({error}); put images in {split_dir}/<class>/") from None
+        images = []
+        for path, _ in folder.samples:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.BICUBIC)
+                images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
+        splits.append((torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets), folder.classes))
+    (train_x, train_y, classes), (test_x, test_y, test_classes) = splits
+    if test_classes != classes:
+        raise ConfigError(f"the class folders of {root / 'train'} and {test_dir} differ; give both the same class names")
+    return train_x, train_y, test_x, test_y, len(classes)
+
+
+def _synthetic(num_train, image_size, seed=0):
+    """Random images whose colour depends on the class, so that kNN has something to find."""
+    g = torch.Generator().manual_seed(seed)
+    num_test, num_classes = max(num_train // 2, 10), 10
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g)
+
+    def make(n):
+        labels = torch.arange(n) % num_classes
+        noise = torch.rand(n, 3, image_size, image_size, generator=g)
+        return ((0.6 * colours[labels] + 0.4 * noise) * 255).round().to(torch.uint8), labels
+
+    (train_x, train_y), (test_x, test_y) = make(num_train), make(num_test)
+    return train_x, train_y, test_x, test_y, num_classes
+
+
+def load_dataset(args, device):
+    """Load --dataset into memory on `device`. Returns a Data."""
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    if args.dataset == "synthetic":
+        parts = _synthetic(args.synthetic_size, args.image_size or 32, args.seed)
+    elif args.dataset == "imagefolder":
+        if not args.data_dir or not Path(args.data_dir).is_dir():
+            raise ConfigError(f"--dataset imagefolder needs --data-dir pointing at a folder with train/ and val/ or test/ "
+                              f"(got {args.data_dir!r})")
+        parts = _image_folder(args.data_dir, args.image_size or 32)
+    else:
+        parts = _torchvision_dataset(args.dataset, args.data_dir, not args.no_download)
+    train_x, train_y, test_x, test_y, num_classes = parts
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ConfigError(f"--dataset {args.dataset} has an empty train or test split; check --data-dir")
+    # Per-channel statistics of the training images (for CIFAR these are solo-learn's constants).
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for chunk in train_x.split(8192):
+        chunk = chunk.double() / 255
+        total += chunk.sum((0, 2, 3))
+        total_sq += (chunk ** 2).sum((0, 2, 3))
+    count = train_x.numel() / 3
+    mean = total / count
+    std = (total_sq / count - mean ** 2).sqrt()
+    return Data(train_x.to(device), train_y.long().to(device), test_x.to(device), test_y.long().to(device),
+                num_classes, mean.float().to(device), std.float().to(device))
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Augmentation: batched, with per-sample random parameters, in plain torch
+# ----------------------------------------------------------------------------------------
+# torchvision.transforms.v2 draws one set of parameters per call, so it cannot augment a
+# batch of SSL views. Each primitive below takes per-sample parameters and is tested against
+# torchvision's per-image op with the same parameters (test_all.py). Images are floats in [0, 1].
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """One view's augmentation, applied in solo-learn's order:
+    crop -> colour jitter -> grayscale -> blur -> solarise -> flip -> normalise."""
+
+    size: int = 32
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    blur_kernel: int = 13  # covers +-3 sigma for sigma <= 2
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+
+
+def _uniform(low, high, n, generator, device):
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+def sample_crop_params(n, height, width, scale, ratio, generator, device="cpu", attempts=10):
+    """RandomResizedCrop's parameters for n images, drawn as torchvision draws them per image.
+
+    Up to 10 attempts of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first
+    that fits is used; otherwise a centre crop with the ratio clamped. Returns top, left,
+    height, width: four int64 tensors of shape (n,).
+    """
+    area = height * width
+    target_area = area * _uniform(scale[0], scale[1], n * attempts, generator, device).view(n, attempts)
+    log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), n * attempts, generator, device).view(n, attempts)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)  # index of the first attempt that fits
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # The fallback when no attempt fits: the largest centre crop with the ratio clamped into range.
+    in_ratio = width / height
+    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    ok = fits.any(dim=1)
+    w = torch.where(ok, w, torch.full_like(w, fw)).long()
+    h = torch.where(ok, h, torch.full_like(h, fh)).long()
+    u_top, u_left = torch.rand(2, n, generator=generator, device=device)
+    top = torch.where(ok, (u_top * (height - h + 1)).floor().long(), (height - h) // 2)
+    left = torch.where(ok, (u_left * (width - w + 1)).floor().long(), (width - w) // 2)
+    return top, left, h, w
+
+
+def _source_coords(start, length, size):
+    """Bilinear source coordinates (align_corners=False) for resizing a 1-D window to `size`.
+
+    start, length: (n,) window offsets and lengths. Returns low index, high index and the weight
+    of the high one, each (n, size), as torch's bilinear interpolation computes them.
+    """
+    out = torch.arange(size, device=start.device, dtype=torch.float32)
+    scale = length.float()[:, None] / size
+    src = ((out + 0.5) * scale - 0.5).clamp(min=0)  # n x size, in window coordinates
+    low = src.floor().long()
+    low = torch.minimum(low, length[:, None] - 1)
+    high = torch.minimum(low + 1, length[:, None] - 1)
+    return start[:, None] + low, start[:, None] + high, src - low
+
+
+def resized_crop(images, top, left, height, width, size, flip=None):
+    """Crop each image to its own window and resize it to size x size (bilinear), flipping where
+    `flip` is True. Equals torchvision's resized_crop + hflip per image, for the same parameters."""
+    n, c = images.shape[:2]
+    y0, y1, wy = _source_coords(top, height, size)  # n x size each
+    x0, x1, wx = _source_coords(left, width, size)
+    if flip is not None:  # a horizontal flip of the output is the reversed column order
+        rev = lambda t: torch.where(flip[:, None], t.flip(1), t)
+        x0, x1, wx = rev(x0), rev(x1), rev(wx)
+    rows = lambda idx: images.gather(2, idx[:, None, :, None].expand(n, c, size, images.shape[3]))
+    wy = wy[:, None, :, None]
+    x = rows(y0) * (1 - wy) + rows(y1) * wy  # n x c x size x W: rows resampled
+    cols = lambda idx: x.gather(3, idx[:, None, None, :].expand(n, c, size, size))
+    wx = wx[:, None, None, :]
+    return cols(x0) * (1 - wx) + cols(x1) * wx  # n x c x size x size
+
+
+def to_grayscale(x):
+    """ITU-R 601-2 luma, as torchvision, repeated over 3 channels."""
+    gray = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return gray.expand_as(x)
+
+
+def _blend(x, other, factor):
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x, factor):
+    mean = to_grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x, factor):
+    return _blend(x, to_grayscale(x), factor)
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by `shift` (a fraction of the colour wheel, in [-0.5, 0.5]) via HSV."""
+    r, g, b = x.unbind(1)
+    value, _ = x.max(dim=1)
+    chroma = value - x.min(dim=1).values
+    saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.remainder(hue / 6.0 + shift.view(-1, 1, 1), 1.0)
+    # HSV back to RGB: sector i of the hue circle decides which channel takes which value.
+    sector = (hue * 6.0).floor()
+    frac = hue * 6.0 - sector
+    sector = sector.long() % 6
+    p = value * (1 - saturation)
+    q = value * (1 - saturation * frac)
+    t = value * (1 - saturation * (1 - frac))
+    table = torch.stack([  # rows: sector 0..5; columns: (r, g, b)
+        torch.stack([value, t, p]), torch.stack([q, value, p]), torch.stack([p, value, t]),
+        torch.stack([p, q, value]), torch.stack([t, p, value]), torch.stack([value, p, q])])  # 6 x 3 x n x H x W
+    index = sector[None, None].expand(1, 3, *sector.shape)
+    return table.gather(0, index)[0].permute(1, 0, 2, 3).contiguous()
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with a per-image sigma and reflect padding (torchvision's kernel)."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    taps = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c) x k
+    pad = kernel_size // 2
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
+    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def solarize(x, threshold=128 / 255):
+    """Invert pixels at or above the threshold (PIL's solarize at 128)."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def _apply_to(x, selected, op, *per_image_args):
+    """x[selected] = op(x[selected], ...) for the images picked by the boolean mask `selected`."""
+    index = selected.nonzero().squeeze(1)
+    if len(index):
+        x[index] = op(x[index], *(a[index] for a in per_image_args))
+    return x
+
+
+def color_jitter(x, recipe, generator):
+    """Brightness, contrast, saturation and hue with probability p, in a random order per image."""
+    n, dev = x.shape[0], x.device
+    apply = torch.rand(n, generator=generator, device=dev) < recipe.jitter_p
+    b, c, s, hue = recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue
+    factors = [_uniform(max(0.0, 1 - b), 1 + b, n, generator, dev), _uniform(max(0.0, 1 - c), 1 + c, n, generator, dev),
+               _uniform(max(0.0, 1 - s), 1 + s, n, generator, dev), _uniform(-hue, hue, n, generator, dev)]
+    ops = [(adjust_brightness, b > 0), (adjust_contrast, c > 0), (adjust_saturation, s > 0), (adjust_hue, hue > 0)]
+    order = torch.rand(n, 4, generator=generator, device=dev).argsort(dim=1)  # a random order of the 4 ops per image
+    for slot in range(4):
+        for k, (op, enabled) in enumerate(ops):
+            if enabled:
+                x = _apply_to(x, apply & (order[:, slot] == k), op, factors[k])
+    return x
+
+
+def augment(images, recipe, mean, std, generator):
+    """One view of a batch: uint8 N x 3 x H x W in, normalised float N x 3 x size x size out."""
+    n, _, height, width = images.shape
+    dev = images.device
+    rand = lambda: torch.rand(n, generator=generator, device=dev)
+    top, left, h, w = sample_crop_params(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, dev)
+    flip = rand() < recipe.flip_p
+    x = resized_crop(images.float() / 255, top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
+    x = color_jitter(x, recipe, generator)
+    x = _apply_to(x, rand() < recipe.gray_p, to_grayscale)
+    sigma = _uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n, generator, dev)
+    x = _apply_to(x, rand() < recipe.blur_p, lambda v, s: gaussian_blur(v, s, recipe.blur_kernel), sigma)
+    x = _apply_to(x, rand() < recipe.solarize_p, solarize)
+    return normalize(x, mean, std)
+
+
+def normalize(x, mean, std):
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Optimisation: LARS, parameter groups, warm-up + cosine learning rate
+# ----------------------------------------------------------------------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), configured as solo-learn's CIFAR runs.
+
+    For each parameter w of a group with lars=True: trust = eta * |w| / (|grad| + wd * |w|),
+    clipped (clip=True) so that the step never exceeds plain SGD's: d = (grad + wd * w) * min(trust / lr, 1).
+    Groups with lars=False (biases, BatchNorm, the probe) take plain SGD steps, d = grad.
+    Then buf = momentum * buf + d and w <- w - lr * buf.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                wd, lr = group["weight_decay"], group["lr"]
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
+                if group["clip"]:
+                    trust = (trust / lr).clamp(max=1.0)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                updates = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(updates, list(trust.unbind(0)))
+            else:
+                updates = grads
+            buffers = []
+            for p, d in zip(params, updates):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def param_groups(modules, weight_decay, lars=True):
+    """Two groups: weights (decayed, LARS-scaled) and 1-D parameters -- biases and BatchNorm
+    (no weight decay and, for LARS, no trust ratio: solo-learn's exclude_bias_n_norm)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if lars:
+        groups[1]["lars"] = False
+    return groups
+
+
+def learning_rate_factor(step, total_steps, warmup_steps):
+    """Linear warm-up to 1 over warmup_steps, then cosine decay to 0, per step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_learning_rate(optimizer, step, total_steps, warmup_steps):
+    """Every group's lr = its base_lr (default: the group's initial lr) x the schedule's factor."""
+    factor = learning_rate_factor(step, total_steps, warmup_steps)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        if not group.get("fixed_lr", False):  # SimSiam's predictor keeps its lr
+            group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Evaluation: online linear probe, weighted kNN
+# ----------------------------------------------------------------------------------------
+
+
+def probe_loss(probe, features, labels):
+    """Cross-entropy of the online linear probe on *detached* backbone features of each view,
+    averaged over views (solo-learn). Unlabelled images (label -1) are skipped."""
+    labelled = labels >= 0
+    losses = [F.cross_entropy(probe(f.detach().float()), labels.clamp(min=0), reduction="none") for f in features]
+    return sum((loss * labelled).sum() for loss in losses) / (len(features) * labelled.sum().clamp(min=1))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; a no-op on CPU (exact float32, for tests and determinism)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def extract_features(backbone, images, mean, std, batch_size=1024):
+    """Backbone features of un-augmented images, backbone in eval mode. N x D float32."""
+    was_training = backbone.training
+    backbone.eval()
+    device = images.device
+    features = []
+    for chunk in images.split(batch_size):
+        x = normalize(chunk.float() / 255, mean, std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            features.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
+    train_features = F.normalize(train_features, dim=1)
+    k = min(k, len(train_features))
+    predictions = []
+    for test in F.normalize(test_features, dim=1).split(chunk):
+        sim, idx = (test @ train_features.T).topk(k, dim=1)  # B x k
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+@torch.no_grad()
+def evaluate(backbone, probe, data, knn=True):
+    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN."""
+    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
+    was_training = probe.training
+    probe.eval()
+    logits = probe(test_features)
+    probe.train(was_training)
+    result = {"linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
+              "knn_top1": None, "knn1_top1": None}
+    if knn:
+        labelled = data.train_labels >= 0
+        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
+        train_labels = data.train_labels[labelled]
+        for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
+            pred = knn_predict(train_features, train_labels, test_features, data.num_classes, k=k)
+            result[key] = 100.0 * (pred == data.test_labels).float().mean().item()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Runs: arguments, seeding, checkpoints, metrics
+# ----------------------------------------------------------------------------------------
+
+
+def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
+    """The flags every method file shares (DESIGN section 6); each method passes its defaults."""
+    a = parser.add_argument
+    a("--dataset", default="cifar100", help=f"one of {', '.join(DATASETS)}")
+    a("--data-dir", default="./data", help="where datasets live; torchvision downloads here (imagefolder: a folder "
+                                           "with train/ and val/ or test/)")
+    a("--no-download", action="store_true", help="never download; fail with a message if the data is absent")
+    a("--image-size", type=int, default=None, help="imagefolder and synthetic only: image side in pixels; None means 32")
+    a("--synthetic-size", type=int, default=512, help="number of synthetic training images (smoke runs, benchmarks)")
+    a("--arch", default="resnet18", help=f"backbone: {', '.join(ARCHS)} (paper Table 5 uses resnet50)")
+    a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
+    a("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up, then cosine decay per step")
+    a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
+    a("--lr", type=float, default=lr, help="base learning rate (batch 256, one GPU)")
+    a("--weight-decay", type=float, default=weight_decay, help="not applied to biases and BatchNorm")
+    a("--probe-lr", type=float, default=probe_lr, help="learning rate of the online linear probe")
+    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke tests, "
+                                                  "time-boxed runs); schedules still span --epochs")
+    a("--eval-every", type=int, default=10, help="kNN evaluation every N epochs and at the end (the linear probe "
+                                                 "is evaluated every epoch)")
+    a("--seed", type=int, default=0, help="seeds model initialisation, epoch order and augmentations")
+    a("--deterministic", action="store_true", help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
+    a("--out-dir", default=None, help="run directory for args.json, metrics.jsonl, last.pt; "
+                                      "None means runs/<method>-<stages>-b<beta>-s<seed>")
+    a("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    a("--ema-stages", default=ema_stages, help="stages of the target network kept as EMA copies: all, backbone, "
+                                               "projector, none, or a comma list of conv1,block1,block2,block3,block4,"
+                                               "projector (the rest share the online weights)")
+    a("--beta", type=float, default=beta, help="EMA coefficient of Eq. (6); 0 = no momentum, 1 = frozen target")
+    a("--beta-schedule", choices=("constant", "cosine"), default=beta_schedule,
+      help="constant, or cosine from --beta up to --beta-final over training (solo-learn)")
+    a("--beta-final", type=float, default=beta_final, help="final beta of the cosine schedule")
+
+
+def check_args(args, method):
+    """Validate the common flags before anything heavy happens; fill in derived values."""
+    args.method = method
+    args.ema_stage_list = parse_ema_stages(args.ema_stages)
+    check_beta(args.beta)
+    check_beta(args.beta_final, "--beta-final")
+    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.arch not in ARCHS:
+        raise ConfigError(f"unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    if args.out_dir is None:
+        stages = "+".join(args.ema_stage_list) or "none"
+        args.out_dir = str(Path("runs") / f"{method}-{stages}-b{args.beta:g}-s{args.seed}")
+    return args
+
+
+def setup(args):
+    """Seed everything, pick the device, and switch on deterministic kernels if asked."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} but no CUDA GPU is visible; pass --device cpu")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    return torch.device(args.device)
+
+
+def steps_per_epoch(data, batch_size):
+    """Full batches per epoch (the last, incomplete batch is dropped, as solo-learn does)."""
+    if batch_size > len(data.train_images):
+        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(data.train_images)} training images; "
+                          f"lower --batch-size")
+    return len(data.train_images) // batch_size
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _atomic_write(path, write):
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    a kill at any instant leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, method=None, arch=None):
+    """Load last.pt (a file or a run directory), checking it is whole and from the expected method/arch."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}; start without --resume or point to a run directory that has last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or corrupt file: pickle, zip and EOF errors alike
+        raise ConfigError(f"checkpoint {path} is unreadable ({error.__class__.__name__}); it is truncated or corrupt: "
+                          f"restore a good copy or start a new run") from None
+    if not isinstance(state, dict) or "method" not in state or "models" not in state:
+        raise ConfigError(f"{path} is not a checkpoint written by these scripts; pass a last.pt from a run directory")
+    if method is not None and state["method"] != method:
+        raise ConfigError(f"{path} was written by {state['method']}.py, not {method}.py; resume it with "
+                          f"{state['method']}.py or choose another --out-dir")
+    if arch is not None and state["arch"] != arch:
+        raise ConfigError(f"{path} holds a {state['arch']} backbone but --arch is {arch}; pass --arch {state['arch']}")
+    return state
+
+
+def restore(state, models, optimizer, generator, args):
+    """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
+    saved = state["args"]
+    for key in ("ema_stage_list", "dataset", "batch_size", "epochs"):
+        if saved.get(key) != getattr(args, key):
+            flag = "--ema-stages" if key == "ema_stage_list" else "--" + key.replace("_", "-")
+            raise ConfigError(f"the checkpoint was trained with {flag} {saved.get(key)} but this run has {getattr(args, key)}; "
+                              f"resume with the same {flag}")
+    try:
+        for name, module in models.items():
+            module.load_state_dict(state["models"][name])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise ConfigError(f"the checkpoint does not fit this model ({str(error).splitlines()[0]}); resume with the flags "
+                          f"it was trained with (see args.json)") from None
+    set_rng_state(state["rng"], generator)
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class RunLogger:
+    """args.json, metrics.jsonl (one JSON object per epoch) and the fixed-format epoch line.
+
+    The checkpoint carries the full metrics history; on resume, metrics.jsonl is rewritten from
+    it, so the file always matches the checkpoint the run continues from.
+    """
+
+    def __init__(self, args, history=()):
+        self.out_dir = Path(args.out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"cannot write to --out-dir {self.out_dir} ({error.strerror}); choose a writable "
+                              f"directory") from None
+        if (self.out_dir / "last.pt").exists() and not args.resume:
+            raise ConfigError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it or choose "
+                              f"another --out-dir")
+        self.history = list(history)
+        self.last = self.history[-1] if self.history else None
+        info = {**{k: v for k, v in vars(args).items()}, "git_revision": git_revision(), "torch": torch.__version__,
+                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+        _atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        self._rewrite_metrics()
+        self.progress_bar = sys.stdout.isatty()
+        print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
+
+    def _rewrite_metrics(self):
+        lines = "".join(json.dumps(m) + "\n" for m in self.history)
+        _atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
+
+    def progress(self, step_in_epoch, steps, loss):
+        if self.progress_bar:
+            print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
+
+    def write(self, metrics):
+        """One epoch: a whole line appended to metrics.jsonl, and the fixed-format line on stdout.
+        (The method file appends complete epochs to `history`, which last.pt carries.)"""
+        self.last = metrics
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fmt = lambda v: "   -  " if v is None else f"{v:6.2f}"
+        if self.progress_bar:
+            print("\r", end="")
+        print(f"epoch {metrics['epoch']:4d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.4f} | "
+              f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | kNN top-1 {fmt(metrics['knn_top1'])} | "
+              f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
+
+
+def summary_line(args, metrics):
+    """The one line a run ends with (tools parse it)."""
+    keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "backbone_forwards_per_image",
+            "ema_params", "peak_memory_mb")
+    fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
+    return f"summary: method={args.method} ema_stages={'+'.join(args.ema_stage_list) or 'none'} beta={args.beta:g} {fields}"
+
+
+def timer(device):
+    """Seconds since the last call, with the device synchronised (so GPU work is counted)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

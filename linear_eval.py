@@ -1,0 +1,145 @@
+"""Offline evaluation of a checkpoint written by any method file: linear probe and kNN.
+
+    python linear_eval.py runs/byol-projector-b0.99-s0            # a run directory or its last.pt
+
+Protocol: the backbone is frozen and kept in eval mode (BatchNorm uses its running
+statistics); only a linear classifier on its pooled features trains, with cross-entropy, SGD
+(momentum 0.9) and a cosine learning rate, on random crops + flips of the training images
+(--no-augment: on fixed features of the un-augmented images, much faster). At the end the
+script asserts that no backbone weight or buffer changed. Reports test top-1 / top-5 of the
+linear classifier and weighted kNN (k = 200, T = 0.1) and 1-NN top-1, and saves them as JSON.
+
+The paper reports the *online* probe instead (trained during pre-training, solo-learn's
+protocol; the method files log it as linear_top1). This script is the offline protocol.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", help="a run directory or a last.pt written by byol.py, simsiam.py, ...")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone instead (the "
+                                                               "paper's 'fixed random encoder' baseline, Table 2)")
+    p.add_argument("--arch", default="resnet18", help="backbone for --random-init")
+    p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="train on fixed features of un-augmented images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="result JSON (default: linear_eval.json beside the checkpoint)")
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == (not args.random_init):
+        raise common.ConfigError("give a checkpoint (a run directory or last.pt), or --random-init with --dataset")
+    if args.random_init and args.dataset is None:
+        raise common.ConfigError("--random-init needs --dataset (and --data-dir for imagefolder)")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise common.ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def topk_accuracy(logits, labels, k):
+    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.random_init:  # a stand-in "checkpoint": the backbone as initialised with --seed, never trained
+        torch.manual_seed(args.seed)
+        fresh = {f"backbone.{k}": v for k, v in common.ResNetCIFAR(args.arch).state_dict().items()}
+        state = {"method": "random-init", "arch": args.arch, "step": 0, "models": {"online": fresh},
+                 "args": {"dataset": args.dataset, "data_dir": args.data_dir or "./data", "image_size": None,
+                          "synthetic_size": 512, "seed": args.seed}}
+    else:
+        state = common.load_checkpoint(args.checkpoint)
+    trained = argparse.Namespace(**state["args"])
+    for key in ("dataset", "data_dir"):  # evaluate on the pre-training dataset unless told otherwise
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(trained, key))
+    data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, no_download=args.no_download,
+                                   image_size=trained.image_size, synthetic_size=trained.synthetic_size, seed=trained.seed)
+    trained.device, trained.deterministic, trained.seed = args.device, False, args.seed
+    device = common.setup(trained)
+    data = common.load_dataset(data_args, device)
+
+    # The frozen backbone: the online network's b, in eval mode, without gradients.
+    backbone = common.ResNetCIFAR(state["arch"]).to(device)
+    online = state["models"]["online"]
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in online.items() if k.startswith("backbone.")})
+    backbone.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    labelled = data.train_labels >= 0
+    train_images, train_labels = data.train_images[labelled], data.train_labels[labelled]
+    batch_size = min(args.batch_size, len(train_images))
+    classifier = nn.Linear(backbone.feature_dim, data.num_classes).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_images) // batch_size
+    total_steps = args.epochs * steps_per_epoch
+    crop_flip = common.ViewRecipe(size=data.image_size, jitter_p=0.0, gray_p=0.0)  # crop + flip only
+    generator = torch.Generator(device).manual_seed(args.seed)
+    fixed = None if not args.no_augment else common.extract_features(backbone, train_images, data.mean, data.std)
+
+    step = 0
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train_images), generator=generator, device=device)
+        for i in range(steps_per_epoch):
+            index = order[i * batch_size:(i + 1) * batch_size]
+            if fixed is None:
+                x = common.augment(train_images[index], crop_flip, data.mean, data.std, generator)
+                with torch.no_grad(), common.autocast(device):
+                    features = backbone(x).float()
+            else:
+                features = fixed[index]
+            for group in optimizer.param_groups:  # cosine learning rate, per step
+                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            loss = F.cross_entropy(classifier(features), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        print(f"linear eval epoch {epoch + 1}/{args.epochs} | loss {loss.item():.4f}", flush=True)
+
+    # Evaluate, then check the backbone is exactly what the checkpoint held.
+    test_features = common.extract_features(backbone, data.test_images, data.mean, data.std)
+    train_features = fixed if fixed is not None else common.extract_features(backbone, train_images, data.mean, data.std)
+    with torch.no_grad():
+        logits = classifier(test_features)
+    result = {"checkpoint": str(args.checkpoint), "method": state["method"], "arch": state["arch"], "dataset": args.dataset,
+              "pretrain_step": state["step"], "epochs": args.epochs, "augment": not args.no_augment,
+              "top1": topk_accuracy(logits, data.test_labels, 1),
+              "top5": topk_accuracy(logits, data.test_labels, min(5, data.num_classes))}
+    for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
+        pred = common.knn_predict(train_features, train_labels, test_features, data.num_classes, k=k)
+        result[key] = 100.0 * (pred == data.test_labels).float().mean().item()
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen backbone changed during linear evaluation"
+
+    if args.out:
+        out = Path(args.out)
+    elif args.random_init:
+        out = Path(f"linear_eval-random-{args.arch}-{args.dataset}.json")
+    else:
+        ckpt_path = Path(args.checkpoint)
+        out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "linear_eval.json"
+    common._atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
+          f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

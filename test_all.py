@@ -1,0 +1,443 @@
+"""The test suite: CPU only, a few minutes on 2 cores.  Run: python -m pytest -q test_all.py
+
+Method files are smoke-run as a user runs them (subprocesses on synthetic data); the pieces
+they share are tested in-process: losses against closed forms and the paper's formula, the
+named-stage EMA's invariants, each augmentation primitive against torchvision's per-image op on
+real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is absent).
+"""
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import byol
+import common
+
+ROOT = Path(__file__).resolve().parent
+MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)")
+TINY = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "1", "--max-steps", "2",
+        "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu"]
+TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
+
+
+def run(script, *args, check=True):
+    """Run a script as a user would; return the CompletedProcess."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke runs of byol.py: every stage set the issue names, forwards counted, targets inspected
+# ---------------------------------------------------------------------------------------------
+
+STAGE_SETS = {"all": (2.0, 2.0), "projector": (1.0, 1.0), "none": (1.0, 1.0), "block4,projector": (1.01, 1.99),
+              "conv1": (2.0, 2.0)}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    runs = {}
+    for stages in STAGE_SETS:
+        out = tmp_path_factory.mktemp("smoke") / stages.replace(",", "+")
+        result = run("byol.py", *TINY, "--ema-stages", stages, "--out-dir", out)
+        runs[stages] = (out, result.stdout)
+    return runs
+
+
+@pytest.mark.parametrize("stages", list(STAGE_SETS))
+def test_smoke_run_writes_the_run_contract(smoke_runs, stages):
+    out, stdout = smoke_runs[stages]
+    assert stdout.strip().splitlines()[-1].startswith("summary: method=byol")
+    (line,) = metrics(out)
+    for key in ("epoch", "step", "loss", "lr", "beta", "linear_top1", "knn_top1", "epoch_seconds", "images_per_second",
+                "backbone_forwards_per_image", "ema_params", "peak_memory_mb"):
+        assert key in line, key
+    assert line["step"] == 2 and math.isfinite(line["loss"]) and line["knn_top1"] is not None
+    assert json.loads((out / "args.json").read_text())["ema_stages"] == stages
+    assert (out / "last.pt").is_file() and not (out / "last.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("stages", list(STAGE_SETS))
+def test_backbone_forwards_per_image(smoke_runs, stages):
+    low, high = STAGE_SETS[stages]
+    forwards = metrics(smoke_runs[stages][0])[0]["backbone_forwards_per_image"]
+    assert low - 1e-6 <= forwards <= high + 1e-6, forwards
+
+
+@pytest.mark.parametrize("stages", list(STAGE_SETS))
+def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, stages):
+    state = torch.load(smoke_runs[stages][0] / "last.pt", weights_only=False)
+    listed = common.parse_ema_stages(stages)
+    target, online = state["models"]["target"], state["models"]["online"]
+    assert {k.split(".")[1] for k in target} == set(listed)  # keys look like ema.<stage>.<param>
+    prefix = {s: f"backbone.{s}." for s in common.BACKBONE_STAGES} | {"projector": "projector."}
+    for stage in listed:  # after 2 steps with beta 0.99 the EMA copy lags the online weights
+        pairs = [(v, online[prefix[stage] + k[len(f"ema.{stage}."):]]) for k, v in target.items()
+                 if k.startswith(f"ema.{stage}.") and v.is_floating_point() and "running" not in k]
+        assert pairs and any(not torch.equal(a, b) for a, b in pairs), stage
+    ema_params = metrics(smoke_runs[stages][0])[0]["ema_params"]
+    assert ema_params == sum(v.numel() for k, v in target.items() if "running" not in k and "num_batches" not in k)
+
+
+def test_beta_zero_on_projector_equals_no_ema(tmp_path):
+    """Table 1 "Remove": beta = 0 makes the EMA projector a copy of the online one -- weight sharing."""
+    common_args = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2",
+                   "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu", "--beta", "0", "--deterministic"]
+    run("byol.py", *common_args, "--ema-stages", "projector", "--out-dir", tmp_path / "p")
+    run("byol.py", *common_args, "--ema-stages", "none", "--out-dir", tmp_path / "n")
+    with_copy, shared = metrics(tmp_path / "p"), metrics(tmp_path / "n")
+    assert len(with_copy) == len(shared) == 2
+    for a, b in zip(with_copy, shared):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["linear_top1"] == pytest.approx(b["linear_top1"])
+
+
+def test_resume_2_plus_2_steps_equals_4_steps(tmp_path):
+    args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "2",
+            "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu", "--deterministic",
+            "--ema-stages", "block4,projector"]
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")  # stops mid-epoch
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    for name in a["models"]:
+        for key, value in a["models"][name].items():
+            assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "split"))
+
+
+def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run("linear_eval.py", smoke_runs["projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
+    saved = json.loads(out.read_text())
+    assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
+    assert saved["knn_top1"] is not None and "top-1" in result.stdout
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--ema-stages", "blok4"], "unknown stage 'blok4'"),
+    (["--ema-stages", ","], "--ema-stages is empty"),
+    (["--beta", "1.5"], "outside [0, 1]"),
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--arch", "vgg"], "unknown architecture"),
+    (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "drop --no-download"),
+    (["--batch-size", "64"], "larger than the 32 training images"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
+    result = run("byol.py", *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes((smoke_runs["all"][0] / "last.pt").read_bytes()[:5000])  # truncated
+    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    assert result.returncode == 2 and "truncated or corrupt" in result.stderr
+    (out / "last.pt").write_bytes((smoke_runs["all"][0] / "last.pt").read_bytes())
+    result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--arch", "resnet50", check=False)
+    assert result.returncode == 2 and "pass --arch resnet18" in result.stderr
+    result = run("byol.py", *TINY, "--out-dir", out, check=False)  # no --resume: never overwrite a run
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss: Eq. (5)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_byol_loss_closed_forms_and_the_paper_formula():
+    torch.manual_seed(0)
+    p_1, p_2, z_1m, z_2m = (torch.randn(8, 16) for _ in range(4))
+    assert byol.byol_loss(p_1, p_2, p_2, p_1).item() == pytest.approx(0.0, abs=1e-6)  # aligned: distance 0
+    assert byol.byol_loss(p_1, p_2, -3 * p_2, -0.5 * p_1).item() == pytest.approx(4.0, abs=1e-6)  # opposite: 4
+    # Eq. (5) literally: L = -1/2 (1/N sum_i p_1^i . z_2m^i + 1/N sum_i p_2^i . z_1m^i), on l2-normalised vectors.
+    cos = lambda a, b: sum(float(a[i] @ b[i] / (a[i].norm() * b[i].norm())) for i in range(len(a))) / len(a)
+    eq5 = -0.5 * (cos(p_1, z_2m) + cos(p_2, z_1m))
+    assert byol.byol_loss(p_1, p_2, z_1m, z_2m).item() == pytest.approx(2 + 2 * eq5, abs=1e-5)
+
+
+def test_byol_loss_stops_the_gradient_at_the_target():
+    p, z = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    byol.D(p, z).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Named-stage EMA, in-process on a small encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def small_setup(stages, seed=0):
+    torch.manual_seed(seed)
+    backbone = common.ResNetCIFAR("resnet18")
+    online = common.Encoder(backbone, common.mlp(512, 32, 16))
+    predictor = common.mlp(16, 32, 16)
+    target = common.NamedStageEMA(online, common.parse_ema_stages(stages))
+    optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.5)
+    return online, predictor, target, optimizer
+
+
+def train_steps(online, predictor, target, optimizer, beta, steps=2, size=16):
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x_1, x_2 = torch.randn(8, 3, size, size), torch.randn(8, 3, size, size)
+        _, z_1, a_1 = online(x_1)
+        _, z_2, a_2 = online(x_2)
+        loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(a_1), target(a_2))
+        optimizer.zero_grad()
+        loss.backward()
+        for p in target.ema.parameters():
+            assert p.grad is None and not p.requires_grad  # no gradient ever reaches a target parameter
+        optimizer.step()
+        target.update(beta)
+        losses.append(loss.item())
+    return losses
+
+
+def test_parse_ema_stages():
+    assert common.parse_ema_stages("all") == list(common.STAGES)
+    assert common.parse_ema_stages("backbone") == list(common.BACKBONE_STAGES)
+    assert common.parse_ema_stages("none") == []
+    assert common.parse_ema_stages("projector, block4") == ["block4", "projector"]
+    with pytest.raises(common.ConfigError, match="unknown stage"):
+        common.parse_ema_stages("block5")
+
+
+def test_beta_one_freezes_the_listed_stages_bit_identically():
+    online, predictor, target, optimizer = small_setup("block4,projector")
+    before = copy.deepcopy(target.ema.state_dict())
+    online_before = [p.clone() for p in online.projector.parameters()]
+    train_steps(online, predictor, target, optimizer, beta=1.0)
+    after = target.ema.state_dict()
+    for key, value in before.items():
+        if "running" not in key and "num_batches" not in key:  # parameters, not BN statistics
+            assert torch.equal(value, after[key]), key
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, online.projector.parameters()))
+
+
+def test_shared_stages_are_the_online_modules_and_ema_stages_lag():
+    online, predictor, target, optimizer = small_setup("block4,projector")
+    modules, online_stages = target.stage_modules(), online.stages()
+    for stage in ("conv1", "block1", "block2", "block3"):
+        assert modules[stage] is online_stages[stage]  # shared: the very same module, not a copy
+    for stage in ("block4", "projector"):
+        assert modules[stage] is not online_stages[stage]
+    train_steps(online, predictor, target, optimizer, beta=0.9)
+    xi, theta = target.parameter_pairs()
+    assert any(not torch.equal(a, b) for a, b in zip(xi, theta))
+
+
+def test_ema_update_is_equation_6():
+    online, _, target, _ = small_setup("projector")
+    xi_before = [p.clone() for p in target.ema.parameters()]
+    with torch.no_grad():
+        for p in online.projector.parameters():
+            p.add_(torch.randn_like(p))
+    target.update(0.9)
+    for old, new, theta in zip(xi_before, target.ema.parameters(), online.projector.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * theta, atol=1e-6)
+    target.update(0.0)  # beta = 0: the copy becomes the online weights exactly
+    assert all(torch.equal(a, b) for a, b in zip(target.ema.parameters(), online.projector.parameters()))
+
+
+def test_target_branch_reuses_the_online_activation():
+    """With EMA on the projector only, the backbone runs once per view: the target starts from f."""
+    online, _, target, _ = small_setup("projector")
+    online.counter = common.ForwardCounter(common.stage_flops(online.backbone, 16))
+    f, z, acts = online(torch.randn(4, 3, 16, 16))
+    z_m = target(acts)
+    assert torch.allclose(z_m, z.detach(), atol=1e-5)  # the copy still equals the online projector
+    assert online.counter.forwards_per_image() == pytest.approx(1.0)
+
+
+def test_shared_stages_in_the_target_branch_leave_online_running_stats_alone():
+    online, _, target, _ = small_setup("conv1")
+    _, _, acts = online(torch.randn(4, 3, 16, 16))
+    stats = copy.deepcopy(online.backbone.block1.state_dict())
+    target(acts)
+    for key, value in online.backbone.block1.state_dict().items():
+        assert torch.equal(value, stats[key]), key
+
+
+def test_beta_schedule():
+    assert common.beta_at(0, 100, 0.99, 1.0, "cosine") == pytest.approx(0.99)
+    assert common.beta_at(100, 100, 0.99, 1.0, "cosine") == pytest.approx(1.0)
+    assert common.beta_at(50, 100, 0.99, 1.0, "cosine") == pytest.approx(0.995)
+    assert common.beta_at(50, 100, 0.99, 1.0, "constant") == 0.99
+    assert common.beta_at(50, 100, 0.0, 1.0, "cosine") == 0.0  # beta = 0 is no momentum whatever the schedule
+    assert common.beta_at(50, 100, 1.0, 0.5, "cosine") == 1.0
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    online, predictor, target, _ = small_setup("projector")
+    optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.05, momentum=0.9)
+    torch.manual_seed(3)
+    x_1, x_2 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
+    losses = []
+    for _ in range(8):
+        _, z_1, a_1 = online(x_1)
+        _, z_2, a_2 = online(x_2)
+        loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(a_1), target(a_2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        target.update(0.9)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation and evaluation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lars_step_matches_its_formula():
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt = common.LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars": False}],
+                      lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    gw, gb = w.grad.clone(), b.grad.clone()
+    opt.step()
+    trust = min(0.02 * w0.norm() / (gw.norm() + 0.1 * w0.norm() + 1e-8) / 0.5, 1.0)
+    assert torch.allclose(w.detach(), w0 - 0.5 * (gw + 0.1 * w0) * trust, atol=1e-6)
+    assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # 1-D: plain SGD, no decay
+
+
+def test_learning_rate_schedule():
+    assert common.learning_rate_factor(0, 100, 10) == pytest.approx(0.1)
+    assert common.learning_rate_factor(9, 100, 10) == pytest.approx(1.0)
+    assert common.learning_rate_factor(10, 100, 10) == pytest.approx(1.0)
+    assert common.learning_rate_factor(55, 100, 10) == pytest.approx(0.5)
+    assert common.learning_rate_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_weighted_knn_against_a_direct_count():
+    torch.manual_seed(0)
+    train, labels = torch.randn(50, 8), torch.randint(0, 3, (50,))
+    test = torch.randn(7, 8)
+    pred = common.knn_predict(train, labels, test, 3, k=5, temperature=0.1)
+    for i in range(7):  # written out: cosine similarity, 5 nearest, votes exp(sim / T)
+        sims = [(float(F.cosine_similarity(test[i], train[j], dim=0)), int(labels[j])) for j in range(50)]
+        votes = [0.0, 0.0, 0.0]
+        for sim, label in sorted(sims, reverse=True)[:5]:
+            votes[label] += math.exp(sim / 0.1)
+        assert int(pred[i]) == max(range(3), key=lambda c: votes[c])
+
+
+def test_probe_loss_skips_unlabelled_images():
+    probe = nn.Linear(4, 3)
+    f, y = torch.randn(6, 4), torch.tensor([0, 1, 2, -1, -1, 1])
+    expected = F.cross_entropy(probe(f[:3].clone()), y[:3]) * 3 / 4 + F.cross_entropy(probe(f[5:]), y[5:]) / 4
+    assert common.probe_loss(probe, (f,), y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation primitives against torchvision, on real images
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    if not MINI.is_dir():
+        pytest.skip("../shared/data/cifar10-mini is absent")
+    from PIL import Image
+    import torchvision.transforms.v2.functional as TF
+    paths = sorted((MINI / "train").glob("*/*.jpg"))[::125][:16]
+    return torch.stack([TF.to_dtype(TF.to_image(Image.open(p).convert("RGB")), torch.float32, scale=True) for p in paths])
+
+
+def test_crop_and_flip_equal_torchvision_for_the_same_parameters(real_images):
+    import torchvision.transforms.v2.functional as TF
+    g = torch.Generator().manual_seed(0)
+    n = len(real_images)
+    top, left, h, w = common.sample_crop_params(n, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    flip = torch.arange(n) % 2 == 0
+    ours = common.resized_crop(real_images, top, left, h, w, 32, flip)
+    for i in range(n):
+        ref = TF.resized_crop(real_images[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], antialias=True)
+        ref = TF.horizontal_flip(ref) if flip[i] else ref
+        assert (ours[i] - ref).abs().max() < 1e-5, i
+
+
+def test_crop_parameters_stay_inside_the_image_and_the_ranges():
+    g = torch.Generator().manual_seed(1)
+    top, left, h, w = common.sample_crop_params(4000, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = (h * w).float() / 1024
+    assert area.min() >= 0.06 and area.max() <= 1.0
+    import torchvision.transforms.v2 as T
+    torch.manual_seed(1)
+    ref = [T.RandomResizedCrop(32).make_params([torch.zeros(3, 32, 32)]) for _ in range(4000)]
+    ref_area = torch.tensor([p["height"] * p["width"] / 1024 for p in ref])
+    assert abs(area.mean() - ref_area.mean()) < 0.02  # same distribution of crop sizes, to sampling error
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue", "grayscale", "solarize", "blur"])
+def test_colour_ops_match_torchvision(real_images, name):
+    """Same per-image parameter as torchvision's op: equal within 1e-5 (float32 arithmetic order)."""
+    import torchvision.transforms.v2.functional as TF
+    g = torch.Generator().manual_seed(2)
+    n = len(real_images)
+    factor = common._uniform(0.2, 1.8, n, g, "cpu")
+    shift = common._uniform(-0.5, 0.5, n, g, "cpu")
+    sigma = common._uniform(0.1, 2.0, n, g, "cpu")
+    ours, ref = {
+        "brightness": (common.adjust_brightness(real_images, factor), [TF.adjust_brightness(x, float(f)) for x, f in zip(real_images, factor)]),
+        "contrast": (common.adjust_contrast(real_images, factor), [TF.adjust_contrast(x, float(f)) for x, f in zip(real_images, factor)]),
+        "saturation": (common.adjust_saturation(real_images, factor), [TF.adjust_saturation(x, float(f)) for x, f in zip(real_images, factor)]),
+        "hue": (common.adjust_hue(real_images, shift), [TF.adjust_hue(x, float(s)) for x, s in zip(real_images, shift)]),
+        "grayscale": (common.to_grayscale(real_images), [TF.rgb_to_grayscale(x, num_output_channels=3) for x in real_images]),
+        "solarize": (common.solarize(real_images), [TF.solarize(x, 128 / 255) for x in real_images]),
+        "blur": (common.gaussian_blur(real_images, sigma, 13), [TF.gaussian_blur(x, [13, 13], [float(s), float(s)]) for x, s in zip(real_images, sigma)]),
+    }[name]
+    assert (ours - torch.stack(ref)).abs().max() < 1e-5
+
+
+def test_augment_draws_per_sample_parameters_and_is_reproducible():
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    images[:] = images[0]  # the same image 8 times: the views must still differ
+    recipe = common.ViewRecipe(blur_p=0.5, solarize_p=0.5)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    a = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    b = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    assert a.shape == (8, 3, 32, 32) and torch.isfinite(a).all() and torch.equal(a, b)
+    assert all(not torch.allclose(a[0], a[i]) for i in range(1, 8))
+    plain = common.ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, gray_p=0, flip_p=0)
+    identity = common.augment(images, plain, mean, std, torch.Generator().manual_seed(0))
+    assert torch.allclose(identity, common.normalize(images.float() / 255, mean, std), atol=1e-6)
+
+
+@needs_mini
+def test_image_folder_loads_cifar10_mini():
+    import argparse
+    args = argparse.Namespace(dataset="imagefolder", data_dir=str(MINI), no_download=True, image_size=None,
+                              synthetic_size=0, seed=0)
+    data = common.load_dataset(args, torch.device("cpu"))
+    assert data.train_images.shape == (2000, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (1000, 3, 32, 32) and data.num_classes == 10
+    assert set(data.train_labels.tolist()) == set(range(10))
+    assert 0.3 < float(data.mean.mean()) < 0.6 and 0.15 < float(data.std.mean()) < 0.35
