@@ -28,8 +28,6 @@ Deviations from the paper's runs (solo-learn), each small and named:
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
 import argparse
-import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -71,7 +69,6 @@ def main(argv=None):
     device = common.setup(args)
     data = common.load_dataset(args, device)
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
-    out_dir = Path(args.out_dir)
 
     # Views: solo-learn's asymmetric CIFAR recipe -- the second view is solarised with p = 0.2.
     view_1 = common.ViewRecipe(size=data.image_size)
@@ -80,27 +77,20 @@ def main(argv=None):
     # Model: online encoder E = g o b, predictor h (online only, Eq. 4), target with EMA stages.
     backbone = common.ResNetCIFAR(args.arch)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim)  # g
-    online = common.Encoder(backbone, projector).to(device)
-    predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim).to(device)  # h
-    target = common.NamedStageEMA(online, args.ema_stage_list).to(device)  # EMA copies of the listed stages
-    probe = nn.Linear(backbone.feature_dim, data.num_classes).to(device)  # online linear probe on sg(f)
+    online = common.Encoder(backbone, projector)
+    predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)  # h
+    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
+    models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
+    common.to_device(models.values(), device)
     online.counter = common.ForwardCounter(common.stage_flops(backbone, data.image_size))
-    if device.type == "cuda":
-        for m in (online, predictor, target):
-            m.to(memory_format=torch.channels_last)
-
     optimizer = common.LARS(common.param_groups([online, predictor], args.weight_decay)
                             + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
                             lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)
-    models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
 
-    # Run state: the step, this epoch's image order and running loss, and every random number.
-    generator = torch.Generator(device).manual_seed(args.seed)  # draws every augmentation and epoch order
-    step, order, loss_sum, history = 0, None, torch.zeros((), device=device), []
-    if args.resume:
-        state = common.load_checkpoint(out_dir, "byol", args.arch)
-        common.restore(state, models, optimizer, generator, args)
-        step, order, loss_sum, history = state["step"], state["order"].to(device), state["loss_sum"].to(device), state["history"]
+    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
     logger = common.RunLogger(args, history)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
@@ -111,7 +101,8 @@ def main(argv=None):
         if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
             order = torch.randperm(len(data.train_images), generator=generator, device=device)
             loss_sum.zero_()
-        online.train(), predictor.train(), target.train()
+        for model in models.values():
+            model.train()
         online.counter.reset()
         start = common.timer(device)
         for i in range(first, steps_per_epoch):
@@ -119,8 +110,6 @@ def main(argv=None):
             x, y = data.train_images[index], data.train_labels[index]
             x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
             x_2 = common.augment(x, view_2, data.mean, data.std, generator)
-            if device.type == "cuda":
-                x_1, x_2 = (v.contiguous(memory_format=torch.channels_last) for v in (x_1, x_2))
             lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
 
             # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
@@ -146,24 +135,10 @@ def main(argv=None):
 
         # End of epoch (or of --max-steps): evaluate, checkpoint, log.
         seconds = common.timer(device) - start
-        steps_run = step - epoch * steps_per_epoch
-        epoch_done = step % steps_per_epoch == 0
-        metrics = {"epoch": epoch + 1, "step": step, "loss": (loss_sum / steps_run).item(), "lr": lr, "beta": beta,
-                   **common.evaluate(online.backbone, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step),
-                   "epoch_seconds": seconds, "images_per_second": (step - epoch * steps_per_epoch - first) * args.batch_size / seconds,
-                   "backbone_forwards_per_image": online.counter.forwards_per_image(),
-                   "ema_params": target.num_parameters(), "ema_params_mb": target.num_parameters() * 4 / 2 ** 20,
-                   "peak_memory_mb": common.peak_memory_mb(device)}
-        if not math.isfinite(metrics["loss"]):
-            raise common.ConfigError(f"the loss became {metrics['loss']} in epoch {epoch + 1} (step {step}); {out_dir / 'last.pt'} "
-                                     f"still holds the last good state: lower --lr, then --resume")
-        if epoch_done:  # a run stopped mid-epoch logs a provisional line, replaced when the epoch completes
-            logger.history.append(metrics)
-        common.save_checkpoint(out_dir / "last.pt", {
-            "method": "byol", "arch": args.arch, "args": vars(args), "step": step, "order": order, "loss_sum": loss_sum,
-            "models": {name: m.state_dict() for name, m in models.items()}, "optimizer": optimizer.state_dict(),
-            "rng": common.rng_state(generator), "history": logger.history})
-        logger.write(metrics)
+        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
+                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
+                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
 
     print(common.summary_line(args, logger.last))
 

@@ -14,7 +14,6 @@ Read a method file (byol.py first) next to the paper; come here when it calls so
 The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
 Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are used throughout.
 """
-import argparse
 import copy
 import json
 import math
@@ -678,7 +677,8 @@ def augment(images, recipe, mean, std, generator):
     sigma = _uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n, generator, dev)
     x = _apply_to(x, rand() < recipe.blur_p, lambda v, s: gaussian_blur(v, s, recipe.blur_kernel), sigma)
     x = _apply_to(x, rand() < recipe.solarize_p, solarize)
-    return normalize(x, mean, std)
+    x = normalize(x, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # the fast layout for cuDNN
 
 
 def normalize(x, mean, std):
@@ -980,6 +980,16 @@ def restore(state, models, optimizer, generator, args):
     set_rng_state(state["rng"], generator)
 
 
+def start_or_resume(args, models, optimizer, generator, device):
+    """The run state (step, epoch order, this epoch's loss sum, metrics history): from last.pt
+    with --resume, fresh otherwise."""
+    if not args.resume:
+        return 0, None, torch.zeros((), device=device), []
+    state = load_checkpoint(args.out_dir, args.method, args.arch)
+    restore(state, models, optimizer, generator, args)
+    return state["step"], state["order"].to(device), state["loss_sum"].to(device), state["history"]
+
+
 def rng_state(generator):
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -1007,7 +1017,7 @@ class RunLogger:
     """
 
     def __init__(self, args, history=()):
-        self.out_dir = Path(args.out_dir)
+        self.args, self.out_dir = args, Path(args.out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write-test"
@@ -1036,6 +1046,20 @@ class RunLogger:
         if self.progress_bar:
             print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
 
+    def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, generator):
+        """Check the loss, save last.pt, then log. An epoch cut short by --max-steps logs a
+        provisional line that is not kept in the history: resuming replaces it with the whole epoch."""
+        if not math.isfinite(metrics["loss"]):
+            raise ConfigError(f"the loss became {metrics['loss']} in epoch {metrics['epoch']} (step {step}); "
+                              f"{self.out_dir / 'last.pt'} still holds the last good state: lower --lr, then --resume")
+        if complete:
+            self.history.append(metrics)
+        save_checkpoint(self.out_dir / "last.pt", {
+            "method": self.args.method, "arch": self.args.arch, "args": vars(self.args), "step": step, "order": order,
+            "loss_sum": loss_sum, "models": {name: m.state_dict() for name, m in models.items()},
+            "optimizer": optimizer.state_dict(), "rng": rng_state(generator), "history": self.history})
+        self.write(metrics)
+
     def write(self, metrics):
         """One epoch: a whole line appended to metrics.jsonl, and the fixed-format line on stdout.
         (The method file appends complete epochs to `history`, which last.pt carries.)"""
@@ -1052,8 +1076,28 @@ class RunLogger:
               f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
 
 
+def epoch_metrics(args, epoch, step, loss, lr, beta, seconds, images, online, target, probe, data, knn):
+    """One line of metrics.jsonl: training state, evaluation, and the cost columns of Table 4."""
+    return {"epoch": epoch + 1, "step": step, "loss": loss, "lr": lr, "beta": beta,
+            **evaluate(online.backbone, probe, data, knn=knn),
+            "epoch_seconds": seconds, "images_per_second": images / seconds,
+            "backbone_forwards_per_image": online.counter.forwards_per_image(),
+            "ema_params": target.num_parameters(), "ema_params_mb": target.num_parameters() * 4 / 2 ** 20,
+            "peak_memory_mb": peak_memory_mb(next(online.parameters()).device)}
+
+
+def to_device(modules, device):
+    """Move modules to the device; on CUDA also to channels_last, the fast layout for convolutions."""
+    for m in modules:
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+
+
 def summary_line(args, metrics):
     """The one line a run ends with (tools parse it)."""
+    if metrics is None:
+        return f"summary: method={args.method} nothing to do: the run in {args.out_dir} has no complete epoch left to train"
     keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "backbone_forwards_per_image",
             "ema_params", "peak_memory_mb")
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)

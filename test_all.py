@@ -129,6 +129,9 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["knn_top1"] is not None and "top-1" in result.stdout
+    run("linear_eval.py", "--random-init", "--dataset", "synthetic", "--epochs", "1", "--no-augment", "--device", "cpu",
+        "--out", tmp_path / "random.json")
+    assert json.loads((tmp_path / "random.json").read_text())["method"] == "random-init"
 
 
 @pytest.mark.parametrize("bad, message", [
