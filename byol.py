@@ -17,14 +17,11 @@ Recipe: solo-learn's CIFAR BYOL, which the paper ran (its Appendix A): projector
 10 warm-up epochs then cosine, batch 256; beta 0.99 rising to 1.0 on a cosine schedule
 (solo-learn's default; --beta-schedule constant keeps it at --beta).
 
-Deviations from the paper's runs (solo-learn), each small and named:
-  * loss: 2 - 2cos per direction, averaged over the two directions (solo-learn's result-era
-    form; Algorithm 1 writes -cos, which differs by the constant 2 and a factor 2);
-  * the CIFAR stem pads conv1 by 1, not 2; crops are resampled bilinearly, not bicubically;
-    colour ops act on floats, not on 8-bit PIL images (common.py);
-  * the warm-up starts from lr/W, not from 3e-5; the linear probe is plain SGD (lr 0.1),
-    whereas solo-learn's LARS also rescales it;
-  * BatchNorm running statistics of shared stages are not updated by the target branch.
+Deviations from the paper's runs, this method's own (those common to every method file --
+CIFAR stem, batched augmentation, schedules, BatchNorm in shared stages -- are listed in
+README.md, "Deviations from the paper"):
+  * loss: 2 - 2cos per direction, averaged over the two directions (solo-learn's form when the
+    paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
 import argparse
@@ -83,7 +80,7 @@ def main(argv=None):
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
     common.to_device(models.values(), device)
-    online.counter = common.ForwardCounter(common.stage_flops(backbone, data.image_size))
+    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
     optimizer = common.LARS(common.param_groups([online, predictor], args.weight_decay)
                             + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
                             lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)

@@ -148,7 +148,7 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_
         layers += [nn.BatchNorm1d(hidden_dim)] if bn else []
         layers += [nn.ReLU(inplace=True)]
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim))
+    layers.append(nn.Linear(dim, out_dim, bias=bias or not last_bn))  # a bias before BN would be cancelled
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
     return nn.Sequential(*layers)
@@ -165,12 +165,12 @@ def run_stages(modules, h, start, counter=None):
         if name not in modules:
             break
         acts[name] = h
+        if counter is not None:
+            counter.ran(name, h)
         h = modules[name](h)
         if name == "block4":
             h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
             acts["projector"] = h
-        if counter is not None:
-            counter.ran(name, h.shape[0])
     acts["output"] = h
     return acts
 
@@ -191,10 +191,7 @@ class Encoder(nn.Module):
         return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
 
     def forward(self, x):
-        counting = self.training and self.counter is not None
-        if counting and torch.is_grad_enabled():
-            self.counter.views += x.shape[0]
-        acts = run_stages(self.stages(), x, "conv1", self.counter if counting else None)
+        acts = run_stages(self.stages(), x, "conv1", self.counter if self.training else None)
         return acts["projector"], acts["output"], acts
 
 
@@ -292,13 +289,18 @@ class NamedStageEMA(nn.Module):
 
     @torch.no_grad()
     def forward(self, acts):
-        if not self.ema_stages:  # no EMA at all: the target is the online output under stop-gradient
+        """The target output for one view. `acts` holds the online network's activations on that
+        view (what `Encoder.forward` returns), or just {"conv1": image} for a view the online
+        network did not see (ReSSL's weak view): then the target runs from the image."""
+        start = self.ema_stages[0] if self.ema_stages else "output"
+        if start not in acts:
+            start = "conv1"
+        if start == "output":  # no EMA at all: the target is the online output under stop-gradient
             return acts["output"].detach()
-        first = self.ema_stages[0]
         modules = self.stage_modules()
-        shared_after_first = [m for s, m in modules.items() if s not in self.ema and STAGES.index(s) > STAGES.index(first)]
-        with running_stats_frozen(shared_after_first):
-            return run_stages(modules, acts[first].detach(), first, self.online.counter if self.training else None)["output"]
+        shared = [m for s, m in modules.items() if s not in self.ema and STAGES.index(s) >= STAGES.index(start)]
+        with running_stats_frozen(shared):
+            return run_stages(modules, acts[start].detach(), start, self.online.counter if self.training else None)["output"]
 
     def parameter_pairs(self):
         """(xi, theta) for every parameter of every EMA stage."""
@@ -320,44 +322,45 @@ class NamedStageEMA(nn.Module):
         return sum(p.numel() for p in self.ema.parameters())
 
 
-def stage_flops(backbone, image_size):
-    """FLOPs of each backbone stage for one image (matmuls and convolutions, torch's counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    flops, h = {}, torch.zeros(1, 3, image_size, image_size, device=device)
-    with torch.no_grad():
-        for name in BACKBONE_STAGES:
-            with FlopCounterMode(display=False) as counter:
-                h = getattr(backbone, name)(h)
-            flops[name] = counter.get_total_flops()
-    backbone.train(was_training)
-    return flops
-
-
 class ForwardCounter:
     """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
 
-    backbone forwards per image = FLOP-weighted backbone stage runs (online and target) divided
-    by the number of views fed to the online network with gradients. BYOL: 2 with EMA on all
-    stages, 1 with EMA on the projector only, between 1 and 2 for block4,projector.
+    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
+    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
+    are measured once with torch's counter and scaled by the size of its input, so a stage
+    run on a smaller crop or a part of the network counts for what it costs.
+    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
     """
 
-    def __init__(self, flops_per_stage):
-        self.flops_per_stage = flops_per_stage
-        self.flops_per_forward = sum(flops_per_stage.values())
+    def __init__(self, backbone, image_size):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        device = next(backbone.parameters()).device
+        was_training = backbone.training
+        backbone.eval()
+        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
+        h = torch.zeros(1, 3, image_size, image_size, device=device)
+        with torch.no_grad():
+            for name in BACKBONE_STAGES:
+                self.input_numel[name] = h.numel()
+                with FlopCounterMode(display=False) as counter:
+                    h = getattr(backbone, name)(h)
+                self.flops[name] = counter.get_total_flops()
+        backbone.train(was_training)
         self.reset()
 
     def reset(self):
-        self.flops_run, self.views = 0.0, 0
+        self.flops_run, self.flops_with_grad = 0.0, 0.0
 
-    def ran(self, stage, num_images):
-        self.flops_run += self.flops_per_stage.get(stage, 0.0) * num_images
+    def ran(self, stage, stage_input):
+        if stage in self.flops:
+            flops = self.flops[stage] * stage_input.numel() / self.input_numel[stage]
+            self.flops_run += flops
+            if torch.is_grad_enabled():
+                self.flops_with_grad += flops
 
     def forwards_per_image(self):
-        return self.flops_run / (self.flops_per_forward * max(self.views, 1))
+        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -886,7 +889,7 @@ def check_args(args, method):
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
     if args.out_dir is None:
-        stages = "+".join(args.ema_stage_list) or "none"
+        stages = args.ema_stages.replace(",", "+").replace(" ", "")
         args.out_dir = str(Path("runs") / f"{method}-{stages}-b{args.beta:g}-s{args.seed}")
     return args
 
@@ -1101,7 +1104,7 @@ def summary_line(args, metrics):
     keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "backbone_forwards_per_image",
             "ema_params", "peak_memory_mb")
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
-    return f"summary: method={args.method} ema_stages={'+'.join(args.ema_stage_list) or 'none'} beta={args.beta:g} {fields}"
+    return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"
 
 
 def timer(device):

@@ -1,0 +1,161 @@
+"""MoCo v2 with a momentum (EMA) target on any named stage of the encoder.
+
+Paper: Pham et al., "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
+Representation Learning". MoCo v2 (Chen et al. 2020) keeps a momentum key encoder and a queue
+of past keys as negatives.
+
+    python mocov2.py                                  # Table 1 "Baseline": EMA on every stage (62.34)
+    python mocov2.py --ema-stages none                # Table 1 "Remove": collapses (2.22)
+    python mocov2.py --ema-stages backbone            # Table 3: 45.84
+    python mocov2.py --ema-stages projector           # Table 3: 60.39
+
+Recipe: solo-learn's CIFAR MoCo V2+ (the paper's Appendix A): projector 512-2048-128 without
+BN (output 128 in the scripts of the paper's time, 256 today), l2-normalised; one queue of
+32768 keys per view; symmetric InfoNCE with temperature 0.2; SGD lr 0.3, wd 1e-4, momentum
+0.9; probe lr 0.3; beta 0.99 rising to 0.999 on a cosine schedule (solo-learn's default).
+Negatives come from the queue *before* this batch's keys are added; keys are enqueued after
+the optimiser step.
+
+Deviations from the paper's runs, this method's own: none (those common to every method file
+are in README.md). Like solo-learn, and unlike the official MoCo, there is no shuffled BN.
+Expected result: see README.md ("Measured results") -- only numbers we measured are there.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="MoCo v2 with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser, lr=0.3, weight_decay=1e-4, ema_stages="all", beta=0.99,
+                           beta_schedule="cosine", beta_final=0.999, probe_lr=0.3)
+    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
+    parser.add_argument("--proj-dim", type=int, default=128, help="output width of g (the key dimension)")
+    parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
+    parser.add_argument("--queue-size", type=int, default=32768, help="keys per queue; a multiple of --batch-size")
+    args = parser.parse_args(argv)
+    if args.queue_size < 1 or args.queue_size % args.batch_size:
+        raise common.ConfigError(f"--queue-size {args.queue_size} is not a positive multiple of --batch-size "
+                                 f"{args.batch_size}; choose e.g. {args.batch_size * max(args.queue_size // args.batch_size, 1)}")
+    return common.check_args(args, "mocov2")
+
+
+# ---------------------------------------------------------------------------------------
+# The method: InfoNCE against a queue of past keys
+# ---------------------------------------------------------------------------------------
+
+
+class KeyQueues(nn.Module):
+    """One FIFO queue of past keys per view: keys[v] holds the last K keys of view v."""
+
+    def __init__(self, num_views, size, dim):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(num_views, size, dim), dim=2))  # V x K x d
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # where the next batch goes
+
+    @torch.no_grad()
+    def push(self, *keys):
+        """Replace the oldest N keys of each queue with this batch's (one N x d tensor per view)."""
+        n = keys[0].shape[0]
+        slots = (self.pointer + torch.arange(n, device=self.keys.device)) % self.keys.shape[1]  # N
+        self.keys.index_copy_(1, slots, F.normalize(torch.stack(keys).float(), dim=2))
+        self.pointer.copy_((self.pointer + n) % self.keys.shape[1])
+
+
+def info_nce(q, k, queue, temperature):
+    """InfoNCE: the query q should pick its key k out of k and the K queued negatives."""
+    q = F.normalize(q.float(), dim=1)  # N x d
+    k = F.normalize(k.detach().float(), dim=1)  # N x d, keys carry no gradient
+    positive = (q * k).sum(dim=1, keepdim=True)  # N x 1
+    negatives = q @ queue.T  # N x K
+    logits = torch.cat([positive, negatives], dim=1) / temperature  # N x (1 + K)
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))  # the positive is class 0
+
+
+def moco_loss(q_1, q_2, k_1, k_2, queues, temperature):
+    """Symmetric: view 1's query against view 2's key and queue, and the other way round."""
+    return (info_nce(q_1, k_2, queues.keys[1], temperature) + info_nce(q_2, k_1, queues.keys[0], temperature)) / 2
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args)
+    data = common.load_dataset(args, device)
+    steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
+
+    # Views: solo-learn's symmetric_weak recipe, the same for both views.
+    view_1 = view_2 = common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)
+
+    # Model: online (query) encoder E = g o b, target (key encoder) with EMA stages, the key queues.
+    backbone = common.ResNetCIFAR(args.arch)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False)  # g
+    online = common.Encoder(backbone, projector)
+    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    queues = KeyQueues(2, args.queue_size, args.proj_dim)  # part of the checkpoint
+    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
+    models = {"online": online, "target": target, "queues": queues, "probe": probe}
+    common.to_device(models.values(), device)
+    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    optimizer = torch.optim.SGD([{"params": online.parameters()},
+                                 {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+
+    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    logger = common.RunLogger(args, history)
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+
+    while step < last_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+            order = torch.randperm(len(data.train_images), generator=generator, device=device)
+            loss_sum.zero_()
+        for model in models.values():
+            model.train()
+        online.counter.reset()
+        start = common.timer(device)
+        for i in range(first, steps_per_epoch):
+            index = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = data.train_images[index], data.train_labels[index]
+            x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
+            x_2 = common.augment(x, view_2, data.mean, data.std, generator)
+            lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
+
+            with common.autocast(device):
+                f_1, q_1, a_1 = online(x_1)  # f = b(x); queries q = g(f); a: input of each stage
+                f_2, q_2, a_2 = online(x_2)
+                k_1, k_2 = target(a_1), target(a_2)  # keys from the momentum encoder (sg(q) without EMA)
+                loss = moco_loss(q_1, q_2, k_1, k_2, queues, args.temperature)  # negatives: the queues as they were
+                loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            optimizer.zero_grad(set_to_none=True)
+            (loss + loss_probe).backward()
+            optimizer.step()
+            beta = common.beta_at(step, total_steps, args.beta, args.beta_final, args.beta_schedule)
+            target.update(beta)  # Eq. (6) on the listed stages
+            queues.push(k_1, k_2)  # only now do this batch's keys join the negatives
+
+            loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+            step += 1
+            logger.progress(i, steps_per_epoch, loss)
+            if step >= last_step:
+                break
+
+        # End of epoch (or of --max-steps): evaluate, checkpoint, log.
+        seconds = common.timer(device) - start
+        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
+                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
+                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+
+    print(common.summary_line(args, logger.last))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

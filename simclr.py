@@ -1,0 +1,148 @@
+"""SimCLR with an optional momentum (EMA) target on any named stage of the encoder.
+
+Paper: Pham et al., "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
+Representation Learning". SimCLR (Chen et al. 2020) has no momentum encoder; the paper adds
+one (Table 1, "SimCLR + EMA", beta = 0.90).
+
+    python simclr.py                                  # Table 1 "Baseline": no EMA (60.45)
+    python simclr.py --ema-stages all --beta 0.9      # Table 1 "Add": EMA on every stage (61.97)
+    python simclr.py --ema-stages projector --beta 0.9
+
+Recipe: solo-learn's CIFAR SimCLR (the paper's Appendix A): projector 512-2048-256 without BN,
+NT-Xent with temperature 0.2 over 2N views (2N-2 negatives per anchor), LARS lr 0.4, wd 1e-5
+(the scripts of the paper's time; 1e-4 today), eta 0.02. Beta is constant at --beta (default
+0.90, the paper's value for SimCLR + EMA).
+
+Which branch gives what. Without EMA (the default) this is plain SimCLR: the 2N online
+projections are anchors, positives and negatives at once, and gradients flow through all of
+them. With a target network, the anchors are the online projections z_1, z_2 and the
+positives and negatives are the target's projections z_1m, z_2m, under stop-gradient: the
+anchor z_1^i has the positive z_2m^i and the negatives z_1m^k, z_2m^k for k != i (its own
+view's target projection z_1m^i is left out, as the anchor itself is in plain SimCLR).
+The paper does not say how it paired them.
+
+Deviations from the paper's runs, this method's own: none beyond the pairing above, which the
+paper leaves open (those common to every method file are in README.md).
+Expected result: see README.md ("Measured results") -- only numbers we measured are there.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="SimCLR with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser, lr=0.4, weight_decay=1e-5, ema_stages="none", beta=0.9,
+                           beta_schedule="constant", beta_final=1.0)
+    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
+    parser.add_argument("--proj-dim", type=int, default=256, help="output width of g")
+    parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    return common.check_args(parser.parse_args(argv), "simclr")
+
+
+# ---------------------------------------------------------------------------------------
+# The method: NT-Xent
+# ---------------------------------------------------------------------------------------
+
+
+def nt_xent(anchors, candidates, temperature):
+    """NT-Xent over 2N views. anchors, candidates: 2N x d, view 1 of all N images, then view 2.
+
+    Anchor i's positive is candidate (i + N) mod 2N; its negatives are the other 2N - 2
+    candidates; candidate i (the anchor itself in plain SimCLR) is left out. Mean over anchors.
+    """
+    a = F.normalize(anchors.float(), dim=1)  # 2N x d
+    c = F.normalize(candidates.float(), dim=1)  # 2N x d
+    n2 = a.shape[0]
+    logits = a @ c.T / temperature  # 2N x 2N cosine similarities / T
+    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=a.device), float("-inf"))  # drop i = i
+    positives = (torch.arange(n2, device=a.device) + n2 // 2) % n2  # 2N: the other view of the same image
+    return F.cross_entropy(logits, positives)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args)
+    data = common.load_dataset(args, device)
+    steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
+
+    # Views: solo-learn's symmetric recipe (strong colour jitter), the same for both views.
+    view_1 = view_2 = common.ViewRecipe(size=data.image_size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                                        blur_p=0.5)
+
+    # Model: online encoder E = g o b, target with EMA stages (none by default).
+    backbone = common.ResNetCIFAR(args.arch)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False)  # g
+    online = common.Encoder(backbone, projector)
+    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
+    models = {"online": online, "target": target, "probe": probe}
+    common.to_device(models.values(), device)
+    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    optimizer = common.LARS(common.param_groups([online], args.weight_decay)
+                            + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
+                            lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)
+
+    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    logger = common.RunLogger(args, history)
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+
+    while step < last_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+            order = torch.randperm(len(data.train_images), generator=generator, device=device)
+            loss_sum.zero_()
+        for model in models.values():
+            model.train()
+        online.counter.reset()
+        start = common.timer(device)
+        for i in range(first, steps_per_epoch):
+            index = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = data.train_images[index], data.train_labels[index]
+            x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
+            x_2 = common.augment(x, view_2, data.mean, data.std, generator)
+            lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
+
+            with common.autocast(device):
+                f_1, z_1, a_1 = online(x_1)  # f = b(x), z = g(f); a: input of each stage
+                f_2, z_2, a_2 = online(x_2)
+                anchors = torch.cat([z_1, z_2])  # 2N x d
+                if target.ema_stages:  # positives and negatives from the momentum target, under stop-gradient
+                    candidates = torch.cat([target(a_1), target(a_2)])
+                else:  # plain SimCLR: the online projections themselves, with gradient
+                    candidates = anchors
+                loss = nt_xent(anchors, candidates, args.temperature)
+                loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            optimizer.zero_grad(set_to_none=True)
+            (loss + loss_probe).backward()
+            optimizer.step()
+            beta = common.beta_at(step, total_steps, args.beta, args.beta_final, args.beta_schedule)
+            target.update(beta)  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
+
+            loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+            step += 1
+            logger.progress(i, steps_per_epoch, loss)
+            if step >= last_step:
+                break
+
+        # End of epoch (or of --max-steps): evaluate, checkpoint, log.
+        seconds = common.timer(device) - start
+        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
+                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
+                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+
+    print(common.summary_line(args, logger.last))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,139 @@
+"""SimSiam with an optional momentum (EMA) target on any named stage of the encoder.
+
+Paper: Pham et al., "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
+Representation Learning". SimSiam (Chen & He 2021) has no momentum encoder: its target is the
+online network under stop-gradient. The paper adds one (Table 1, "SimSiam + EMA").
+
+    python simsiam.py                                 # Table 1 "Baseline": no EMA (51.41)
+    python simsiam.py --ema-stages all --beta 0.99    # Table 1 "Add": EMA on every stage (53.66)
+    python simsiam.py --ema-stages projector          # EMA on the projector only
+
+Recipe: solo-learn's CIFAR SimSiam (the paper's Appendix A): projector 512-2048-2048-2048 with
+BN after every layer (the last without affine), predictor 2048-512-2048, SGD lr 0.5, wd 1e-5
+on all parameters, momentum 0.9; the predictor keeps lr 0.5 throughout (no warm-up, no
+cosine); zero-initialised residual branches, as in solo-learn's scripts of the paper's time.
+With EMA added, beta is constant at --beta: the paper states 0.99 and solo-learn has no
+schedule for SimSiam.
+
+Deviations from the paper's runs, this method's own (those common to every method file are
+listed in README.md, "Deviations from the paper"):
+  * the projector's last linear layer has no bias; solo-learn's has one but freezes it, and a
+    bias in front of BatchNorm is cancelled anyway.
+Expected result: see README.md ("Measured results") -- only numbers we measured are there.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="SimSiam with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(parser, lr=0.5, weight_decay=1e-5, ema_stages="none", beta=0.99,
+                           beta_schedule="constant", beta_final=1.0)
+    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
+    parser.add_argument("--proj-dim", type=int, default=2048, help="output width of g and h")
+    parser.add_argument("--pred-hidden-dim", type=int, default=512, help="hidden (bottleneck) width of the predictor h")
+    return common.check_args(parser.parse_args(argv), "simsiam")
+
+
+# ---------------------------------------------------------------------------------------
+# The method: SimSiam's loss
+# ---------------------------------------------------------------------------------------
+
+
+def D(p, z):
+    """Negative cosine similarity -cos(p, sg(z)), batch mean (SimSiam's D)."""
+    p = F.normalize(p.float(), dim=1)  # N x d
+    z = F.normalize(z.detach().float(), dim=1)  # N x d, stop-gradient
+    return -(p * z).sum(dim=1).mean()
+
+
+def simsiam_loss(p_1, p_2, z_1m, z_2m):
+    """L = D(p_1, z_2)/2 + D(p_2, z_1)/2; z_m is the target's projection (the online one without EMA)."""
+    return D(p_1, z_2m) / 2 + D(p_2, z_1m) / 2
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args)
+    data = common.load_dataset(args, device)
+    steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
+
+    # Views: solo-learn's symmetric_weak recipe, the same for both views.
+    view_1 = view_2 = common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)
+
+    # Model: online encoder E = g o b, predictor h (online only), target with EMA stages (none by default).
+    backbone = common.ResNetCIFAR(args.arch, zero_init_residual=True)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, num_layers=3, bias=False,
+                           last_bn=True, last_bn_affine=False)  # g
+    online = common.Encoder(backbone, projector)
+    predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim, bias=False)  # h
+    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
+    models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
+    common.to_device(models.values(), device)
+    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    optimizer = torch.optim.SGD([{"params": online.parameters()},
+                                 {"params": predictor.parameters(), "fixed_lr": True},  # SimSiam's fixed predictor lr
+                                 {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+
+    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    logger = common.RunLogger(args, history)
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+
+    while step < last_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+            order = torch.randperm(len(data.train_images), generator=generator, device=device)
+            loss_sum.zero_()
+        for model in models.values():
+            model.train()
+        online.counter.reset()
+        start = common.timer(device)
+        for i in range(first, steps_per_epoch):
+            index = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = data.train_images[index], data.train_labels[index]
+            x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
+            x_2 = common.augment(x, view_2, data.mean, data.std, generator)
+            lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
+
+            with common.autocast(device):
+                f_1, z_1, a_1 = online(x_1)  # f = b(x), z = g(f); a: input of each stage
+                f_2, z_2, a_2 = online(x_2)
+                z_1m, z_2m = target(a_1), target(a_2)  # sg(z) without EMA; momentum projections with it
+                p_1, p_2 = predictor(z_1), predictor(z_2)
+                loss = simsiam_loss(p_1, p_2, z_1m, z_2m)
+                loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            optimizer.zero_grad(set_to_none=True)
+            (loss + loss_probe).backward()
+            optimizer.step()
+            beta = common.beta_at(step, total_steps, args.beta, args.beta_final, args.beta_schedule)
+            target.update(beta)  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
+
+            loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+            step += 1
+            logger.progress(i, steps_per_epoch, loss)
+            if step >= last_step:
+                break
+
+        # End of epoch (or of --max-steps): evaluate, checkpoint, log.
+        seconds = common.timer(device) - start
+        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
+                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
+                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+
+    print(common.summary_line(args, logger.last))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
