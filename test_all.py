@@ -19,12 +19,15 @@ import torch.nn.functional as F
 
 import byol
 import common
+import dino
+import mocov2
+import ressl
+import simclr
+import simsiam
 
 ROOT = Path(__file__).resolve().parent
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)")
-TINY = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "1", "--max-steps", "2",
-        "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu"]
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 
 
@@ -42,27 +45,50 @@ def metrics(out_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Smoke runs of byol.py: every stage set the issue names, forwards counted, targets inspected
+# Smoke runs of every method file: the run contract, forwards counted, targets inspected
 # ---------------------------------------------------------------------------------------------
 
-STAGE_SETS = {"all": (2.0, 2.0), "projector": (1.0, 1.0), "none": (1.0, 1.0), "block4,projector": (1.01, 1.99),
-              "conv1": (2.0, 2.0)}
+METHODS = ("byol", "simsiam", "simclr", "mocov2", "dino", "ressl")
+SMALL_HEADS = {  # method-specific flags that keep the heads (and queues) small for CPU tests
+    "byol": ["--proj-hidden-dim", "64", "--pred-hidden-dim", "64"],
+    "simsiam": ["--proj-hidden-dim", "64", "--proj-dim", "64", "--pred-hidden-dim", "16"],
+    "simclr": ["--proj-hidden-dim", "64"],
+    "mocov2": ["--proj-hidden-dim", "64", "--queue-size", "64"],
+    "dino": ["--proj-hidden-dim", "64", "--bottleneck-dim", "32", "--num-prototypes", "64"],
+    "ressl": ["--proj-hidden-dim", "64", "--queue-size", "64"],
+}
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--device", "cpu"]
+TINY = [*SYNTHETIC, "--epochs", "1", "--max-steps", "2", *SMALL_HEADS["byol"]]  # a 2-step BYOL run
+# (method, --ema-stages) -> the range backbone_forwards_per_image must fall in
+FORWARDS = {
+    ("byol", "all"): (2, 2), ("byol", "projector"): (1, 1), ("byol", "none"): (1, 1),
+    ("byol", "block4,projector"): (1.01, 1.99), ("byol", "conv1"): (2, 2),
+    ("simsiam", "none"): (1, 1), ("simsiam", "all"): (2, 2), ("simsiam", "projector"): (1, 1),
+    ("simclr", "none"): (1, 1), ("simclr", "all"): (2, 2), ("simclr", "projector"): (1, 1),
+    ("mocov2", "all"): (2, 2), ("mocov2", "projector"): (1, 1), ("mocov2", "none"): (1, 1),
+    ("dino", "all"): (2, 2), ("dino", "projector"): (1, 1), ("dino", "none"): (1, 1),
+    ("ressl", "all"): (2, 2), ("ressl", "projector"): (2, 2), ("ressl", "none"): (2, 2),  # no activation to reuse
+}
+
+
+def tiny_args(method):
+    return [*SYNTHETIC, "--epochs", "1", "--max-steps", "2", *SMALL_HEADS[method]]
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     runs = {}
-    for stages in STAGE_SETS:
-        out = tmp_path_factory.mktemp("smoke") / stages.replace(",", "+")
-        result = run("byol.py", *TINY, "--ema-stages", stages, "--out-dir", out)
-        runs[stages] = (out, result.stdout)
+    for method, stages in FORWARDS:
+        out = tmp_path_factory.mktemp("smoke") / f"{method}-{stages.replace(',', '+')}"
+        result = run(f"{method}.py", *tiny_args(method), "--ema-stages", stages, "--out-dir", out)
+        runs[method, stages] = (out, result.stdout)
     return runs
 
 
-@pytest.mark.parametrize("stages", list(STAGE_SETS))
-def test_smoke_run_writes_the_run_contract(smoke_runs, stages):
-    out, stdout = smoke_runs[stages]
-    assert stdout.strip().splitlines()[-1].startswith("summary: method=byol")
+@pytest.mark.parametrize("method, stages", list(FORWARDS))
+def test_smoke_run_writes_the_run_contract(smoke_runs, method, stages):
+    out, stdout = smoke_runs[method, stages]
+    assert stdout.strip().splitlines()[-1].startswith(f"summary: method={method} ema_stages={stages}")
     (line,) = metrics(out)
     for key in ("epoch", "step", "loss", "lr", "beta", "linear_top1", "knn_top1", "epoch_seconds", "images_per_second",
                 "backbone_forwards_per_image", "ema_params", "peak_memory_mb"):
@@ -72,34 +98,33 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, stages):
     assert (out / "last.pt").is_file() and not (out / "last.pt.tmp").exists()
 
 
-@pytest.mark.parametrize("stages", list(STAGE_SETS))
-def test_backbone_forwards_per_image(smoke_runs, stages):
-    low, high = STAGE_SETS[stages]
-    forwards = metrics(smoke_runs[stages][0])[0]["backbone_forwards_per_image"]
+@pytest.mark.parametrize("method, stages", list(FORWARDS))
+def test_backbone_forwards_per_image(smoke_runs, method, stages):
+    low, high = FORWARDS[method, stages]
+    forwards = metrics(smoke_runs[method, stages][0])[0]["backbone_forwards_per_image"]
     assert low - 1e-6 <= forwards <= high + 1e-6, forwards
 
 
-@pytest.mark.parametrize("stages", list(STAGE_SETS))
-def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, stages):
-    state = torch.load(smoke_runs[stages][0] / "last.pt", weights_only=False)
+@pytest.mark.parametrize("method, stages", list(FORWARDS))
+def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, method, stages):
+    state = torch.load(smoke_runs[method, stages][0] / "last.pt", weights_only=False)
     listed = common.parse_ema_stages(stages)
     target, online = state["models"]["target"], state["models"]["online"]
     assert {k.split(".")[1] for k in target} == set(listed)  # keys look like ema.<stage>.<param>
     prefix = {s: f"backbone.{s}." for s in common.BACKBONE_STAGES} | {"projector": "projector."}
-    for stage in listed:  # after 2 steps with beta 0.99 the EMA copy lags the online weights
+    for stage in listed:  # after 2 steps with beta < 1 the EMA copy lags the online weights
         pairs = [(v, online[prefix[stage] + k[len(f"ema.{stage}."):]]) for k, v in target.items()
                  if k.startswith(f"ema.{stage}.") and v.is_floating_point() and "running" not in k]
         assert pairs and any(not torch.equal(a, b) for a, b in pairs), stage
-    ema_params = metrics(smoke_runs[stages][0])[0]["ema_params"]
+    ema_params = metrics(smoke_runs[method, stages][0])[0]["ema_params"]
     assert ema_params == sum(v.numel() for k, v in target.items() if "running" not in k and "num_batches" not in k)
 
 
 def test_beta_zero_on_projector_equals_no_ema(tmp_path):
     """Table 1 "Remove": beta = 0 makes the EMA projector a copy of the online one -- weight sharing."""
-    common_args = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2",
-                   "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu", "--beta", "0", "--deterministic"]
-    run("byol.py", *common_args, "--ema-stages", "projector", "--out-dir", tmp_path / "p")
-    run("byol.py", *common_args, "--ema-stages", "none", "--out-dir", tmp_path / "n")
+    args = [*SYNTHETIC, "--epochs", "2", *SMALL_HEADS["byol"], "--beta", "0", "--deterministic"]
+    run("byol.py", *args, "--ema-stages", "projector", "--out-dir", tmp_path / "p")
+    run("byol.py", *args, "--ema-stages", "none", "--out-dir", tmp_path / "n")
     with_copy, shared = metrics(tmp_path / "p"), metrics(tmp_path / "n")
     assert len(with_copy) == len(shared) == 2
     for a, b in zip(with_copy, shared):
@@ -107,15 +132,17 @@ def test_beta_zero_on_projector_equals_no_ema(tmp_path):
         assert a["linear_top1"] == pytest.approx(b["linear_top1"])
 
 
-def test_resume_2_plus_2_steps_equals_4_steps(tmp_path):
-    args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "2",
-            "--proj-hidden-dim", "64", "--pred-hidden-dim", "64", "--device", "cpu", "--deterministic",
-            "--ema-stages", "block4,projector"]
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
-    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")  # stops mid-epoch
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_2_plus_4_steps_equals_6_steps(tmp_path, method):
+    """Stopped mid-epoch and resumed, a run ends bit-identical: weights, EMA target, queues, centre."""
+    args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--device", "cpu", "--epochs", "2",
+            *SMALL_HEADS[method], "--deterministic", "--ema-stages", "block4,projector"]
+    run(f"{method}.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run(f"{method}.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")  # stops mid-epoch
+    run(f"{method}.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert a["models"].keys() == b["models"].keys()
     for name in a["models"]:
         for key, value in a["models"][name].items():
             assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
@@ -125,7 +152,7 @@ def test_resume_2_plus_2_steps_equals_4_steps(tmp_path):
 
 def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     out = tmp_path / "eval.json"
-    result = run("linear_eval.py", smoke_runs["projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
+    result = run("linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
     saved = json.loads(out.read_text())
     assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["knn_top1"] is not None and "top-1" in result.stdout
@@ -151,13 +178,24 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("method, bad, message", [
+    ("mocov2", ["--queue-size", "100"], "not a positive multiple of --batch-size"),
+    ("ressl", ["--queue-size", "8"], "not a positive multiple of --batch-size"),
+    ("simclr", ["--beta", "-0.1"], "outside [0, 1]"),
+])
+def test_method_specific_bad_input(tmp_path, method, bad, message):
+    result = run(f"{method}.py", *tiny_args(method), "--out-dir", tmp_path / "run", *bad, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
 def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "last.pt").write_bytes((smoke_runs["all"][0] / "last.pt").read_bytes()[:5000])  # truncated
+    (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes()[:5000])  # truncated
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "truncated or corrupt" in result.stderr
-    (out / "last.pt").write_bytes((smoke_runs["all"][0] / "last.pt").read_bytes())
+    (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes())
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--arch", "resnet50", check=False)
     assert result.returncode == 2 and "pass --arch resnet18" in result.stderr
     result = run("byol.py", *TINY, "--out-dir", out, check=False)  # no --resume: never overwrite a run
@@ -184,6 +222,132 @@ def test_byol_loss_stops_the_gradient_at_the_target():
     p, z = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     byol.D(p, z).backward()
     assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None
+
+
+def test_simsiam_loss_closed_forms():
+    p_1, p_2 = torch.randn(8, 16), torch.randn(8, 16)
+    assert simsiam.simsiam_loss(p_1, p_2, 2 * p_2, 3 * p_1).item() == pytest.approx(-1.0, abs=1e-6)
+    assert simsiam.simsiam_loss(p_1, p_2, -p_2, -p_1).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def reference_nt_xent(anchors, candidates, t):
+    """SimCLR's definition, written out: l(i) = -log(exp(s(i, j(i))/t) / sum_{k != i} exp(s(i, k)/t))."""
+    n2, total = len(anchors), 0.0
+    for i in range(n2):
+        sims = [float(F.cosine_similarity(anchors[i], candidates[k], dim=0)) / t for k in range(n2)]
+        positive = (i + n2 // 2) % n2
+        total += -(sims[positive] - math.log(sum(math.exp(s) for k, s in enumerate(sims) if k != i)))
+    return total / n2
+
+
+def test_nt_xent_closed_form_and_reference():
+    n = 6
+    same = torch.ones(2 * n, 8)
+    assert simclr.nt_xent(same, same, 0.2).item() == pytest.approx(math.log(2 * n - 1), abs=1e-5)
+    torch.manual_seed(0)
+    anchors, candidates = torch.randn(2 * n, 8), torch.randn(2 * n, 8)
+    assert simclr.nt_xent(anchors, anchors, 0.2).item() == pytest.approx(reference_nt_xent(anchors, anchors, 0.2), abs=1e-4)
+    assert simclr.nt_xent(anchors, candidates, 0.5).item() == pytest.approx(
+        reference_nt_xent(anchors, candidates, 0.5), abs=1e-4)
+
+
+def test_info_nce_closed_form_and_reference():
+    k_size = 20
+    v = torch.ones(4, 8)
+    assert mocov2.info_nce(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.2).item() == pytest.approx(math.log(k_size + 1), abs=1e-5)
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(4, 8), torch.randn(4, 8), F.normalize(torch.randn(k_size, 8), dim=1)
+    expected = 0.0
+    for i in range(4):  # -log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.Q_j/t))), unit vectors
+        qi, ki = q[i] / q[i].norm(), k[i] / k[i].norm()
+        pos = math.exp(float(qi @ ki) / 0.2)
+        expected += -math.log(pos / (pos + sum(math.exp(float(qi @ queue[j]) / 0.2) for j in range(k_size)))) / 4
+    assert mocov2.info_nce(q, k, queue, 0.2).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_moco_queues_enqueue_after_use_in_fifo_order():
+    torch.manual_seed(0)
+    queues = mocov2.KeyQueues(2, 8, 4)
+    before = queues.keys.clone()
+    q_1, q_2, k_1, k_2 = (torch.randn(4, 4) for _ in range(4))
+    loss = mocov2.moco_loss(q_1, q_2, k_1, k_2, queues, 0.2)  # negatives: the queue as it was
+    expected = (mocov2.info_nce(q_1, k_2, before[1], 0.2) + mocov2.info_nce(q_2, k_1, before[0], 0.2)) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    queues.push(k_1, k_2)
+    assert torch.allclose(queues.keys[0, :4], F.normalize(k_1, dim=1)) and torch.equal(queues.keys[0, 4:], before[0, 4:])
+    assert torch.allclose(queues.keys[1, :4], F.normalize(k_2, dim=1)) and int(queues.pointer) == 4
+    queues.push(k_2, k_1)
+    queues.push(k_1, k_2)  # wraps around: the oldest slots are replaced first
+    assert int(queues.pointer) == 4 and torch.allclose(queues.keys[0, :4], F.normalize(k_1, dim=1))
+    assert torch.allclose(queues.keys[0, 4:], F.normalize(k_2, dim=1))
+
+
+def test_dino_loss_closed_form_and_reference():
+    k_size = 32
+    zeros = [torch.zeros(4, k_size) for _ in range(3)]
+    loss = dino.dino_loss(zeros, zeros[:2], torch.zeros(1, k_size), 0.1, 0.04)
+    assert loss.item() == pytest.approx(math.log(k_size), abs=1e-5)
+    torch.manual_seed(0)
+    student, teacher, centre = [torch.randn(4, k_size) for _ in range(3)], [torch.randn(4, k_size) for _ in range(2)], \
+        torch.randn(1, k_size)
+    total, pairs = 0.0, 0
+    for a in range(2):  # written out: -sum_k P_t(k) log P_s(k) over samples, for teacher view a != student view b
+        for b in range(3):
+            if a == b:
+                continue
+            for n in range(4):
+                t = [math.exp((float(teacher[a][n, j]) - float(centre[0, j])) / 0.04) for j in range(k_size)]
+                s = [math.exp(float(student[b][n, j]) / 0.1) for j in range(k_size)]
+                total += -sum(t[j] / sum(t) * math.log(s[j] / sum(s)) for j in range(k_size)) / 4
+            pairs += 1
+    assert dino.dino_loss(student, teacher, centre, 0.1, 0.04).item() == pytest.approx(total / pairs, rel=1e-4)
+
+
+def test_dino_centre_update_and_head():
+    centre = dino.Centre(6, 0.9)
+    centre.value.fill_(1.0)
+    t_1, t_2 = torch.arange(12.0).view(2, 6), torch.zeros(2, 6)
+    centre.update([t_1, t_2])
+    assert torch.allclose(centre.value, 0.9 * torch.ones(1, 6) + 0.1 * torch.cat([t_1, t_2]).mean(0, keepdim=True))
+    head = dino.DINOHead(16, 32, 8, 10)
+    with torch.no_grad():
+        head.prototypes.mul_(5.0)  # weight norm with g = 1: the prototypes' length does not matter
+    logits = head(torch.randn(4, 16))
+    assert logits.shape == (4, 10) and logits.abs().max() <= 1 + 1e-5
+
+
+def test_dino_teacher_temperature_warms_up():
+    args = dino.parse_args(["--dataset", "synthetic"])
+    assert dino.teacher_temperature(0, args) == pytest.approx(0.04)
+    assert dino.teacher_temperature(25, args) == pytest.approx(0.055)
+    assert dino.teacher_temperature(50, args) == dino.teacher_temperature(199, args) == pytest.approx(0.07)
+
+
+def test_ressl_loss_closed_form_and_reference():
+    k_size = 16
+    v = torch.ones(4, 8)
+    assert ressl.ressl_loss(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.1, 0.04).item() == pytest.approx(math.log(k_size), abs=1e-5)
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(4, 8), torch.randn(4, 8), F.normalize(torch.randn(k_size, 8), dim=1)
+    expected = 0.0
+    for i in range(4):
+        qi, ki = q[i] / q[i].norm(), k[i] / k[i].norm()
+        t = [math.exp(float(ki @ queue[j]) / 0.04) for j in range(k_size)]
+        s = [math.exp(float(qi @ queue[j]) / 0.1) for j in range(k_size)]
+        expected += -sum(t[j] / sum(t) * math.log(s[j] / sum(s)) for j in range(k_size)) / 4
+    assert ressl.ressl_loss(q, k, queue, 0.1, 0.04).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ressl_teacher_runs_from_the_image_and_counts_its_backbone_pass():
+    online, _, target, _ = small_setup("projector")
+    online.counter = common.ForwardCounter(online.backbone, 16)
+    x_s, x_w = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    online(x_s)  # the student's view, with gradient
+    k = target({"conv1": x_w})  # the online backbone runs on the weak view, without gradient
+    assert online.counter.forwards_per_image() == pytest.approx(2.0)
+    with torch.no_grad():
+        _, z_w, _ = online(x_w)
+    assert torch.allclose(k, z_w, atol=1e-5)  # the EMA projector still equals the online one
 
 
 # ---------------------------------------------------------------------------------------------
