@@ -976,7 +976,10 @@ def restore(state, models, optimizer, generator, args):
     try:
         for name, module in models.items():
             module.load_state_dict(state["models"][name])
+        base_lrs = [group.get("base_lr", group["lr"]) for group in optimizer.param_groups]  # from this run's flags
         optimizer.load_state_dict(state["optimizer"])
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):  # so --lr may change on resume
+            group["base_lr"] = base_lr
     except (KeyError, RuntimeError, ValueError) as error:
         raise ConfigError(f"the checkpoint does not fit this model ({str(error).splitlines()[0]}); resume with the flags "
                           f"it was trained with (see args.json)") from None
@@ -1015,8 +1018,9 @@ def peak_memory_mb(device):
 class RunLogger:
     """args.json, metrics.jsonl (one JSON object per epoch) and the fixed-format epoch line.
 
-    The checkpoint carries the full metrics history; on resume, metrics.jsonl is rewritten from
-    it, so the file always matches the checkpoint the run continues from.
+    The checkpoint carries the metrics history, and metrics.jsonl is always rewritten whole from
+    it (atomically): after a kill at any instant the file holds whole lines only, and on resume
+    it matches the checkpoint the run continues from.
     """
 
     def __init__(self, args, history=()):
@@ -1037,23 +1041,20 @@ class RunLogger:
         info = {**{k: v for k, v in vars(args).items()}, "git_revision": git_revision(), "torch": torch.__version__,
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
         _atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
-        self._rewrite_metrics()
+        self.write_metrics(self.history)
         self.progress_bar = sys.stdout.isatty()
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
-
-    def _rewrite_metrics(self):
-        lines = "".join(json.dumps(m) + "\n" for m in self.history)
-        _atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
 
     def progress(self, step_in_epoch, steps, loss):
         if self.progress_bar:
             print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
 
     def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, generator):
-        """Check the loss, save last.pt, then log. An epoch cut short by --max-steps logs a
-        provisional line that is not kept in the history: resuming replaces it with the whole epoch."""
+        """Check the loss, save last.pt, rewrite metrics.jsonl, print the epoch line. An epoch cut
+        short by --max-steps gets a provisional line that the history does not keep: resuming
+        replaces it with the whole epoch's."""
         if not math.isfinite(metrics["loss"]):
-            raise ConfigError(f"the loss became {metrics['loss']} in epoch {metrics['epoch']} (step {step}); "
+            raise ConfigError(f"the loss became {metrics['loss']} in epoch {metrics['epoch']} (by step {step}); "
                               f"{self.out_dir / 'last.pt'} still holds the last good state: lower --lr, then --resume")
         if complete:
             self.history.append(metrics)
@@ -1061,22 +1062,17 @@ class RunLogger:
             "method": self.args.method, "arch": self.args.arch, "args": vars(self.args), "step": step, "order": order,
             "loss_sum": loss_sum, "models": {name: m.state_dict() for name, m in models.items()},
             "optimizer": optimizer.state_dict(), "rng": rng_state(generator), "history": self.history})
-        self.write(metrics)
-
-    def write(self, metrics):
-        """One epoch: a whole line appended to metrics.jsonl, and the fixed-format line on stdout.
-        (The method file appends complete epochs to `history`, which last.pt carries.)"""
+        self.write_metrics(self.history if complete else self.history + [metrics])
         self.last = metrics
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         fmt = lambda v: "   -  " if v is None else f"{v:6.2f}"
         if self.progress_bar:
             print("\r", end="")
         print(f"epoch {metrics['epoch']:4d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.4f} | "
               f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | kNN top-1 {fmt(metrics['knn_top1'])} | "
               f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
+
+    def write_metrics(self, lines):
+        _atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in lines).encode()))
 
 
 def epoch_metrics(args, epoch, step, loss, lr, beta, seconds, images, online, target, probe, data, knn):

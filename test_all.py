@@ -8,8 +8,11 @@ real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is a
 import copy
 import json
 import math
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +60,7 @@ SMALL_HEADS = {  # method-specific flags that keep the heads (and queues) small 
     "dino": ["--proj-hidden-dim", "64", "--bottleneck-dim", "32", "--num-prototypes", "64"],
     "ressl": ["--proj-hidden-dim", "64", "--queue-size", "64"],
 }
-SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--device", "cpu"]
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16", "--device", "cpu"]
 TINY = [*SYNTHETIC, "--epochs", "1", "--max-steps", "2", *SMALL_HEADS["byol"]]  # a 2-step BYOL run
 # (method, --ema-stages) -> the range backbone_forwards_per_image must fall in
 FORWARDS = {
@@ -132,22 +135,61 @@ def test_beta_zero_on_projector_equals_no_ema(tmp_path):
         assert a["linear_top1"] == pytest.approx(b["linear_top1"])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_2_plus_4_steps_equals_6_steps(tmp_path, method):
-    """Stopped mid-epoch and resumed, a run ends bit-identical: weights, EMA target, queues, centre."""
-    args = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--device", "cpu", "--epochs", "2",
-            *SMALL_HEADS[method], "--deterministic", "--ema-stages", "block4,projector"]
-    run(f"{method}.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
-    run(f"{method}.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")  # stops mid-epoch
-    run(f"{method}.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
-    assert a["models"].keys() == b["models"].keys()
+def resume_args(method, epochs):
+    return ["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "16", "--batch-size", "16",
+            "--device", "cpu", "--epochs", str(epochs), *SMALL_HEADS[method], "--deterministic",
+            "--ema-stages", "block4,projector", "--eval-every", "2"]
+
+
+def assert_same_run(a_dir, b_dir):
+    """Bit-identical models (weights, EMA target, queues, centre, probe) and equal metrics but for timings."""
+    a = torch.load(a_dir / "last.pt", weights_only=False)
+    b = torch.load(b_dir / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] and a["models"].keys() == b["models"].keys()
     for name in a["models"]:
         for key, value in a["models"][name].items():
             assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-    assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "split"))
+    assert strip(metrics(a_dir)) == strip(metrics(b_dir))
+
+
+def test_resume_mid_epoch_after_max_steps(tmp_path):
+    """--max-steps stops mid-epoch (a provisional metrics line); --resume continues bit-identically."""
+    args = resume_args("byol", 2)
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
+    assert metrics(tmp_path / "split")[-1]["step"] == 2  # the provisional line of the cut epoch
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "split")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, method):
+    """The issue's promise: a run killed (SIGKILL) anywhere and resumed ends as if never interrupted."""
+    args = resume_args(method, 4)  # 4 steps per epoch, 16 in all, a checkpoint after each epoch
+    run(f"{method}.py", *args, "--out-dir", tmp_path / "straight")
+    killed = subprocess.Popen([sys.executable, str(ROOT / f"{method}.py"), *args, "--out-dir", str(tmp_path / "killed")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    for line in killed.stdout:  # wait for the first epoch's checkpoint, then kill at a random later instant
+        if line.startswith("epoch    1"):
+            break
+    time.sleep(random.Random(METHODS.index(method)).uniform(0.0, 2.0))
+    killed.kill()
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before the kill: make it longer"
+    for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # whole lines only
+    run(f"{method}.py", *args, "--out-dir", tmp_path / "killed", "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*SYNTHETIC, *SMALL_HEADS["simsiam"], "--epochs", "2"]  # 2 steps per epoch
+    run("simsiam.py", *args, "--max-steps", "2", "--out-dir", tmp_path)
+    good = (tmp_path / "last.pt").read_bytes()
+    result = run("simsiam.py", *args, "--lr", "1e38", "--out-dir", tmp_path, "--resume", check=False)
+    assert result.returncode == 2 and "the loss became" in result.stderr and "last.pt" in result.stderr, result.stderr
+    assert (tmp_path / "last.pt").read_bytes() == good
 
 
 def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
