@@ -852,7 +852,8 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up, then cosine decay per step")
     a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
     a("--lr", type=float, default=lr, help="base learning rate (batch 256, one GPU)")
-    a("--weight-decay", type=float, default=weight_decay, help="not applied to biases and BatchNorm")
+    a("--weight-decay", type=float, default=weight_decay, help="LARS methods skip biases and BatchNorm; SGD methods "
+                                                                  "decay every parameter (as solo-learn)")
     a("--probe-lr", type=float, default=probe_lr, help="learning rate of the online linear probe")
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke tests, "
                                                   "time-boxed runs); schedules still span --epochs")

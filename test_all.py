@@ -266,6 +266,20 @@ def test_byol_loss_stops_the_gradient_at_the_target():
     assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None
 
 
+def test_method_files_share_their_skeleton_verbatim():
+    """STYLE: shared scaffolding is identical in every method file, so `diff a.py b.py` shows the method."""
+    def block(text, start, end):
+        return text[text.index(start):text.index(end, text.index(start))]
+    texts = {m: (ROOT / f"{m}.py").read_text() for m in METHODS}
+    for start, end in [("    # Run state:", "    while step < last_step:"),
+                       ("    while step < last_step:", "        for i in range(first, steps_per_epoch):"),
+                       ("            loss_sum += loss.detach()", "if __name__")]:
+        blocks = {m: block(text, start, end) for m, text in texts.items()}
+        assert len(set(blocks.values())) == 1, f"the block starting {start.strip()!r} differs between method files"
+    for m, text in texts.items():
+        assert "import common" in text and not any(f"import {other}" in text for other in METHODS if other != m)
+
+
 def test_simsiam_loss_closed_forms():
     p_1, p_2 = torch.randn(8, 16), torch.randn(8, 16)
     assert simsiam.simsiam_loss(p_1, p_2, 2 * p_2, 3 * p_1).item() == pytest.approx(-1.0, abs=1e-6)
@@ -650,3 +664,13 @@ def test_image_folder_loads_cifar10_mini():
     assert data.test_images.shape == (1000, 3, 32, 32) and data.num_classes == 10
     assert set(data.train_labels.tolist()) == set(range(10))
     assert 0.3 < float(data.mean.mean()) < 0.6 and 0.15 < float(data.std.mean()) < 0.35
+
+
+def test_bench_prints_the_table_and_the_headline_ratios():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--device", "cpu", "--batch-size", "8",
+                             "--steps", "1", "--aug-images", "64"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    headline = json.loads(result.stdout.strip().splitlines()[-1])
+    assert headline["aug_speedup"] > 0 and headline["byol_projector_over_all_step_time"] > 0
+    for stages in ("all", "projector", "none"):
+        assert f"| byol | {stages} |" in result.stdout
