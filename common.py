@@ -643,8 +643,15 @@ def solarize(x, threshold=128 / 255):
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def _apply_to(x, selected, op, *per_image_args):
-    """x[selected] = op(x[selected], ...) for the images picked by the boolean mask `selected`."""
+def _apply_to(x, selected, op, *per_image_args, masked=None):
+    """x[selected] = op(x[selected], ...) for the images picked by the boolean mask `selected`.
+
+    On the CPU only the selected images are computed. On CUDA every image is computed and
+    torch.where keeps the selected results: picking a subset would need its size on the host,
+    a synchronisation that stalls the GPU; computing a little more does not. Same result.
+    """
+    if masked if masked is not None else x.is_cuda:
+        return torch.where(selected.view(-1, 1, 1, 1), op(x, *per_image_args), x)
     index = selected.nonzero().squeeze(1)
     if len(index):
         x[index] = op(x[index], *(a[index] for a in per_image_args))

@@ -207,13 +207,25 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     (["--ema-stages", "blok4"], "unknown stage 'blok4'"),
     (["--ema-stages", ","], "--ema-stages is empty"),
     (["--beta", "1.5"], "outside [0, 1]"),
+    (["--beta-final", "-1"], "outside [0, 1]"),
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--arch", "vgg"], "unknown architecture"),
     (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "drop --no-download"),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/no-such-folder"], "needs --data-dir"),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/flat"], "needs train/ and val/"),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no images in"),
     (["--batch-size", "64"], "larger than the 32 training images"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
     (["--resume"], "no checkpoint"),
+    (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "image.jpg").write_bytes(b"")  # images, but no train/ and val/ folders
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "cat").mkdir(parents=True)  # the layout, but no images
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = [arg.replace("{tmp}", str(tmp_path)) for arg in bad]
     result = run("byol.py", *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -242,6 +254,11 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     assert result.returncode == 2 and "pass --arch resnet18" in result.stderr
     result = run("byol.py", *TINY, "--out-dir", out, check=False)  # no --resume: never overwrite a run
     assert result.returncode == 2 and "already holds a run" in result.stderr
+    result = run("simclr.py", *tiny_args("simclr"), "--out-dir", out, "--resume", check=False)
+    assert result.returncode == 2 and "written by byol.py, not simclr.py" in result.stderr
+    result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--ema-stages", "projector", check=False)
+    assert result.returncode == 2 and "trained with --ema-stages" in result.stderr
+    assert (out / "last.pt").read_bytes() == (smoke_runs["byol", "all"][0] / "last.pt").read_bytes()  # untouched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,6 +669,16 @@ def test_augment_draws_per_sample_parameters_and_is_reproducible():
     plain = common.ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, gray_p=0, flip_p=0)
     identity = common.augment(images, plain, mean, std, torch.Generator().manual_seed(0))
     assert torch.allclose(identity, common.normalize(images.float() / 255, mean, std), atol=1e-6)
+
+
+def test_masked_and_indexed_application_agree():
+    """The CUDA path (compute all, keep the selected) equals the CPU path (compute the selected only)."""
+    torch.manual_seed(0)
+    x, selected, sigma = torch.rand(6, 3, 16, 16), torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), torch.rand(6) + 0.5
+    blur = lambda v, s: common.gaussian_blur(v, s, 7)
+    indexed = common._apply_to(x.clone(), selected, blur, sigma, masked=False)
+    masked = common._apply_to(x.clone(), selected, blur, sigma, masked=True)
+    assert torch.allclose(indexed, masked, atol=1e-6) and torch.equal(indexed[~selected], x[~selected])
 
 
 @needs_mini
