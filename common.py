@@ -871,7 +871,8 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
     a("--out-dir", default=None, help="run directory for args.json, metrics.jsonl, last.pt; "
                                       "None means runs/<method>-<stages>-b<beta>-s<seed>")
-    a("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    a("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+      help="continue a run from its last.pt: the run in RUN_DIR, or in --out-dir if no RUN_DIR is given")
     a("--ema-stages", default=ema_stages, help="stages of the target network kept as EMA copies: all, backbone, "
                                                "projector, none, or a comma list of conv1,block1,block2,block3,block4,"
                                                "projector (the rest share the online weights)")
@@ -884,6 +885,9 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
 def check_args(args, method):
     """Validate the common flags before anything heavy happens; fill in derived values."""
     args.method = method
+    if args.resume:  # --resume RUN_DIR names the run directory
+        args.out_dir = args.resume
+    args.resume = args.resume is not None
     args.ema_stage_list = parse_ema_stages(args.ema_stages)
     check_beta(args.beta)
     check_beta(args.beta_final, "--beta-final")

@@ -179,7 +179,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert killed.returncode == -signal.SIGKILL, "the run finished before the kill: make it longer"
     for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # whole lines only
-    run(f"{method}.py", *args, "--out-dir", tmp_path / "killed", "--resume")
+    run(f"{method}.py", *args, "--resume", tmp_path / "killed")  # --resume RUN_DIR
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
@@ -249,6 +249,9 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes()[:5000])  # truncated
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "truncated or corrupt" in result.stderr
+    (out / "last.pt").write_bytes(b"\x00" * 4096)  # garbage
+    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    assert result.returncode == 2 and "truncated or corrupt" in result.stderr
     (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes())
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--arch", "resnet50", check=False)
     assert result.returncode == 2 and "pass --arch resnet18" in result.stderr
@@ -301,6 +304,14 @@ def test_simsiam_loss_closed_forms():
     p_1, p_2 = torch.randn(8, 16), torch.randn(8, 16)
     assert simsiam.simsiam_loss(p_1, p_2, 2 * p_2, 3 * p_1).item() == pytest.approx(-1.0, abs=1e-6)
     assert simsiam.simsiam_loss(p_1, p_2, -p_2, -p_1).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_simsiam_loss_against_its_definition():
+    torch.manual_seed(0)
+    p_1, p_2, z_1, z_2 = (torch.randn(5, 7) for _ in range(4))
+    cos = lambda a, b: sum(float(a[i] @ b[i]) / float(a[i].norm() * b[i].norm()) for i in range(5)) / 5
+    expected = 0.5 * -cos(p_1, z_2) + 0.5 * -cos(p_2, z_1)  # D(p1, sg z2)/2 + D(p2, sg z1)/2, D = -cos
+    assert simsiam.simsiam_loss(p_1, p_2, z_1, z_2).item() == pytest.approx(expected, abs=1e-5)
 
 
 def reference_nt_xent(anchors, candidates, t):
