@@ -650,7 +650,8 @@ def _apply_to(x, selected, op, *per_image_args, masked=None):
     torch.where keeps the selected results: picking a subset would need its size on the host,
     a synchronisation that stalls the GPU; computing a little more does not. Same result.
     """
-    if masked if masked is not None else x.is_cuda:
+    use_mask = x.is_cuda if masked is None else masked
+    if use_mask:
         return torch.where(selected.view(-1, 1, 1, 1), op(x, *per_image_args), x)
     index = selected.nonzero().squeeze(1)
     if len(index):
@@ -882,6 +883,13 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--beta-final", type=float, default=beta_final, help="final beta of the cosine schedule")
 
 
+def check_queue_size(args):
+    """MoCo's and ReSSL's queues are filled one whole batch at a time."""
+    if args.queue_size < 1 or args.queue_size % args.batch_size:
+        raise ConfigError(f"--queue-size {args.queue_size} is not a positive multiple of --batch-size "
+                          f"{args.batch_size}; choose e.g. {args.batch_size * max(args.queue_size // args.batch_size, 1)}")
+
+
 def check_args(args, method):
     """Validate the common flags before anything heavy happens; fill in derived values."""
     args.method = method
@@ -939,7 +947,7 @@ def git_revision():
         return "unknown"
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a kill at any instant leaves either the old file or the new one, never half of one."""
     path = Path(path)
@@ -952,7 +960,7 @@ def _atomic_write(path, write):
 
 
 def save_checkpoint(path, state):
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, method=None, arch=None):
@@ -1052,7 +1060,7 @@ class RunLogger:
         self.last = self.history[-1] if self.history else None
         info = {**{k: v for k, v in vars(args).items()}, "git_revision": git_revision(), "torch": torch.__version__,
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-        _atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
         self.write_metrics(self.history)
         self.progress_bar = sys.stdout.isatty()
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
@@ -1084,16 +1092,17 @@ class RunLogger:
               f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
 
     def write_metrics(self, lines):
-        _atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in lines).encode()))
+        atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in lines).encode()))
 
 
 def epoch_metrics(args, epoch, step, loss, lr, beta, seconds, images, online, target, probe, data, knn):
     """One line of metrics.jsonl: training state, evaluation, and the cost columns of Table 4."""
+    ema_params = target.num_parameters()
     return {"epoch": epoch + 1, "step": step, "loss": loss, "lr": lr, "beta": beta,
             **evaluate(online.backbone, probe, data, knn=knn),
             "epoch_seconds": seconds, "images_per_second": images / seconds,
             "backbone_forwards_per_image": online.counter.forwards_per_image(),
-            "ema_params": target.num_parameters(), "ema_params_mb": target.num_parameters() * 4 / 2 ** 20,
+            "ema_params": ema_params, "ema_params_mb": ema_params * 4 / 2 ** 20,  # float32
             "peak_memory_mb": peak_memory_mb(next(online.parameters()).device)}
 
 

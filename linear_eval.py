@@ -136,7 +136,7 @@ def main(argv=None):
     else:
         ckpt_path = Path(args.checkpoint)
         out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "linear_eval.json"
-    common._atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    common.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
           f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}")
 

@@ -45,9 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-temp", type=float, default=0.04)
     parser.add_argument("--queue-size", type=int, default=65536, help="keys in the queue; a multiple of --batch-size")
     args = parser.parse_args(argv)
-    if args.queue_size < 1 or args.queue_size % args.batch_size:
-        raise common.ConfigError(f"--queue-size {args.queue_size} is not a positive multiple of --batch-size "
-                                 f"{args.batch_size}; choose e.g. {args.batch_size * max(args.queue_size // args.batch_size, 1)}")
+    common.check_queue_size(args)
     return common.check_args(args, "ressl")
 
 
