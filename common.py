@@ -107,12 +107,13 @@ class ResNetCIFAR(nn.Module):
     """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool.
 
     Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
-    follows block4 (in `run_stages`); it has no parameters and is not a stage.
+    follows block4 (in `run_stages`); it has no parameters and is not a stage. bn_block4 adds
+    Table C.8's BN1, a BatchNorm on block4's output (before pooling), to the block4 stage.
     Deviation: solo-learn, which the paper ran, pads conv1 by 2 (34x34 maps); we pad by 1 as
     the MoCo CIFAR demo and the original ResNet do.
     """
 
-    def __init__(self, arch="resnet18", zero_init_residual=False):
+    def __init__(self, arch="resnet18", zero_init_residual=False, bn_block4=False):
         super().__init__()
         if arch not in ARCHS:
             raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
@@ -127,6 +128,8 @@ class ResNetCIFAR(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.block1, self.block2, self.block3, self.block4 = stages
         self.feature_dim = in_planes  # 512 for ResNet-18, 2048 for ResNet-50
+        if bn_block4:  # BN1 of Table C.8: BatchNorm on block4's output, part of the block4 stage
+            self.block4.append(nn.BatchNorm2d(in_planes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -154,11 +157,12 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_
     return nn.Sequential(*layers)
 
 
-def run_stages(modules, h, start, counter=None):
+def run_stages(modules, h, start, counter=None, instruments=None):
     """Run the encoder from stage `start` to its end with the given {stage name: module}.
 
     Returns the activation entering each stage that ran, plus "output": acts["projector"] is the
     pooled backbone feature f, acts["output"] the projection z (or f when no projector ran).
+    `instruments` (--log-grad-norms) is shown each stage's output, to watch its gradient.
     """
     acts = {}
     for name in STAGES[STAGES.index(start):]:
@@ -168,6 +172,8 @@ def run_stages(modules, h, start, counter=None):
         if counter is not None:
             counter.ran(name, h)
         h = modules[name](h)
+        if instruments is not None:
+            instruments.watch(name, h)
         if name == "block4":
             h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
             acts["projector"] = h
@@ -186,12 +192,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone, self.projector = backbone, projector
         self.counter = None  # a ForwardCounter, set by the method file
+        self.instruments = None  # an Instruments watching gradients, with --log-grad-norms
 
     def stages(self):
         return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
 
     def forward(self, x):
-        acts = run_stages(self.stages(), x, "conv1", self.counter if self.training else None)
+        acts = run_stages(self.stages(), x, "conv1", *((self.counter, self.instruments) if self.training else ()))
         return acts["projector"], acts["output"], acts
 
 
@@ -361,6 +368,95 @@ class ForwardCounter:
 
     def forwards_per_image(self):
         return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
+
+
+class Instruments:
+    """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
+
+    --log-grad-norms  -> grad_norms.jsonl, Fig. 5: each step, the l-inf norm of the gradient of
+        the loss with respect to the output of conv1, block1..block4 (before pooling) and the
+        projector; the largest over all of the step's online forward passes (both views).
+    --track-weights K -> weights.jsonl, Fig. 2 and Appendix E: rows 0..K-1 of the projector's
+        last linear layer, online and target, after each step's EMA update (step 0: at start).
+        With --proj-hidden-dim 2 each row is a point in the plane. Where the projector is
+        shared (not an EMA stage), the target's rows are the online rows.
+    Records stay on the device during an epoch (no host synchronisation per step) and are
+    written just before each checkpoint; on resume the files are cut back to the checkpoint's
+    step, so a resumed run writes what an uninterrupted one would. Off, they cost nothing:
+    no hooks are registered and nothing is copied.
+    """
+
+    FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl"}
+
+    def __init__(self, args, online, target):
+        self.log_grad_norms, self.rows = args.log_grad_norms, args.track_weights
+        self.pending = {"grad_norms": [], "weights": []}  # (step, tensor) per step since the last write
+        self.current = {}  # stage -> l-inf norm of the gradient so far in this step
+        if self.log_grad_norms:
+            online.instruments = self  # Encoder.forward shows each stage's output to watch()
+        if self.rows:
+            layers = [[m for m in stage.modules() if isinstance(m, nn.Linear)][-1:] for stage in
+                      (online.projector, target.stage_modules()["projector"])]
+            if not layers[0]:
+                raise ConfigError("--track-weights needs a linear layer in the projector; this one has none")
+            self.layers = [found[0] for found in layers]  # online, target
+            out_dim, in_dim = self.layers[0].weight.shape
+            if in_dim > 3 or self.rows > out_dim:
+                raise ConfigError(f"--track-weights {self.rows} records rows of the projector's last linear layer, "
+                                  f"{out_dim} rows of {in_dim} weights here; pass --proj-hidden-dim 2 (Fig. 2) and "
+                                  f"K <= {out_dim}")
+
+    def watch(self, stage, output):
+        """Called by run_stages on each online stage output; the hook reads its gradient in backward."""
+        if self.log_grad_norms and output.requires_grad:
+            output.register_hook(lambda grad: self._saw(stage, grad))
+
+    def _saw(self, stage, grad):
+        norm = grad.detach().abs().amax().float()
+        self.current[stage] = torch.maximum(self.current[stage], norm) if stage in self.current else norm
+
+    @torch.no_grad()
+    def record(self, step):
+        """After optimiser step number `step` (1-based) and its EMA update."""
+        if self.log_grad_norms:
+            self.pending["grad_norms"].append((step, torch.stack([self.current[s] for s in STAGES])))
+            self.current = {}
+        if self.rows:
+            self._record_weights(step)
+
+    def _record_weights(self, step):
+        self.pending["weights"].append((step, torch.stack([l.weight[:self.rows].detach().float() for l in self.layers])))
+
+    def enabled(self):
+        return [key for key, on in (("grad_norms", self.log_grad_norms), ("weights", self.rows)) if on]
+
+    def open(self, out_dir, step, resume):
+        """Start the files: a resumed run keeps the lines up to its checkpoint's step."""
+        self.out_dir = Path(out_dir)
+        for key in self.enabled():
+            path = self.out_dir / self.FILES[key]
+            lines = path.read_text().splitlines(keepends=True) if resume and path.exists() else []
+            keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
+            atomic_write(path, lambda f: f.write("".join(keep).encode()))
+        if self.rows and not resume:
+            self._record_weights(0)  # the starting point of each trajectory
+
+    def write(self):
+        """Append the records since the last write (called just before a checkpoint is saved)."""
+        for key in self.enabled():
+            if not self.pending[key]:
+                continue
+            steps = [s for s, _ in self.pending[key]]
+            values = torch.stack([v for _, v in self.pending[key]]).cpu().tolist()  # one transfer per epoch
+            if key == "grad_norms":
+                lines = [{"step": s, **dict(zip(STAGES, v))} for s, v in zip(steps, values)]
+            else:
+                lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
+            with open(self.out_dir / self.FILES[key], "a") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+            self.pending[key] = []
 
 
 # ----------------------------------------------------------------------------------------
@@ -881,6 +977,12 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--beta-schedule", choices=("constant", "cosine"), default=beta_schedule,
       help="constant, or cosine from --beta up to --beta-final over training (solo-learn)")
     a("--beta-final", type=float, default=beta_final, help="final beta of the cosine schedule")
+    a("--bn-block4", action="store_true", help="BN1 of Table C.8: a BatchNorm on block4's output")
+    a("--log-grad-norms", action="store_true", help="Fig. 5: write grad_norms.jsonl, the l-inf norm of the loss's "
+                                                    "gradient w.r.t. each stage's output, every step")
+    a("--track-weights", type=int, default=0, metavar="K", help="Fig. 2: write weights.jsonl, K rows of the "
+                                                                "projector's last linear layer (online and target) every "
+                                                                "step; use with --proj-hidden-dim 2")
 
 
 def check_queue_size(args):
@@ -899,6 +1001,8 @@ def check_args(args, method):
     args.ema_stage_list = parse_ema_stages(args.ema_stages)
     check_beta(args.beta)
     check_beta(args.beta_final, "--beta-final")
+    if args.track_weights < 0:
+        raise ConfigError(f"--track-weights must be 0 (off) or a number of rows (got {args.track_weights})")
     for flag in ("epochs", "batch_size", "eval_every", "synthetic_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
@@ -1043,8 +1147,8 @@ class RunLogger:
     it matches the checkpoint the run continues from.
     """
 
-    def __init__(self, args, history=()):
-        self.args, self.out_dir = args, Path(args.out_dir)
+    def __init__(self, args, history=(), step=0, instruments=None):
+        self.args, self.out_dir, self.instruments = args, Path(args.out_dir), instruments
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write-test"
@@ -1062,6 +1166,8 @@ class RunLogger:
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
         atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
         self.write_metrics(self.history)
+        if instruments is not None:
+            instruments.open(self.out_dir, step, args.resume)
         self.progress_bar = sys.stdout.isatty()
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
 
@@ -1078,6 +1184,8 @@ class RunLogger:
                               f"{self.out_dir / 'last.pt'} still holds the last good state: lower --lr, then --resume")
         if complete:
             self.history.append(metrics)
+        if self.instruments is not None:
+            self.instruments.write()  # before the checkpoint: a resume cuts lines past its step
         save_checkpoint(self.out_dir / "last.pt", {
             "method": self.args.method, "arch": self.args.arch, "args": vars(self.args), "step": step, "order": order,
             "loss_sum": loss_sum, "models": {name: m.state_dict() for name, m in models.items()},

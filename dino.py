@@ -126,7 +126,7 @@ def main(argv=None):
     local_view = common.ViewRecipe(size=args.local_crop_size, crop_scale=(0.05, 0.4))
 
     # Model: online (student) encoder E = g o b with the DINO head as g, target (teacher) with EMA stages.
-    backbone = common.ResNetCIFAR(args.arch)
+    backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
     head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
     online = common.Encoder(backbone, head)
     target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
@@ -142,7 +142,8 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
-    logger = common.RunLogger(args, history)
+    instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
+    logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -183,6 +184,7 @@ def main(argv=None):
 
             loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
             step += 1
+            instruments.record(step)  # does nothing unless an instrument is on
             logger.progress(i, steps_per_epoch, loss)
             if step >= last_step:
                 break

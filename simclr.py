@@ -40,6 +40,7 @@ def parse_args(argv=None):
                            beta_schedule="constant", beta_final=1.0)
     parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
     parser.add_argument("--proj-dim", type=int, default=256, help="output width of g")
+    parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
     parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
     return common.check_args(parser.parse_args(argv), "simclr")
@@ -76,8 +77,9 @@ def main(argv=None):
                                         blur_p=0.5)
 
     # Model: online encoder E = g o b, target with EMA stages (none by default).
-    backbone = common.ResNetCIFAR(args.arch)
-    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False)  # g
+    backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False,
+                           last_bn=args.bn_proj)  # g; --bn-proj: Table C.8's BN2 on its output
     online = common.Encoder(backbone, projector)
     target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
@@ -91,7 +93,8 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
-    logger = common.RunLogger(args, history)
+    instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
+    logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -130,6 +133,7 @@ def main(argv=None):
 
             loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
             step += 1
+            instruments.record(step)  # does nothing unless an instrument is on
             logger.progress(i, steps_per_epoch, loss)
             if step >= last_step:
                 break

@@ -67,7 +67,7 @@ def main(argv=None):
     view_1 = view_2 = common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)
 
     # Model: online encoder E = g o b, predictor h (online only), target with EMA stages (none by default).
-    backbone = common.ResNetCIFAR(args.arch, zero_init_residual=True)
+    backbone = common.ResNetCIFAR(args.arch, zero_init_residual=True, bn_block4=args.bn_block4)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, num_layers=3, bias=False,
                            last_bn=True, last_bn_affine=False)  # g
     online = common.Encoder(backbone, projector)
@@ -85,7 +85,8 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
-    logger = common.RunLogger(args, history)
+    instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
+    logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -121,6 +122,7 @@ def main(argv=None):
 
             loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
             step += 1
+            instruments.record(step)  # does nothing unless an instrument is on
             logger.progress(i, steps_per_epoch, loss)
             if step >= last_step:
                 break
