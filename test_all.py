@@ -712,3 +712,170 @@ def test_bench_prints_the_table_and_the_headline_ratios():
     assert headline["aug_speedup"] > 0 and headline["byol_projector_over_all_step_time"] > 0
     for stages in ("all", "projector", "none"):
         assert f"| byol | {stages} |" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's instruments: gradient norms (Fig. 5), weight paths (Fig. 2), BN1/BN2 (Table C.8),
+# figures and reproduction drivers
+# ---------------------------------------------------------------------------------------------
+
+FIG2 = [*SYNTHETIC, "--epochs", "2", "--proj-hidden-dim", "2", "--pred-hidden-dim", "16", "--ema-stages", "projector",
+        "--beta-schedule", "constant", "--track-weights", "3", "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def instrumented_runs(tmp_path_factory):
+    """BYOL with a 2-wide projector, both instruments on, at beta 1 and beta 0.9 (4 steps each)."""
+    root = tmp_path_factory.mktemp("instruments")
+    for beta in ("1", "0.9"):
+        run("byol.py", *FIG2, "--beta", beta, "--log-grad-norms", "--out-dir", root / f"beta{beta}")
+    return root
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_grad_norms_one_non_negative_value_per_stage_per_step(instrumented_runs, smoke_runs):
+    lines = jsonl(instrumented_runs / "beta0.9" / "grad_norms.jsonl")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    for line in lines:
+        assert set(line) == {"step", *common.STAGES}
+        assert all(math.isfinite(line[s]) and line[s] > 0 for s in common.STAGES), line
+    assert not (smoke_runs["byol", "all"][0] / "grad_norms.jsonl").exists()  # off: nothing written
+
+
+def test_grad_norm_hooks_equal_autograd_on_each_stage_output():
+    torch.manual_seed(0)
+    online = common.Encoder(common.ResNetCIFAR("resnet18"), common.mlp(512, 32, 16))
+    target = common.NamedStageEMA(online, ["projector"])
+    args = type("Args", (), {"log_grad_norms": True, "track_weights": 0})
+    instruments = common.Instruments(args, online, target)
+    x_1, x_2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    _, z_1, a_1 = online(x_1)
+    _, z_2, a_2 = online(x_2)
+    (z_1 * z_2.flip(0)).sum().mul(0.3).backward()
+    measured = dict(instruments.current)
+
+    def outputs(x):  # each stage's output, computed by hand (block4 before pooling)
+        outs, h = [], x
+        for s in common.BACKBONE_STAGES:
+            h = getattr(online.backbone, s)(h)
+            outs.append(h)
+        outs.append(online.projector(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)))
+        return outs
+    o_1, o_2 = outputs(x_1), outputs(x_2)
+    grads = torch.autograd.grad((o_1[-1] * o_2[-1].flip(0)).sum().mul(0.3), o_1 + o_2)
+    for k, stage in enumerate(common.STAGES):
+        expected = max(grads[k].abs().max(), grads[k + 6].abs().max())
+        assert measured[stage].item() == pytest.approx(expected.item(), rel=1e-4), stage
+    online.instruments = None  # off: Encoder.forward registers no hook at all
+    _, z, acts = online(x_1)
+    assert z._backward_hooks is None and all(a._backward_hooks is None for a in acts.values())
+
+
+def test_tracked_target_rows_freeze_at_beta_1_and_follow_equation_6_below(instrumented_runs):
+    for beta in (1.0, 0.9):
+        lines = jsonl(instrumented_runs / f"beta{beta:g}" / "weights.jsonl")
+        assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+        online = torch.tensor([line["online"] for line in lines])  # steps x K x 2
+        target = torch.tensor([line["target"] for line in lines])
+        assert online.shape == target.shape == (5, 3, 2)
+        assert not torch.equal(online[0], online[-1])  # the online rows move
+        if beta == 1.0:
+            assert all(torch.equal(target[0], t) for t in target)  # a frozen target
+        else:  # xi_t = beta xi_{t-1} + (1 - beta) theta_t, step by step
+            assert not torch.equal(target[0], target[-1])
+            assert torch.allclose(target[1:], beta * target[:-1] + (1 - beta) * online[1:], atol=1e-6)
+
+
+def test_track_weights_needs_a_narrow_last_layer(tmp_path):
+    result = run("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--proj-hidden-dim 2" in lines[0], result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tmp_path):
+    """Cut at step 3 (mid-epoch), leave junk past the checkpoint, resume: the files equal an uninterrupted run's."""
+    out = tmp_path / "run"
+    args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--out-dir", out]
+    run("byol.py", *args, "--max-steps", "3")
+    with open(out / "grad_norms.jsonl", "a") as f:
+        f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave
+    run("byol.py", *args, "--resume")
+    for name in ("grad_norms.jsonl", "weights.jsonl"):
+        assert (out / name).read_text() == (instrumented_runs / "beta0.9" / name).read_text(), name
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov2"])
+def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, method):
+    out = tmp_path / "run"
+    run(f"{method}.py", *tiny_args(method), "--max-steps", "1", "--bn-block4", "--bn-proj", "--ema-stages", "projector",
+        "--out-dir", out)
+    models = torch.load(out / "last.pt", weights_only=False)["models"]
+    online, target = models["online"], models["target"]
+    assert online["backbone.block4.2.running_mean"].shape == (512,)  # BN1: after block4's two BasicBlocks
+    last = max(int(k.split(".")[1]) for k in online if k.startswith("projector."))
+    assert f"projector.{last}.running_var" in online  # BN2: the projector's last layer
+    assert f"ema.projector.{last}.running_var" in target  # and it is part of the EMA projector
+
+
+def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path):
+    for method in ("dino", "simsiam"):
+        result = run(f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False)
+        assert result.returncode == 2 and "--bn-proj" in result.stderr
+
+
+def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    dirs = [instrumented_runs / "beta1", instrumented_runs / "beta0.9", smoke_runs["byol", "all"][0]]
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), *map(str, dirs), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("top1", "accuracy-per-stage-set", "grad-norms", "weights-2d", "weights-3d"):
+        data = (tmp_path / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "not a run directory" in bad.stderr
+
+
+PAPER_EXPERIMENTS = {"table1", "table2", "table3", "table5", "table6", "table7", "tableC8", "tableD9", "fig4", "beta0.9995"}
+
+
+def test_reproduce_list_covers_every_experiment_with_valid_commands():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+    import linear_eval
+    assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--list"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    modules = {"byol": byol, "simsiam": simsiam, "simclr": simclr, "mocov2": mocov2, "dino": dino, "ressl": ressl,
+               "linear_eval": linear_eval}
+    for name in PAPER_EXPERIMENTS:
+        assert f"{name}: " in result.stdout
+        commands = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("    python ")]
+        assert commands
+    for argv in commands:  # every command parses with its script's own flags
+        script = Path(argv[0]).stem
+        modules[script].parse_args(argv[1:])
+    assert len(commands) == sum(len(e.runs) for e in reproduce.EXPERIMENTS.values())
+
+
+def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "table7", "--dataset", "synthetic", "--epochs", "1",
+           "--max-steps", "1", "--batch-size", "16", "--out-root", str(tmp_path),
+           "--extra", "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("[run]") == 4
+    (table,) = tmp_path.glob("*/table7.md")
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| BYOL") or line.startswith("| Fixed")]
+    ours = [[cell.strip() for cell in row.split("|")[4:7]] for row in rows]  # linear, kNN, 1-NN top-1
+    assert len(rows) == 4 and all(float(v) >= 0 for cells in ours for v in cells), rows  # every row has our numbers
+    (done,) = [p for p in tmp_path.glob("*/*lr_4.0*/reproduce-done.json") if "projector" in str(p)]
+    done.unlink()  # as if that run had been interrupted after its checkpoint
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1

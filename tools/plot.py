@@ -1,0 +1,173 @@
+"""Figures from run directories, in the style of the paper's figures.
+
+    python tools/plot.py runs/byol-all-b0.99-s0 runs/byol-projector-b0.99-s0 --out figures
+
+Writes PNG files into --out (needs matplotlib: pip install matplotlib):
+  top1.png                   linear-probe top-1 (and kNN top-1) against epoch, one line per run
+                             (Fig. 3, C.7, C.8)
+  accuracy-per-stage-set.png final linear top-1 of each run, by its EMA stage set (Fig. 4)
+  grad-norms.png             runs with --log-grad-norms: the l-inf norm of the gradient with
+                             respect to each stage's output, against step (Fig. 5)
+  weights-2d.png             runs with --track-weights: the path of each tracked row (filter) of
+                             the projector's last layer in the plane, online solid, target dashed
+                             (Fig. 2, Appendix E.2)
+  weights-3d.png             the same paths against training step (Fig. 2, Appendix E.1)
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("conv1", "block1", "block2", "block3", "block4", "projector")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (each with args.json and metrics.jsonl)")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+    p.add_argument("--filters", type=int, default=8, help="tracked rows to draw in the weight figures")
+    return p.parse_args(argv)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def load_run(directory):
+    directory = Path(directory)
+    if not (directory / "args.json").exists() or not (directory / "metrics.jsonl").exists():
+        raise SystemExit(f"error: {directory} is not a run directory (no args.json and metrics.jsonl); pass directories "
+                         f"written by byol.py, simsiam.py, ...")
+    args = json.loads((directory / "args.json").read_text())
+    return {"dir": directory, "args": args, "metrics": read_jsonl(directory / "metrics.jsonl"),
+            "grads": read_jsonl(directory / "grad_norms.jsonl"), "weights": read_jsonl(directory / "weights.jsonl")}
+
+
+def label(run):
+    a = run["args"]
+    text = f"{a['method']} EMA {a['ema_stages']} β={a['beta']:g}"
+    text += " +BN1" if a.get("bn_block4") else ""
+    text += " +BN2" if a.get("bn_proj") else ""
+    return text
+
+
+def unique_labels(runs):
+    """A label per run from its flags; the directory name is added where two runs would share one."""
+    labels = [label(r) for r in runs]
+    return [f"{t} ({r['dir'].name})" if labels.count(t) > 1 else t for t, r in zip(labels, runs)]
+
+
+def plot_top1(plt, runs, labels, out):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, name in zip(runs, labels):
+        epochs = [m["epoch"] for m in run["metrics"]]
+        line, = ax.plot(epochs, [m["linear_top1"] for m in run["metrics"]], marker="o", ms=3, label=f"{name}: linear")
+        knn = [(m["epoch"], m["knn_top1"]) for m in run["metrics"] if m.get("knn_top1") is not None]
+        if knn:
+            ax.plot(*zip(*knn), ls="--", color=line.get_color(), alpha=0.7, label=f"{name}: kNN")
+    ax.set(xlabel="epoch", ylabel="top-1 (%)", title="Test accuracy during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out / "top1.png")
+
+
+def plot_stage_sets(plt, runs, labels, out):
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(runs) + 2), 4.5))
+    finals = [r["metrics"][-1]["linear_top1"] for r in runs]
+    ax.bar(range(len(runs)), finals, color="tab:blue")
+    for i, value in enumerate(finals):
+        ax.text(i, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(runs)), [n.replace(" EMA ", "\nEMA ") for n in labels], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="final linear top-1 (%)", title="Accuracy by EMA stage set")
+    return save(fig, out / "accuracy-per-stage-set.png")
+
+
+def plot_grad_norms(plt, runs, labels, out):
+    runs = [(r, n) for r, n in zip(runs, labels) if r["grads"]]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(7, 3.2 * len(runs)), squeeze=False)
+    for ax, (run, name) in zip(axes[:, 0], runs):
+        steps = [g["step"] for g in run["grads"]]
+        for stage in STAGES:
+            ax.plot(steps, [g[stage] for g in run["grads"]], lw=1, label=stage)
+        ax.set(yscale="log", xlabel="step", ylabel="max |dL/d output|", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    return save(fig, out / "grad-norms.png")
+
+
+def weight_paths(run, filters):
+    """(steps, online, target): online/target[f] is the list of points (w1, w2) of filter f."""
+    steps = [w["step"] for w in run["weights"]]
+    count = min(filters, len(run["weights"][0]["online"]))
+    path = lambda side, f: [w[side][f] for w in run["weights"]]
+    return steps, [path("online", f) for f in range(count)], [path("target", f) for f in range(count)]
+
+
+def plot_weights(plt, runs, labels, out, filters, three_d):
+    runs = [(r, n) for r, n in zip(runs, labels) if r["weights"]]
+    count = min(filters, min(len(r["weights"][0]["online"]) for r, _ in runs))
+    cols = min(4, count)
+    rows = (count + cols - 1) // cols
+    fig = plt.figure(figsize=(4 * cols, 3.6 * rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for f in range(count):
+        ax = fig.add_subplot(rows, cols, f + 1, **({"projection": "3d"} if three_d else {}))
+        for k, (run, name) in enumerate(runs):
+            steps, online, target = weight_paths(run, count)
+            shared = run["args"]["beta"] == 0 or "projector" not in run["args"]["ema_stage_list"]
+            for side, points, style in (("online", online[f], "-"), ("target", target[f], "--")):
+                if side == "target" and shared:
+                    continue  # the target's projector is the online one: the same path
+                w1, w2 = [p[0] for p in points], [p[1] if len(p) > 1 else 0.0 for p in points]
+                kwargs = dict(ls=style, lw=1, color=colors[k % len(colors)], label=f"{name}: {side}")
+                ax.plot(steps, w1, w2, **kwargs) if three_d else ax.plot(w1, w2, **kwargs)
+                if not three_d:
+                    ax.plot(w1[0], w2[0], "o", ms=3, color=colors[k % len(colors)])  # start point
+        if three_d:
+            ax.set(xlabel="step", ylabel="weight 1", zlabel="weight 2")
+        else:
+            ax.set(xlabel="weight 1", ylabel="weight 2")
+        ax.set_title(f"filter {f:03d}", fontsize=9)
+    handles, names = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=7)
+    fig.subplots_adjust(bottom=0.12 + 0.02 * len(names))
+    return save(fig, out / ("weights-3d.png" if three_d else "weights-2d.png"))
+
+
+def save(fig, path):
+    fig.tight_layout(rect=(0, 0.1, 1, 1)) if fig.legends else fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: tools/plot.py needs matplotlib; pip install matplotlib", file=sys.stderr)
+        return 2
+    runs = [load_run(d) for d in args.runs]
+    empty = [str(r["dir"]) for r in runs if not r["metrics"]]
+    if empty:
+        print(f"error: {', '.join(empty)} has no finished epoch in metrics.jsonl yet; plot it after one", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = unique_labels(runs)
+    plot_top1(plt, runs, labels, out)
+    plot_stage_sets(plt, runs, labels, out)
+    if any(r["grads"] for r in runs):
+        plot_grad_norms(plt, runs, labels, out)
+    if any(r["weights"] for r in runs):
+        plot_weights(plt, runs, labels, out, args.filters, three_d=False)
+        plot_weights(plt, runs, labels, out, args.filters, three_d=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
