@@ -12,9 +12,11 @@ Writes PNG files into --out (needs matplotlib: pip install matplotlib):
                              the projector's last layer in the plane, online solid, target dashed
                              (Fig. 2, Appendix E.2)
   weights-3d.png             the same paths against training step (Fig. 2, Appendix E.1)
+and prints the numbers behind the gradient and weight figures as Markdown tables.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +47,8 @@ def load_run(directory):
 
 def label(run):
     a = run["args"]
-    text = f"{a['method']} EMA {a['ema_stages']} β={a['beta']:g}"
+    shared = a["ema_stages"] == "none" or a["beta"] == 0
+    text = f"{a['method']} EMA none (β=0)" if shared else f"{a['method']} EMA {a['ema_stages']} β={a['beta']:g}"
     text += " +BN1" if a.get("bn_block4") else ""
     text += " +BN2" if a.get("bn_proj") else ""
     return text
@@ -106,7 +109,7 @@ def weight_paths(run, filters):
 def plot_weights(plt, runs, labels, out, filters, three_d):
     runs = [(r, n) for r, n in zip(runs, labels) if r["weights"]]
     count = min(filters, min(len(r["weights"][0]["online"]) for r, _ in runs))
-    cols = min(4, count)
+    cols = math.ceil(math.sqrt(count))
     rows = (count + cols - 1) // cols
     fig = plt.figure(figsize=(4 * cols, 3.6 * rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -132,6 +135,34 @@ def plot_weights(plt, runs, labels, out, filters, three_d):
     fig.legend(handles, names, loc="lower center", ncol=2, fontsize=7)
     fig.subplots_adjust(bottom=0.12 + 0.02 * len(names))
     return save(fig, out / ("weights-3d.png" if three_d else "weights-2d.png"))
+
+
+def summary(runs, labels):
+    """Numbers behind the figures, printed as Markdown: per stage, the median and largest gradient
+    norm over steps; per run, how far the tracked rows move in one step (median and largest)."""
+    lines = []
+    grads = [(r, n) for r, n in zip(runs, labels) if r["grads"]]
+    if grads:
+        lines += ["| run | " + " | ".join(f"{s}: median / max" for s in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+        for run, name in grads:
+            cells = []
+            for stage in STAGES:
+                values = sorted(g[stage] for g in run["grads"])
+                cells.append(f"{values[len(values) // 2]:.1e} / {values[-1]:.1e}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    tracked = [(r, n) for r, n in zip(runs, labels) if r["weights"]]
+    if tracked:
+        lines += ["| run | online row, one step: median / max | target row, one step: median / max |", "|---|---|---|"]
+        for run, name in tracked:
+            cells = []
+            for side in ("online", "target"):
+                rows = [w[side] for w in run["weights"]]  # steps x K x d
+                moves = sorted(math.dist(a, b) for before, after in zip(rows, rows[1:]) for a, b in zip(before, after))
+                cells.append(f"{moves[len(moves) // 2]:.2e} / {moves[-1]:.2e}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if lines:
+        print("\n".join(lines))
 
 
 def save(fig, path):
@@ -166,6 +197,7 @@ def main(argv=None):
     if any(r["weights"] for r in runs):
         plot_weights(plt, runs, labels, out, args.filters, three_d=False)
         plot_weights(plt, runs, labels, out, args.filters, three_d=True)
+    summary(runs, labels)
     return 0
 
 
