@@ -668,6 +668,16 @@ def test_colour_ops_match_torchvision(real_images, name):
     assert (ours - torch.stack(ref)).abs().max() < 1e-5
 
 
+def test_one_pass_blend_equals_brightness_contrast_and_saturation(real_images):
+    """color_jitter does the three blends in one pass, each image with its own op: equal to each op alone."""
+    g = torch.Generator().manual_seed(3)
+    n = len(real_images)
+    factor, op = common._uniform(0.2, 1.8, n, g, "cpu"), torch.arange(n) % 3
+    one_pass = common.adjust_brightness_contrast_or_saturation(real_images, op, factor)
+    for k, adjust in enumerate((common.adjust_brightness, common.adjust_contrast, common.adjust_saturation)):
+        assert torch.equal(one_pass[op == k], adjust(real_images[op == k], factor[op == k])), k
+
+
 def test_augment_draws_per_sample_parameters_and_is_reproducible():
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
     images[:] = images[0]  # the same image 8 times: the views must still differ
