@@ -559,6 +559,25 @@ def test_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < losses[0]
 
 
+def test_compile_keeps_the_stages_their_outputs_and_the_checkpoint_keys():
+    """--compile compiles each stage in place: activation reuse works, outputs and state_dict keys
+    are those of the uncompiled modules (a checkpoint loads with or without --compile)."""
+    assert byol.parse_args(TINY + ["--compile"]).compile and not byol.parse_args(TINY).compile
+    online, predictor, target, _ = small_setup("block4,projector")
+    eager = copy.deepcopy((online, predictor, target))
+    keys = [list(m.state_dict()) for m in (online, predictor, target)]
+    common.compile_stages([online, predictor, target])
+    assert [list(m.state_dict()) for m in (online, predictor, target)] == keys
+    x = torch.randn(4, 3, 16, 16)
+    outputs = []
+    for online_, predictor_, target_ in ((online, predictor, target), eager):
+        with torch.no_grad():  # forward graphs only: compiling the backward too would double the test's time
+            f, z, acts = online_(x)
+            outputs.append((f, predictor_(z), target_(acts)))
+    for compiled, reference in zip(*outputs):
+        assert torch.allclose(compiled, reference, rtol=1e-4, atol=1e-4)  # inductor reorders float sums
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimisation and evaluation helpers
 # ---------------------------------------------------------------------------------------------
