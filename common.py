@@ -594,14 +594,15 @@ def to_grayscale(x):
     return gray.expand_as(x)
 
 
-def _blend(x, other, factor):
-    """factor * x + (1 - factor) * other, clamped to [0, 1], with one factor per image."""
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * x + (1 - factor) * other).clamp(0, 1)
+def _blend(x, other, factor, in_place=False):
+    """factor * x + (1 - factor) * other, clamped to [0, 1], one factor per image. Computed as
+    torch.lerp does, x + (1 - factor) * (other - x): factor 1 leaves x exactly as it is."""
+    weight = (1 - factor).view(-1, 1, 1, 1)
+    return (x.lerp_(other, weight) if in_place else torch.lerp(x, other, weight)).clamp_(0, 1)
 
 
 def adjust_brightness(x, factor):
-    return _blend(x, torch.zeros_like(x), factor)
+    return _blend(x, torch.zeros_like(x[:, :1]), factor)
 
 
 def adjust_contrast(x, factor):
@@ -613,13 +614,13 @@ def adjust_saturation(x, factor):
     return _blend(x, to_grayscale(x), factor)
 
 
-def adjust_brightness_contrast_or_saturation(x, op, factor):
+def adjust_brightness_contrast_or_saturation(x, op, factor, in_place=False):
     """Per image, brightness (op 0), contrast (op 1) or saturation (op 2) -- in one pass, because
     all three blend the image with something: black, its mean grey, or its grey image."""
     gray = to_grayscale(x)[:, :1]  # n x 1 x H x W
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # n x 1 x 1 x 1
     is_op = lambda k: (op == k).to(x.dtype).view(-1, 1, 1, 1)  # 1.0 for the images doing op k, else 0.0
-    return _blend(x, is_op(1) * mean + is_op(2) * gray, factor)
+    return _blend(x, is_op(1) * mean + is_op(2) * gray, factor, in_place)
 
 
 def adjust_hue(x, shift):
@@ -638,8 +639,9 @@ def adjust_hue(x, shift):
     is_g = (1 - is_r) * (1 - torch.sign(value - g))
     hue = is_r * ((g - b) / safe) + is_g * (2 + (b - r) / safe) + (1 - is_r - is_g) * (4 + (r - g) / safe)  # in [-1, 5)
     offsets = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 (no host-to-GPU copy)
-    k = torch.remainder(offsets + (hue + 6 * shift.view(-1, 1, 1))[:, None], 6)  # n x 3 x H x W
-    return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    k = (offsets + (hue + 6 * shift.view(-1, 1, 1))[:, None]).remainder_(6)  # n x 3 x H x W
+    weight = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return torch.addcmul(value[:, None], chroma[:, None], weight, value=-1)  # value - chroma * weight
 
 
 def gaussian_blur(x, sigma, kernel_size):
@@ -680,8 +682,8 @@ def _apply_to(x, selected, op, *per_image_args, masked=None):
 def color_jitter(x, recipe, generator):
     """Brightness, contrast, saturation and hue with probability p, in a random order per image.
 
-    In each of the 4 slots every jittered image takes one op: first the images whose op is one
-    of the three blends (in one pass), then those whose op is hue.
+    In each of the 4 slots every jittered image takes one op: the three blends run in one pass
+    over the batch, then hue on the images whose op it is. Works on x in place (augment's own).
     """
     n, dev = x.shape[0], x.device
     apply = torch.rand(n, generator=generator, device=dev) < recipe.jitter_p
@@ -691,8 +693,9 @@ def color_jitter(x, recipe, generator):
     order = torch.rand(n, 4, generator=generator, device=dev).argsort(dim=1)  # a random order of the 4 ops per image
     for slot in range(4):
         op = order[:, slot]  # n: the op each image takes in this slot, 0..3 = brightness, contrast, saturation, hue
-        blend_factor = factors.gather(1, op[:, None]).squeeze(1)  # 1 for a blend of strength 0: no change
-        x = _apply_to(x, apply & (op < 3), adjust_brightness_contrast_or_saturation, op, blend_factor)
+        # Blend every image, with factor 1 (no change) where this slot has no blend for it: cheaper than picking them.
+        blend_factor = torch.where(apply & (op < 3), factors.gather(1, op[:, None]).squeeze(1), 1.0)
+        x = adjust_brightness_contrast_or_saturation(x, op, blend_factor, in_place=True)
         if hue > 0:
             x = _apply_to(x, apply & (op == 3), adjust_hue, factors[:, 3])
     return x
@@ -705,18 +708,18 @@ def augment(images, recipe, mean, std, generator):
     rand = lambda: torch.rand(n, generator=generator, device=dev)
     top, left, h, w = sample_crop_params(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, dev)
     flip = rand() < recipe.flip_p
-    x = resized_crop(images.float() / 255, top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
+    x = resized_crop(images.float().div_(255), top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
     x = color_jitter(x, recipe, generator)
     x = _apply_to(x, rand() < recipe.gray_p, to_grayscale)
     sigma = _uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n, generator, dev)
     x = _apply_to(x, rand() < recipe.blur_p, lambda v, s: gaussian_blur(v, s, recipe.blur_kernel), sigma)
     x = _apply_to(x, rand() < recipe.solarize_p, solarize)
-    x = normalize(x, mean, std)
+    x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))  # normalise in place: x is this function's own
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # the fast layout for cuDNN
 
 
 def normalize(x, mean, std):
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return (x - mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------

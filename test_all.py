@@ -6,6 +6,7 @@ named-stage EMA's invariants, each augmentation primitive against torchvision's 
 real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is absent).
 """
 import copy
+import functools
 import json
 import math
 import random
@@ -719,6 +720,17 @@ def test_masked_and_indexed_application_agree():
     indexed = common._apply_to(x.clone(), selected, blur, sigma, masked=False)
     masked = common._apply_to(x.clone(), selected, blur, sigma, masked=True)
     assert torch.allclose(indexed, masked, atol=1e-6) and torch.equal(indexed[~selected], x[~selected])
+
+
+def test_augment_is_the_same_on_the_masked_path(monkeypatch):
+    """Whole views: the CUDA path (compute all, keep the selected) gives the CPU path's views."""
+    images = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    recipe = common.ViewRecipe(blur_p=0.5, solarize_p=0.5)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    indexed = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
+    masked = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    assert torch.allclose(indexed, masked, atol=1e-5)
 
 
 @needs_mini
