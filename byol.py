@@ -83,6 +83,7 @@ def main(argv=None):
     models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
     common.to_device(models.values(), device)
     online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
     optimizer = common.LARS(common.param_groups([online, predictor], args.weight_decay)
                             + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
                             lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)

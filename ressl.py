@@ -103,6 +103,7 @@ def main(argv=None):
     models = {"online": online, "target": target, "queue": queue, "probe": probe}
     common.to_device(models.values(), device)
     online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
     optimizer = torch.optim.SGD([{"params": online.parameters()},
                                  {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
                                 lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)

@@ -77,6 +77,7 @@ def main(argv=None):
     models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
     common.to_device(models.values(), device)
     online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
     optimizer = torch.optim.SGD([{"params": online.parameters()},
                                  {"params": predictor.parameters(), "fixed_lr": True},  # SimSiam's fixed predictor lr
                                  {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],

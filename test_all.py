@@ -6,6 +6,7 @@ named-stage EMA's invariants, each augmentation primitive against torchvision's 
 real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is absent).
 """
 import copy
+import functools
 import json
 import math
 import random
@@ -559,6 +560,25 @@ def test_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < losses[0]
 
 
+def test_compile_keeps_the_stages_their_outputs_and_the_checkpoint_keys():
+    """--compile compiles each stage in place: activation reuse works, outputs and state_dict keys
+    are those of the uncompiled modules (a checkpoint loads with or without --compile)."""
+    assert byol.parse_args(TINY + ["--compile"]).compile and not byol.parse_args(TINY).compile
+    online, predictor, target, _ = small_setup("block4,projector")
+    eager = copy.deepcopy((online, predictor, target))
+    keys = [list(m.state_dict()) for m in (online, predictor, target)]
+    common.compile_stages([online, predictor, target])
+    assert [list(m.state_dict()) for m in (online, predictor, target)] == keys
+    x = torch.randn(4, 3, 16, 16)
+    outputs = []
+    for online_, predictor_, target_ in ((online, predictor, target), eager):
+        with torch.no_grad():  # forward graphs only: compiling the backward too would double the test's time
+            f, z, acts = online_(x)
+            outputs.append((f, predictor_(z), target_(acts)))
+    for compiled, reference in zip(*outputs):
+        assert torch.allclose(compiled, reference, rtol=1e-4, atol=1e-4)  # inductor reorders float sums
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimisation and evaluation helpers
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +688,16 @@ def test_colour_ops_match_torchvision(real_images, name):
     assert (ours - torch.stack(ref)).abs().max() < 1e-5
 
 
+def test_one_pass_blend_equals_brightness_contrast_and_saturation(real_images):
+    """color_jitter does the three blends in one pass, each image with its own op: equal to each op alone."""
+    g = torch.Generator().manual_seed(3)
+    n = len(real_images)
+    factor, op = common._uniform(0.2, 1.8, n, g, "cpu"), torch.arange(n) % 3
+    one_pass = common.adjust_brightness_contrast_or_saturation(real_images, op, factor)
+    for k, adjust in enumerate((common.adjust_brightness, common.adjust_contrast, common.adjust_saturation)):
+        assert torch.equal(one_pass[op == k], adjust(real_images[op == k], factor[op == k])), k
+
+
 def test_augment_draws_per_sample_parameters_and_is_reproducible():
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
     images[:] = images[0]  # the same image 8 times: the views must still differ
@@ -690,6 +720,17 @@ def test_masked_and_indexed_application_agree():
     indexed = common._apply_to(x.clone(), selected, blur, sigma, masked=False)
     masked = common._apply_to(x.clone(), selected, blur, sigma, masked=True)
     assert torch.allclose(indexed, masked, atol=1e-6) and torch.equal(indexed[~selected], x[~selected])
+
+
+def test_augment_is_the_same_on_the_masked_path(monkeypatch):
+    """Whole views: the CUDA path (compute all, keep the selected) gives the CPU path's views."""
+    images = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    recipe = common.ViewRecipe(blur_p=0.5, solarize_p=0.5)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    indexed = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
+    masked = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
+    assert torch.allclose(indexed, masked, atol=1e-5)
 
 
 @needs_mini
