@@ -395,11 +395,10 @@ class Instruments:
         if self.log_grad_norms:
             online.instruments = self  # Encoder.forward shows each stage's output to watch()
         if self.rows:
-            layers = [[m for m in stage.modules() if isinstance(m, nn.Linear)][-1:] for stage in
-                      (online.projector, target.stage_modules()["projector"])]
-            if not layers[0]:
+            last_linear = lambda stage: next((m for m in reversed(list(stage.modules())) if isinstance(m, nn.Linear)), None)
+            self.layers = [last_linear(online.projector), last_linear(target.stage_modules()["projector"])]  # online, target
+            if self.layers[0] is None:
                 raise ConfigError("--track-weights needs a linear layer in the projector; this one has none")
-            self.layers = [found[0] for found in layers]  # online, target
             out_dim, in_dim = self.layers[0].weight.shape
             if in_dim > 3 or self.rows > out_dim:
                 raise ConfigError(f"--track-weights {self.rows} records rows of the projector's last linear layer, "

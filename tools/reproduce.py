@@ -234,6 +234,8 @@ def write_table(args, name, experiment, runs):
     rows = [f"# {experiment.title}", "",
             f"Scale: dataset {args.dataset or experiment.dataset}, {args.epochs} epochs"
             + (f", at most {args.max_steps} steps" if args.max_steps else "") + f", batch {args.batch_size}"
+            + (f", warm-up {args.warmup_epochs} epochs" if args.warmup_epochs is not None else "")
+            + (f", queue {args.queue_size} (MoCo v2, ReSSL)" if args.queue_size else "")
             + (f", extra flags `{args.extra}`" if args.extra else "") + ". The paper: 200 epochs, batch 256.",
             "Ours: online linear probe top-1, weighted kNN (k=200) top-1 and 1-NN top-1 at the last epoch "
             "(the random encoder: offline linear probe).", "",
