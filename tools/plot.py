@@ -113,10 +113,10 @@ def plot_weights(plt, runs, labels, out, filters, three_d):
     rows = (count + cols - 1) // cols
     fig = plt.figure(figsize=(4 * cols, 3.6 * rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = [weight_paths(run, count) for run, _ in runs]  # once per run, not once per filter
     for f in range(count):
         ax = fig.add_subplot(rows, cols, f + 1, **({"projection": "3d"} if three_d else {}))
-        for k, (run, name) in enumerate(runs):
-            steps, online, target = weight_paths(run, count)
+        for k, ((run, name), (steps, online, target)) in enumerate(zip(runs, paths)):
             shared = run["args"]["beta"] == 0 or "projector" not in run["args"]["ema_stage_list"]
             for side, points, style in (("online", online[f], "-"), ("target", target[f], "--")):
                 if side == "target" and shared:
