@@ -657,13 +657,13 @@ def _source_coords(start, length, size):
 def resize_matrices(start, length, size, in_size, flip=None):
     """n x size x in_size matrices M with (M @ v) = v[start:start + length] resized to `size` samples
     (bilinear): each row holds the two weights of one output sample. Where `flip` is True the rows
-    are reversed, which mirrors the output."""
+    come in reverse order, which mirrors the output."""
     low, high, w_high = _source_coords(start, length, size)  # n x size each
+    if flip is not None:  # output sample j takes the coordinates of sample size - 1 - j
+        low, high, w_high = (torch.where(flip[:, None], t.flip(1), t) for t in (low, high, w_high))
     matrices = torch.zeros(len(start), size, in_size, device=start.device)
     matrices.scatter_add_(2, low[..., None], (1 - w_high)[..., None])
     matrices.scatter_add_(2, high[..., None], w_high[..., None])  # adds up where low = high (the edge)
-    if flip is not None:
-        matrices = torch.where(flip[:, None, None], matrices.flip(1), matrices)
     return matrices
 
 
