@@ -14,7 +14,9 @@
    (forwards per image - 1) for the target; heads, augmentation and the optimiser are ignored.
 
 Prints a Markdown table, then one JSON line with the headline ratios `aug_speedup` and
-`byol_projector_over_all_step_time`. Nothing here is a test: numbers depend on the machine.
+`byol_projector_over_all_step_time`. Nothing here is a test: numbers depend on the machine,
+and on what else runs on it -- the header gives the load average before the run; on a machine
+busy with other work, multi-threaded torch slows down far more than the PIL worker processes.
 """
 import argparse
 import json
@@ -114,6 +116,7 @@ def main():
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]  # (1 min) other work on the machine skews every number below
     rows, ratios = [], {}
     ours, pil, workers = bench_augmentation(args, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +134,8 @@ def main():
                              m["images_per_second"], m["peak_memory_mb"], seconds / base_seconds, ideal))
                 ratios[f"{method}_{stages}_over_{CLASSIC[method]}_step_time"] = seconds / base_seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, {args.arch}\n")
+    print(f"\n{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, {args.arch}; "
+          f"load average before the run {load_before:.2f}\n")
     print(f"Augmentation (BYOL view 1, 32x32): batched {ours:,.0f} views/s; per-image PIL with {workers} workers "
           f"{pil:,.0f} views/s; speed-up {ours / pil:.1f}x\n")
     print("| method | EMA stages | EMA params (MB) | backbone forwards / image | s / step | images / s | peak memory (MB) "
