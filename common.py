@@ -673,8 +673,8 @@ def resized_crop(images, top, left, height, width, size, flip=None):
 
     Bilinear resizing is linear along each axis, so it is two batched matrix products per image,
     out = R @ image @ C^T, with R and C from `resize_matrices` -- cheaper than gathering pixels.
-    (On a GPU with TF32 matmuls switched on, as `setup` does, this is exact to about 1e-3, a
-    quarter of one uint8 grey level.)
+    (TF32, which `setup` switches on for CUDA matmuls, keeps 10 mantissa bits: on a GPU the crop
+    is then exact to about 1e-3, a quarter of one uint8 grey level.)
     """
     n, c, in_height, in_width = images.shape
     rows = resize_matrices(top, height, size, in_height)  # n x size x H
@@ -691,7 +691,8 @@ def to_grayscale(x):
 
 def _blend(x, other, factor, in_place=False):
     """factor * x + (1 - factor) * other, clamped to [0, 1], one factor per image. Computed as
-    torch.lerp does, x + (1 - factor) * (other - x): factor 1 leaves x exactly as it is."""
+    torch.lerp does, x + (1 - factor) * (other - x): factor 1 leaves x exactly as it is.
+    in_place=True overwrites x (color_jitter's own buffer) instead of allocating another image."""
     weight = (1 - factor).view(-1, 1, 1, 1)
     return (x.lerp_(other, weight) if in_place else torch.lerp(x, other, weight)).clamp_(0, 1)
 
