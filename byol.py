@@ -71,6 +71,7 @@ def main(argv=None):
     # Views: solo-learn's asymmetric CIFAR recipe -- the second view is solarised with p = 0.2.
     view_1 = common.ViewRecipe(size=data.image_size)
     view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
+    view_recipes = [view_1, view_2]  # views.batch gives one view of each, in this order
 
     # Model: online encoder E = g o b, predictor h (online only, Eq. 4), target with EMA stages.
     backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
@@ -91,6 +92,7 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)  # batch i's views, made in chunks
     instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
     logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
@@ -107,10 +109,7 @@ def main(argv=None):
         online.counter.reset()
         start = common.timer(device)
         for i in range(first, steps_per_epoch):
-            index = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = data.train_images[index], data.train_labels[index]
-            x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
-            x_2 = common.augment(x, view_2, data.mean, data.std, generator)
+            (x_1, x_2), y = views.batch(order, epoch, i)  # two random views of batch i, and its labels
             lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
 
             # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
@@ -140,7 +139,7 @@ def main(argv=None):
         metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
                                        seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
                                        online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
-        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, views)
 
     print(common.summary_line(args, logger.last))
 

@@ -818,6 +818,48 @@ def normalize(x, mean, std):
     return (x - mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
 
+class Views:
+    """The random views of each training batch, augmented --aug-chunk batches at a time.
+
+    `batch(order, epoch, i)` gives batch i's views (one tensor per recipe, in the recipes' order)
+    and its labels. Augmenting a chunk of batches in one go runs each of augment's few dozen
+    small kernels once for the whole chunk instead of once per batch: on a GPU, where a batch of
+    32x32 images is too small to keep the device busy, that saves most of the launch overhead.
+
+    Every draw comes from the run's generator, chunk after chunk: with --aug-chunk 1 they are
+    exactly the draws of augmenting each batch on its own. For an exact resume, a checkpoint
+    taken inside a chunk stores the generator as it was at the chunk's start (`generator_state`):
+    the resumed run draws that chunk again, identically, and goes on from the batch it stopped at.
+    """
+
+    def __init__(self, data, recipes, batch_size, chunk, generator):
+        self.data, self.recipes, self.batch_size, self.chunk, self.generator = data, list(recipes), batch_size, chunk, generator
+        self.span = None  # (epoch, first batch, end batch) of the chunk held in self.views
+        self.views, self.labels = [], None
+        self.state_at_chunk_start, self.next_batch = None, None
+
+    def batch(self, order, epoch, i):
+        if self.span is None or self.span[0] != epoch or not self.span[1] <= i < self.span[2]:
+            self._augment_chunk(order, epoch, i // self.chunk * self.chunk)
+        rows = slice((i - self.span[1]) * self.batch_size, (i - self.span[1] + 1) * self.batch_size)
+        self.next_batch = i + 1
+        return [view[rows] for view in self.views], self.labels[rows]
+
+    def _augment_chunk(self, order, epoch, first):
+        end = min(first + self.chunk, len(order) // self.batch_size)  # the last chunk of an epoch may be shorter
+        self.views, self.labels = [], None  # free the last chunk before making the next
+        self.state_at_chunk_start = self.generator.get_state()
+        index = order[first * self.batch_size:end * self.batch_size]
+        images, mean, std = self.data.train_images[index], self.data.mean, self.data.std
+        self.views = [augment(images, recipe, mean, std, self.generator) for recipe in self.recipes]
+        self.labels, self.span = self.data.train_labels[index], (epoch, first, end)
+
+    def generator_state(self):
+        """The generator's state for a checkpoint: as at the start of the chunk in progress, if one is."""
+        inside_chunk = self.span is not None and self.next_batch < self.span[2]
+        return self.state_at_chunk_start if inside_chunk else self.generator.get_state()
+
+
 # ----------------------------------------------------------------------------------------
 # 6. Optimisation: LARS, parameter groups, warm-up + cosine learning rate
 # ----------------------------------------------------------------------------------------
@@ -991,6 +1033,8 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
                                                  "is evaluated every epoch)")
     a("--seed", type=int, default=0, help="seeds model initialisation, epoch order and augmentations")
     a("--deterministic", action="store_true", help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)")
+    a("--aug-chunk", type=int, default=1, metavar="N", help="augment N batches at a time: fewer, larger kernel launches, "
+                                                            "for GPUs (try 16); 1 augments each batch on its own")
     a("--compile", action="store_true", help="torch.compile each stage module and head in place: meant for GPUs, where it speeds up "
                                              "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
@@ -1031,7 +1075,7 @@ def check_args(args, method):
     check_beta(args.beta_final, "--beta-final")
     if args.track_weights < 0:
         raise ConfigError(f"--track-weights must be 0 (off) or a number of rows (got {args.track_weights})")
-    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size"):
+    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size", "aug_chunk"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.max_steps is not None and args.max_steps < 1:
@@ -1120,8 +1164,8 @@ def load_checkpoint(path, method=None, arch=None):
 def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
     saved = state["args"]
-    for key in ("ema_stage_list", "dataset", "batch_size", "epochs"):
-        if saved.get(key) != getattr(args, key):
+    for key in ("ema_stage_list", "dataset", "batch_size", "epochs", "aug_chunk"):
+        if saved.get(key, 1 if key == "aug_chunk" else None) != getattr(args, key):  # runs before --aug-chunk had 1
             flag = "--ema-stages" if key == "ema_stage_list" else "--" + key.replace("_", "-")
             raise ConfigError(f"the checkpoint was trained with {flag} {saved.get(key)} but this run has {getattr(args, key)}; "
                               f"resume with the same {flag}")
@@ -1148,8 +1192,8 @@ def start_or_resume(args, models, optimizer, generator, device):
     return state["step"], state["order"].to(device), state["loss_sum"].to(device), state["history"]
 
 
-def rng_state(generator):
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+def rng_state(views):
+    return {"torch": torch.get_rng_state(), "generator": views.generator_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
@@ -1203,7 +1247,7 @@ class RunLogger:
         if self.progress_bar:
             print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
 
-    def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, generator):
+    def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, views):
         """Check the loss, save last.pt, rewrite metrics.jsonl, print the epoch line. An epoch cut
         short by --max-steps gets a provisional line that the history does not keep: resuming
         replaces it with the whole epoch's."""
@@ -1217,7 +1261,7 @@ class RunLogger:
         save_checkpoint(self.out_dir / "last.pt", {
             "method": self.args.method, "arch": self.args.arch, "args": vars(self.args), "step": step, "order": order,
             "loss_sum": loss_sum, "models": {name: m.state_dict() for name, m in models.items()},
-            "optimizer": optimizer.state_dict(), "rng": rng_state(generator), "history": self.history})
+            "optimizer": optimizer.state_dict(), "rng": rng_state(views), "history": self.history})
         self.write_metrics(self.history if complete else self.history + [metrics])
         self.last = metrics
         fmt = lambda v: "   -  " if v is None else f"{v:6.2f}"

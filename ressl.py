@@ -91,6 +91,7 @@ def main(argv=None):
     # Views: a strong one for the student and a weak one (crop, flip, grayscale) for the teacher.
     strong = common.ViewRecipe(size=data.image_size)
     weak = common.ViewRecipe(size=data.image_size, jitter_p=0.0)
+    view_recipes = [strong, weak]
 
     # Model: online (student) encoder E = g o b, target (teacher) with EMA stages, the key queue.
     backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
@@ -111,6 +112,7 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)  # batch i's views, made in chunks
     instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
     logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
@@ -127,10 +129,7 @@ def main(argv=None):
         online.counter.reset()
         start = common.timer(device)
         for i in range(first, steps_per_epoch):
-            index = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = data.train_images[index], data.train_labels[index]
-            x_s = common.augment(x, strong, data.mean, data.std, generator)  # for the student
-            x_w = common.augment(x, weak, data.mean, data.std, generator)  # for the teacher
+            (x_s, x_w), y = views.batch(order, epoch, i)  # batch i's strong view (student), weak view (teacher), labels
             lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
 
             with common.autocast(device):
@@ -157,7 +156,7 @@ def main(argv=None):
         metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
                                        seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
                                        online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
-        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, views)
 
     print(common.summary_line(args, logger.last))
 

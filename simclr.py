@@ -73,8 +73,8 @@ def main(argv=None):
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
 
     # Views: solo-learn's symmetric recipe (strong colour jitter), the same for both views.
-    view_1 = view_2 = common.ViewRecipe(size=data.image_size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-                                        blur_p=0.5)
+    view_recipes = [common.ViewRecipe(size=data.image_size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                                      blur_p=0.5)] * 2
 
     # Model: online encoder E = g o b, target with EMA stages (none by default).
     backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
@@ -94,6 +94,7 @@ def main(argv=None):
     # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
     step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
+    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)  # batch i's views, made in chunks
     instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
     logger = common.RunLogger(args, history, step, instruments)
     total_steps = args.epochs * steps_per_epoch
@@ -110,10 +111,7 @@ def main(argv=None):
         online.counter.reset()
         start = common.timer(device)
         for i in range(first, steps_per_epoch):
-            index = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = data.train_images[index], data.train_labels[index]
-            x_1 = common.augment(x, view_1, data.mean, data.std, generator)  # two random views
-            x_2 = common.augment(x, view_2, data.mean, data.std, generator)
+            (x_1, x_2), y = views.batch(order, epoch, i)  # two random views of batch i, and its labels
             lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
 
             with common.autocast(device):
@@ -144,7 +142,7 @@ def main(argv=None):
         metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
                                        seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
                                        online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
-        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, generator)
+        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, views)
 
     print(common.summary_line(args, logger.last))
 

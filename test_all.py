@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,6 +155,17 @@ def assert_same_run(a_dir, b_dir):
     assert strip(metrics(a_dir)) == strip(metrics(b_dir))
 
 
+def test_resume_inside_an_augmentation_chunk(tmp_path):
+    """--aug-chunk 3 and a stop after step 2, inside the first chunk: the resumed run draws that chunk again."""
+    args = [*resume_args("byol", 2), "--aug-chunk", "3"]  # 4 steps per epoch: chunks of 3 and 1 steps
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
+    other = run("byol.py", *resume_args("byol", 2), "--out-dir", tmp_path / "split", "--resume", check=False)
+    assert other.returncode == 2 and "resume with the same --aug-chunk" in other.stderr, other.stderr
+    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "split")
+
+
 def test_resume_mid_epoch_after_max_steps(tmp_path):
     """--max-steps stops mid-epoch (a provisional metrics line); --resume continues bit-identically."""
     args = resume_args("byol", 2)
@@ -217,6 +229,7 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no images in"),
     (["--batch-size", "64"], "larger than the 32 training images"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--aug-chunk", "0"], "--aug-chunk must be at least 1"),
     (["--resume"], "no checkpoint"),
     (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
 ])
@@ -731,6 +744,55 @@ def test_augment_is_the_same_on_the_masked_path(monkeypatch):
     monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
     masked = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
     assert torch.allclose(indexed, masked, atol=1e-5)
+
+
+def views_data(n, seed=0):
+    """A stand-in for common.Data: n random uint8 images, their labels 0..n-1, a mean and std."""
+    images = (torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    return SimpleNamespace(train_images=images, train_labels=torch.arange(n), mean=torch.full((3,), 0.5),
+                           std=torch.full((3,), 0.25))
+
+
+def test_views_with_aug_chunk_1_draw_what_augmenting_each_batch_draws():
+    """--aug-chunk 1 is the plain loop: per batch, one augment call per recipe, from the run's generator."""
+    data = views_data(40)
+    recipes = [common.ViewRecipe(), common.ViewRecipe(solarize_p=0.2), common.ViewRecipe(size=16, crop_scale=(0.05, 0.4))]
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    views = common.Views(data, recipes, 8, 1, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    for i in range(5):
+        got, labels = views.batch(order, 0, i)
+        index = order[i * 8:(i + 1) * 8]
+        assert torch.equal(labels, data.train_labels[index]) and [v.shape[-1] for v in got] == [32, 32, 16]
+        for view, recipe in zip(got, recipes):
+            assert torch.equal(view, common.augment(data.train_images[index], recipe, data.mean, data.std, generator))
+
+
+def test_views_in_chunks_give_each_batch_its_images_and_resume_inside_a_chunk():
+    data, batch, chunk = views_data(22), 4, 3  # 5 batches per epoch (2 images dropped): chunks of 3 and 2 batches
+    order = torch.randperm(22, generator=torch.Generator().manual_seed(1))
+    plain = common.ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, gray_p=0, flip_p=0)
+    views = common.Views(data, [plain], batch, chunk, torch.Generator().manual_seed(0))
+    for i in range(5):  # an augmentation that changes nothing shows which images each batch got
+        (view,), labels = views.batch(order, 0, i)
+        index = order[i * batch:(i + 1) * batch]
+        assert torch.equal(labels, data.train_labels[index])
+        assert torch.allclose(view, common.normalize(data.train_images[index].float() / 255, data.mean, data.std), atol=1e-6)
+    # Random views: a run resumed from the generator state saved after any batch draws what the run drew.
+    recipes = [common.ViewRecipe(), common.ViewRecipe(blur_p=0.5)]
+    generator = torch.Generator().manual_seed(0)
+    views = common.Views(data, recipes, batch, chunk, generator)
+    saved, drawn = [], []
+    for epoch in range(2):
+        for i in range(5):
+            drawn.append(views.batch(order, epoch, i)[0])
+            saved.append(views.generator_state())  # what a checkpoint after this batch holds
+    assert not torch.equal(drawn[0][0], drawn[5][0])  # the second epoch draws new views
+    for k, state in enumerate(saved[:-1]):
+        resumed = common.Views(data, recipes, batch, chunk, torch.Generator().set_state(state))
+        epoch, i = divmod(k + 1, 5)
+        again = resumed.batch(order, epoch, i)[0]
+        assert all(torch.equal(a, b) for a, b in zip(again, drawn[k + 1])), f"resumed after batch {k}"
 
 
 @needs_mini
