@@ -1165,9 +1165,10 @@ def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
     saved = state["args"]
     for key in ("ema_stage_list", "dataset", "batch_size", "epochs", "aug_chunk"):
-        if saved.get(key, 1 if key == "aug_chunk" else None) != getattr(args, key):  # runs before --aug-chunk had 1
+        was = saved.get(key, 1 if key == "aug_chunk" else None)  # runs from before --aug-chunk augmented per batch
+        if was != getattr(args, key):
             flag = "--ema-stages" if key == "ema_stage_list" else "--" + key.replace("_", "-")
-            raise ConfigError(f"the checkpoint was trained with {flag} {saved.get(key)} but this run has {getattr(args, key)}; "
+            raise ConfigError(f"the checkpoint was trained with {flag} {was} but this run has {getattr(args, key)}; "
                               f"resume with the same {flag}")
     try:
         for name, module in models.items():

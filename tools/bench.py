@@ -1,7 +1,8 @@
 """Benchmark: what the paper's cost claim looks like on this machine, measured in one run.
 
     python tools/bench.py --device cpu --batch-size 32 --steps 3          # about a minute on 2 CPU cores
-    python tools/bench.py --device cuda --batch-size 256 --steps 50 --methods byol,simsiam,simclr,mocov2,dino,ressl
+    python tools/bench.py --device cuda --batch-size 256 --steps 50 --aug-images 16384 --aug-chunk 16 \
+        --methods byol,simsiam,simclr,mocov2,dino,ressl
 
 1. Augmentation throughput (views per second): our batched pipeline (common.Views, as the
    training scripts use it, with --aug-chunk 1, 4 and 16 batches per call) against torchvision's
