@@ -198,7 +198,8 @@ class Encoder(nn.Module):
         return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
 
     def forward(self, x):
-        acts = run_stages(self.stages(), x, "conv1", *((self.counter, self.instruments) if self.training else ()))
+        counter, instruments = (self.counter, self.instruments) if self.training else (None, None)  # training passes only
+        acts = run_stages(self.stages(), x, "conv1", counter, instruments)
         return acts["projector"], acts["output"], acts
 
 
