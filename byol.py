@@ -74,7 +74,7 @@ def main(argv=None):
     view_recipes = [view_1, view_2]  # views.batch gives one view of each, in this order
 
     # Model: online encoder E = g o b, predictor h (online only, Eq. 4), target with EMA stages.
-    backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim,
                            last_bn=args.bn_proj)  # g; --bn-proj: Table C.8's BN2 on its output
     online = common.Encoder(backbone, projector)

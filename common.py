@@ -109,25 +109,28 @@ class ResNetCIFAR(nn.Module):
     Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
     follows block4 (in `run_stages`); it has no parameters and is not a stage. bn_block4 adds
     Table C.8's BN1, a BatchNorm on block4's output (before pooling), to the block4 stage.
+    `width` (--width) narrows every stage alike: 16 gives a quarter-width ResNet for CPUs (a
+    teaching setting; the paper's is 64).
     Deviation: solo-learn, which the paper ran, pads conv1 by 2 (34x34 maps); we pad by 1 as
     the MoCo CIFAR demo and the original ResNet do.
     """
 
-    def __init__(self, arch="resnet18", zero_init_residual=False, bn_block4=False):
+    def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False):
         super().__init__()
         if arch not in ARCHS:
             raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
         block, depths = ARCHS[arch]
-        self.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-        in_planes, stages = 64, []
-        for planes, depth, stride in zip((64, 128, 256, 512), depths, (1, 2, 2, 2)):
+        # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        in_planes, stages = width, []
+        for planes, depth, stride in zip((width, 2 * width, 4 * width, 8 * width), depths, (1, 2, 2, 2)):
             layers = []
             for s in [stride] + [1] * (depth - 1):
                 layers.append(block(in_planes, planes, s))
                 in_planes = planes * block.expansion
             stages.append(nn.Sequential(*layers))
         self.block1, self.block2, self.block3, self.block4 = stages
-        self.feature_dim = in_planes  # 512 for ResNet-18, 2048 for ResNet-50
+        self.feature_dim = in_planes  # 8W for ResNet-18, 32W for ResNet-50: 512 and 2048 at the paper's W = 64
         if bn_block4:  # BN1 of Table C.8: BatchNorm on block4's output, part of the block4 stage
             self.block4.append(nn.BatchNorm2d(in_planes))
         for m in self.modules():
@@ -503,8 +506,27 @@ def _torchvision_dataset(name, root, download):
             len(train.classes))
 
 
-def _image_folder(root, image_size):
-    """train/<class>/*.{jpg,png}, and val/<class>/... or test/<class>/..., resized to image_size."""
+def first_per_class(labels, subset, num_classes):
+    """Indices of the first subset / num_classes images of each class, in dataset order (--train-subset).
+    Unlabelled images (label -1) are never chosen."""
+    labels = torch.as_tensor(labels)
+    per_class = subset // num_classes
+    if subset % num_classes or per_class == 0:
+        raise ConfigError(f"--train-subset {subset} is not a positive multiple of the {num_classes} classes; "
+                          f"choose e.g. {num_classes * max(per_class, 1)}")
+    chosen = []
+    for c in range(num_classes):
+        of_class = (labels == c).nonzero().flatten()
+        if len(of_class) < per_class:
+            raise ConfigError(f"--train-subset {subset} asks for {per_class} images of class {c}, which has only "
+                              f"{len(of_class)}; choose at most {num_classes * len(of_class)}")
+        chosen.append(of_class[:per_class])
+    return torch.cat(chosen).sort().values  # dataset order, not class order
+
+
+def _image_folder(root, image_size, subset=None):
+    """train/<class>/*.{jpg,png}, and val/<class>/... or test/<class>/..., resized to image_size.
+    With subset, only the chosen training images are decoded (see first_per_class)."""
     import torchvision
     from PIL import Image
 
@@ -519,6 +541,10 @@ def _image_folder(root, image_size):
             folder = torchvision.datasets.ImageFolder(str(split_dir))
         except (FileNotFoundError, RuntimeError) as error:
             raise ConfigError(f"no images in {split_dir} ({error}); put images in {split_dir}/<class>/") from None
+        if subset is not None and split_dir.name == "train":
+            keep = first_per_class(folder.targets, subset, len(folder.classes)).tolist()
+            folder.samples = [folder.samples[i] for i in keep]
+            folder.targets = [folder.targets[i] for i in keep]
         images = []
         for path, _ in folder.samples:
             with Image.open(path) as img:
@@ -558,10 +584,13 @@ def load_dataset(args, device):
         if not args.data_dir or not Path(args.data_dir).is_dir():
             raise ConfigError(f"--dataset imagefolder needs --data-dir pointing at a folder with train/ and val/ or test/ "
                               f"(got {args.data_dir!r})")
-        parts = _image_folder(args.data_dir, args.image_size or 32)
+        parts = _image_folder(args.data_dir, args.image_size or 32, args.train_subset)
     else:
         parts = _torchvision_dataset(args.dataset, args.data_dir, not args.no_download)
     train_x, train_y, test_x, test_y, num_classes = parts
+    if args.train_subset is not None and args.dataset != "imagefolder":  # (image folders chose theirs before decoding)
+        keep = first_per_class(train_y, args.train_subset, num_classes)
+        train_x, train_y = train_x[keep], train_y[keep]
     if len(train_x) == 0 or len(test_x) == 0:
         raise ConfigError(f"--dataset {args.dataset} has an empty train or test split; check --data-dir")
     # Per-channel statistics of the training images (for CIFAR these are solo-learn's constants).
@@ -1021,6 +1050,10 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--image-size", type=int, default=None, help="imagefolder and synthetic only: image side in pixels; None means 32")
     a("--synthetic-size", type=int, default=512, help="number of synthetic training images (smoke runs, benchmarks)")
     a("--arch", default="resnet18", help=f"backbone: {', '.join(ARCHS)} (paper Table 5 uses resnet50)")
+    a("--width", type=int, default=64, help="channels of conv1 and block1; block k has width * 2^(k-1). 64 is the "
+                                            "paper's ResNet; 16 is the quarter-width CPU and teaching setting")
+    a("--train-subset", type=int, default=None, metavar="N", help="train on the first N / classes images of each "
+                                                                   "class, in the dataset's order (the test split stays whole)")
     a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
     a("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up, then cosine decay per step")
     a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
@@ -1076,9 +1109,11 @@ def check_args(args, method):
     check_beta(args.beta_final, "--beta-final")
     if args.track_weights < 0:
         raise ConfigError(f"--track-weights must be 0 (off) or a number of rows (got {args.track_weights})")
-    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size", "aug_chunk"):
+    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size", "aug_chunk", "width"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.train_subset is not None and args.train_subset < 1:
+        raise ConfigError(f"--train-subset must be a positive number of images (got {args.train_subset})")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps must be at least 1 (got {args.max_steps})")
     if args.arch not in ARCHS:

@@ -127,7 +127,7 @@ def main(argv=None):
     view_recipes = [view_1, view_2] + [local_view] * args.num_local_crops
 
     # Model: online (student) encoder E = g o b with the DINO head as g, target (teacher) with EMA stages.
-    backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
     head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
     online = common.Encoder(backbone, head)
     target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest

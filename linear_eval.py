@@ -30,8 +30,12 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone instead (the "
                                                                "paper's 'fixed random encoder' baseline, Table 2)")
     p.add_argument("--arch", default="resnet18", help="backbone for --random-init")
+    p.add_argument("--width", type=int, default=64, help="backbone width for --random-init (a checkpoint's own is read "
+                                                        "from it)")
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train the classifier (and kNN) on "
+                   "the first N / classes images of each class; default: the checkpoint's (all for --random-init)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
@@ -46,7 +50,7 @@ def parse_args(argv=None):
         raise common.ConfigError("give a checkpoint (a run directory or last.pt), or --random-init with --dataset")
     if args.random_init and args.dataset is None:
         raise common.ConfigError("--random-init needs --dataset (and --data-dir for imagefolder)")
-    for flag in ("epochs", "batch_size"):
+    for flag in ("epochs", "batch_size", "width"):
         if getattr(args, flag) < 1:
             raise common.ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -60,24 +64,26 @@ def main(argv=None):
     args = parse_args(argv)
     if args.random_init:  # a stand-in "checkpoint": the backbone as initialised with --seed, never trained
         torch.manual_seed(args.seed)
-        fresh = {f"backbone.{k}": v for k, v in common.ResNetCIFAR(args.arch).state_dict().items()}
+        fresh = {f"backbone.{k}": v for k, v in common.ResNetCIFAR(args.arch, width=args.width).state_dict().items()}
         state = {"method": "random-init", "arch": args.arch, "step": 0, "models": {"online": fresh},
                  "args": {"dataset": args.dataset, "data_dir": args.data_dir or "./data", "image_size": None,
-                          "synthetic_size": 512, "seed": args.seed}}
+                          "synthetic_size": 512, "seed": args.seed, "width": args.width, "train_subset": None}}
     else:
         state = common.load_checkpoint(args.checkpoint)
     trained = argparse.Namespace(**state["args"])
-    for key in ("dataset", "data_dir"):  # evaluate on the pre-training dataset unless told otherwise
+    for key in ("dataset", "data_dir", "train_subset"):  # evaluate on the pre-training data unless told otherwise
         if getattr(args, key) is None:
-            setattr(args, key, getattr(trained, key))
+            setattr(args, key, getattr(trained, key, None))
     data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, no_download=args.no_download,
-                                   image_size=trained.image_size, synthetic_size=trained.synthetic_size, seed=trained.seed)
+                                   image_size=trained.image_size, synthetic_size=trained.synthetic_size, seed=trained.seed,
+                                   train_subset=args.train_subset)
     trained.device, trained.deterministic, trained.seed = args.device, False, args.seed
     device = common.setup(trained)
     data = common.load_dataset(data_args, device)
 
     # The frozen backbone: the online network's b, in eval mode, without gradients.
-    backbone = common.ResNetCIFAR(state["arch"]).to(device)
+    backbone = common.ResNetCIFAR(state["arch"], width=getattr(trained, "width", 64),
+                                  bn_block4=getattr(trained, "bn_block4", False)).to(device)
     online = state["models"]["online"]
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in online.items() if k.startswith("backbone.")})
     backbone.eval().requires_grad_(False)
@@ -119,7 +125,8 @@ def main(argv=None):
     train_features = fixed if fixed is not None else common.extract_features(backbone, train_images, data.mean, data.std)
     with torch.no_grad():
         logits = classifier(test_features)
-    result = {"checkpoint": str(args.checkpoint), "method": state["method"], "arch": state["arch"], "dataset": args.dataset,
+    result = {"checkpoint": str(args.checkpoint), "method": state["method"], "arch": state["arch"],
+              "width": getattr(trained, "width", 64), "dataset": args.dataset, "train_subset": args.train_subset,
               "pretrain_step": state["step"], "epochs": args.epochs, "augment": not args.no_augment,
               "top1": topk_accuracy(logits, data.test_labels, 1),
               "top5": topk_accuracy(logits, data.test_labels, min(5, data.num_classes))}

@@ -94,7 +94,7 @@ def main(argv=None):
     view_recipes = [strong, weak]
 
     # Model: online (student) encoder E = g o b, target (teacher) with EMA stages, the key queue.
-    backbone = common.ResNetCIFAR(args.arch, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False,
                            last_bn=args.bn_proj)  # g; --bn-proj: Table C.8's BN2 on its output
     online = common.Encoder(backbone, projector)

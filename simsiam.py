@@ -67,7 +67,7 @@ def main(argv=None):
     view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)] * 2
 
     # Model: online encoder E = g o b, predictor h (online only), target with EMA stages (none by default).
-    backbone = common.ResNetCIFAR(args.arch, zero_init_residual=True, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, zero_init_residual=True, bn_block4=args.bn_block4)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, num_layers=3, bias=False,
                            last_bn=True, last_bn_affine=False)  # g
     online = common.Encoder(backbone, projector)
