@@ -33,6 +33,11 @@ import torch.nn.functional as F
 import common
 
 
+# --preset laptop (common.LAPTOP adds the scale): LARS lr 0.3 in place of 1.0. With a warm-up of 39
+# steps in place of 1,950, lr 1.0 did not learn in 10 epochs (docs/small-scale.md).
+LAPTOP = {"lr": 0.3}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="BYOL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99,
@@ -42,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
     parser.add_argument("--pred-hidden-dim", type=int, default=4096, help="hidden width of the predictor h")
     parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
-    return common.check_args(parser.parse_args(argv), "byol")
+    return common.parse_method_args(parser, argv, "byol", laptop=LAPTOP)
 
 
 # ---------------------------------------------------------------------------------------

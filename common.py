@@ -1016,8 +1016,30 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
 
 
 @torch.no_grad()
-def evaluate(backbone, probe, data, knn=True):
-    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN."""
+def output_spread(z):
+    """Collapse monitor 1: how spread out the l2-normalised outputs are (SimSiam's check, Chen & He
+    2021, Sec. 4.1). The per-dimension standard deviation of z / ||z|| over the images, averaged
+    over the d dimensions and scaled by sqrt(d): about 1 for outputs spread like random Gaussian
+    vectors, 0 when every image gets the same output direction (complete collapse)."""
+    z = F.normalize(z.float(), dim=1)  # N x d, each row on the unit sphere
+    return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
+
+
+@torch.no_grad()
+def effective_rank(features):
+    """Collapse monitor 2: the effective rank of the N x D features (Roy & Vetterli 2007; RankMe,
+    Garrido et al. 2023): exp of the entropy of the singular values normalised to sum to 1. It
+    counts the dimensions in use: 1 for features of rank 1, close to D for random Gaussian ones."""
+    singular_values = torch.linalg.svdvals(features.double())
+    p = singular_values / singular_values.sum()
+    p = p[p > 0]  # 0 log 0 = 0
+    return torch.exp(-(p * p.log()).sum()).item()
+
+
+@torch.no_grad()
+def evaluate(backbone, probe, data, knn=True, projector=None):
+    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
+    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
     test_features = extract_features(backbone, data.test_images, data.mean, data.std)
     was_training = probe.training
     probe.eval()
@@ -1025,6 +1047,14 @@ def evaluate(backbone, probe, data, knn=True):
     probe.train(was_training)
     result = {"linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
               "knn_top1": None, "knn1_top1": None}
+    if projector is not None:
+        was_training = projector.training
+        projector.eval()
+        with autocast(data.test_images.device):
+            z = torch.cat([projector(f) for f in test_features.split(1024)])
+        projector.train(was_training)
+        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
+        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
     if knn:
         labelled = data.train_labels >= 0
         train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
@@ -1043,6 +1073,8 @@ def evaluate(backbone, probe, data, knn=True):
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
     """The flags every method file shares (DESIGN section 6); each method passes its defaults."""
     a = parser.add_argument
+    a("--preset", choices=("paper", "laptop"), default="paper", help="paper: the paper's recipe (the defaults shown "
+      "here); laptop: a 10-minute CPU run that learns (quarter width, 10,000 images, 10 epochs, short-run values)")
     a("--dataset", default="cifar100", help=f"one of {', '.join(DATASETS)}")
     a("--data-dir", default="./data", help="where datasets live; torchvision downloads here (imagefolder: a folder "
                                            "with train/ and val/ or test/)")
@@ -1073,7 +1105,7 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
                                              "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
     a("--out-dir", default=None, help="run directory for args.json, metrics.jsonl, last.pt; "
-                                      "None means runs/<method>-<stages>-b<beta>-s<seed>")
+                                      "None means runs/<method>-<stages>-b<beta>-s<seed>[-laptop]")
     a("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
       help="continue a run from its last.pt: the run in RUN_DIR, or in --out-dir if no RUN_DIR is given")
     a("--ema-stages", default=ema_stages, help="stages of the target network kept as EMA copies: all, backbone, "
@@ -1089,6 +1121,23 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--track-weights", type=int, default=0, metavar="K", help="Fig. 2: write weights.jsonl, K rows of the "
                                                                 "projector's last linear layer (online and target) every "
                                                                 "step; use with --proj-hidden-dim 2")
+
+
+# --preset laptop: a run of about 10 minutes on 2 CPU cores that visibly learns (README, "Learn on a
+# laptop"). A quarter-width ResNet-18 on 10,000 training images for 10 epochs (390 steps at batch
+# 256). The beta schedule is constant because the cosine schedule to 1.0 (or 0.999) squeezed into 390
+# steps passes beta = 0.995, a target that lags 200 steps -- half the run -- by the middle of it, and
+# all but freezes the target for the second half. Each method file adds its own short-run values.
+LAPTOP = {"width": 16, "train_subset": 10000, "epochs": 10, "warmup_epochs": 1, "eval_every": 5,
+          "beta_schedule": "constant"}
+
+
+def parse_method_args(parser, argv, method, laptop):
+    """Parse a method file's flags. --preset laptop makes LAPTOP and the method's `laptop` values the
+    defaults; flags given on the command line still win. Then check them (check_args)."""
+    if parser.parse_known_args(argv)[0].preset == "laptop":
+        parser.set_defaults(**LAPTOP, **laptop)
+    return check_args(parser.parse_args(argv), method)
 
 
 def check_queue_size(args):
@@ -1122,7 +1171,8 @@ def check_args(args, method):
         raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
     if args.out_dir is None:
         stages = args.ema_stages.replace(",", "+").replace(" ", "")
-        args.out_dir = str(Path("runs") / f"{method}-{stages}-b{args.beta:g}-s{args.seed}")
+        preset = "-laptop" if args.preset == "laptop" else ""
+        args.out_dir = str(Path("runs") / f"{method}-{stages}-b{args.beta:g}-s{args.seed}{preset}")
     return args
 
 
@@ -1200,7 +1250,7 @@ def load_checkpoint(path, method=None, arch=None):
 def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
     saved = state["args"]
-    for key in ("ema_stage_list", "dataset", "batch_size", "epochs", "aug_chunk"):
+    for key in ("ema_stage_list", "dataset", "train_subset", "batch_size", "epochs", "aug_chunk"):
         was = saved.get(key, 1 if key == "aug_chunk" else None)  # runs from before --aug-chunk augmented per batch
         if was != getattr(args, key):
             flag = "--ema-stages" if key == "ema_stage_list" else "--" + key.replace("_", "-")
@@ -1306,6 +1356,7 @@ class RunLogger:
             print("\r", end="")
         print(f"epoch {metrics['epoch']:4d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.4f} | "
               f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | kNN top-1 {fmt(metrics['knn_top1'])} | "
+              f"spread {metrics['output_spread']:.2f} rank {metrics['feature_rank']:.1f} | "
               f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
 
     def write_metrics(self, lines):
@@ -1316,7 +1367,7 @@ def epoch_metrics(args, epoch, step, loss, lr, beta, seconds, images, online, ta
     """One line of metrics.jsonl: training state, evaluation, and the cost columns of Table 4."""
     ema_params = target.num_parameters()
     return {"epoch": epoch + 1, "step": step, "loss": loss, "lr": lr, "beta": beta,
-            **evaluate(online.backbone, probe, data, knn=knn),
+            **evaluate(online.backbone, probe, data, knn=knn, projector=online.projector),
             "epoch_seconds": seconds, "images_per_second": images / seconds,
             "backbone_forwards_per_image": online.counter.forwards_per_image(),
             "ema_params": ema_params, "ema_params_mb": ema_params * 4 / 2 ** 20,  # float32
@@ -1359,7 +1410,7 @@ def summary_line(args, metrics):
     """The one line a run ends with (tools parse it)."""
     if metrics is None:
         return f"summary: method={args.method} nothing to do: the run in {args.out_dir} has no complete epoch left to train"
-    keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "backbone_forwards_per_image",
+    keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "output_spread", "feature_rank", "backbone_forwards_per_image",
             "ema_params", "peak_memory_mb")
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
     return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"

@@ -29,6 +29,11 @@ import torch.nn.functional as F
 import common
 
 
+# --preset laptop (common.LAPTOP adds the scale): the values of MoCo's own CIFAR-10 demo (lr 0.06,
+# temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000 training images).
+LAPTOP = {"lr": 0.06, "temperature": 0.1, "weight_decay": 5e-4, "queue_size": 4096}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="MoCo v2 with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser, lr=0.3, weight_decay=1e-4, ema_stages="all", beta=0.99,
@@ -38,9 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
     parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
     parser.add_argument("--queue-size", type=int, default=32768, help="keys per queue; a multiple of --batch-size")
-    args = parser.parse_args(argv)
+    args = common.parse_method_args(parser, argv, "mocov2", laptop=LAPTOP)
     common.check_queue_size(args)
-    return common.check_args(args, "mocov2")
+    return args
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ import torch.nn.functional as F
 import common
 
 
+# --preset laptop (common.LAPTOP adds the scale): CIFAR values as in MoCo's demo, which the CIFAR
+# copies of ReSSL's code also use (lr 0.06, weight decay 5e-4, a queue of 4,096 keys).
+LAPTOP = {"lr": 0.06, "weight_decay": 5e-4, "queue_size": 4096}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="ReSSL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser, lr=0.05, weight_decay=1e-4, ema_stages="all", beta=0.99,
@@ -45,9 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--student-temp", type=float, default=0.1)
     parser.add_argument("--teacher-temp", type=float, default=0.04)
     parser.add_argument("--queue-size", type=int, default=65536, help="keys in the queue; a multiple of --batch-size")
-    args = parser.parse_args(argv)
+    args = common.parse_method_args(parser, argv, "ressl", laptop=LAPTOP)
     common.check_queue_size(args)
-    return common.check_args(args, "ressl")
+    return args
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ import torch.nn.functional as F
 import common
 
 
+# --preset laptop (common.LAPTOP adds the scale): the paper's recipe learns in a short run as it is.
+LAPTOP = {}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SimCLR with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser, lr=0.4, weight_decay=1e-5, ema_stages="none", beta=0.9,
@@ -43,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
     parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
-    return common.check_args(parser.parse_args(argv), "simclr")
+    return common.parse_method_args(parser, argv, "simclr", laptop=LAPTOP)
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,6 +30,11 @@ import torch.nn.functional as F
 import common
 
 
+# --preset laptop (common.LAPTOP adds the scale): SimSiam's own CIFAR-10 values (Chen & He 2021,
+# Appendix: SGD, lr 0.03 x batch / 256 at batch 512, i.e. 0.06, weight decay 5e-4).
+LAPTOP = {"lr": 0.06, "weight_decay": 5e-4}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SimSiam with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(parser, lr=0.5, weight_decay=1e-5, ema_stages="none", beta=0.99,
@@ -37,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
     parser.add_argument("--proj-dim", type=int, default=2048, help="output width of g and h")
     parser.add_argument("--pred-hidden-dim", type=int, default=512, help="hidden (bottleneck) width of the predictor h")
-    return common.check_args(parser.parse_args(argv), "simsiam")
+    return common.parse_method_args(parser, argv, "simsiam", laptop=LAPTOP)
 
 
 # ---------------------------------------------------------------------------------------

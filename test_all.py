@@ -230,6 +230,9 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     (["--batch-size", "64"], "larger than the 32 training images"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--aug-chunk", "0"], "--aug-chunk must be at least 1"),
+    (["--width", "0"], "--width must be at least 1"),
+    (["--train-subset", "15"], "not a positive multiple of the 10 classes"),
+    (["--train-subset", "40"], "which has only 3"),
     (["--resume"], "no checkpoint"),
     (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
 ])
@@ -799,7 +802,7 @@ def test_views_in_chunks_give_each_batch_its_images_and_resume_inside_a_chunk():
 def test_image_folder_loads_cifar10_mini():
     import argparse
     args = argparse.Namespace(dataset="imagefolder", data_dir=str(MINI), no_download=True, image_size=None,
-                              synthetic_size=0, seed=0)
+                              synthetic_size=0, seed=0, train_subset=None)
     data = common.load_dataset(args, torch.device("cpu"))
     assert data.train_images.shape == (2000, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (1000, 3, 32, 32) and data.num_classes == 10
@@ -982,3 +985,104 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     done.unlink()  # as if that run had been interrupted after its checkpoint
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The laptop scale: --width, --train-subset, --preset laptop, the collapse monitor, learning
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, expansion", [("resnet18", 1), ("resnet50", 4)])
+def test_width_sets_the_channels_of_every_stage(arch, expansion):
+    backbone = common.ResNetCIFAR(arch, width=8)
+    assert backbone.conv1[0].out_channels == 8
+    for k, stage in enumerate((backbone.block1, backbone.block2, backbone.block3, backbone.block4), start=1):
+        out = stage[-1].bn2.num_features if arch == "resnet18" else stage[-1].bn3.num_features
+        assert out == 8 * 2 ** (k - 1) * expansion, f"block{k}"
+    assert backbone.feature_dim == 64 * expansion
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 64 * expansion)
+    assert common.ResNetCIFAR(arch).feature_dim == 512 * expansion  # the default is the paper's width, 64
+
+
+def test_train_subset_takes_the_first_images_of_each_class_in_dataset_order():
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, -1, 0])
+    assert common.first_per_class(labels, 6, 3).tolist() == [0, 1, 2, 3, 4, 5]  # two of each class, in order
+    assert common.first_per_class(labels, 3, 3).tolist() == [0, 1, 2]
+    for subset, message in [(4, "not a positive multiple"), (2, "not a positive multiple"), (12, "which has only 3")]:
+        with pytest.raises(common.ConfigError, match=message):
+            common.first_per_class(labels, subset, 3)
+
+
+@needs_mini
+def test_train_subset_on_an_image_folder_decodes_only_the_first_files_of_each_class():
+    import argparse
+    from PIL import Image
+    args = argparse.Namespace(dataset="imagefolder", data_dir=str(MINI), no_download=True, image_size=None,
+                              synthetic_size=0, seed=0, train_subset=30)
+    data = common.load_dataset(args, torch.device("cpu"))
+    assert data.train_labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert len(data.test_images) == 1000  # the test split stays whole
+    classes = sorted(p.name for p in (MINI / "train").iterdir())
+    for c in (0, 9):
+        first = sorted((MINI / "train" / classes[c]).iterdir())[0]
+        with Image.open(first) as image:
+            expected = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).view(32, 32, 3)
+        expected = expected.permute(2, 0, 1)
+        assert torch.equal(data.train_images[3 * c], expected), f"class {classes[c]}"
+
+
+def test_preset_laptop_changes_defaults_and_flags_given_still_win():
+    paper, laptop = mocov2.parse_args([]), mocov2.parse_args(["--preset", "laptop"])
+    assert (paper.width, paper.train_subset, paper.epochs, paper.lr, paper.queue_size) == (64, None, 200, 0.3, 32768)
+    assert (laptop.width, laptop.train_subset, laptop.epochs, laptop.warmup_epochs) == (16, 10000, 10, 1)
+    assert (laptop.lr, laptop.temperature, laptop.queue_size, laptop.beta_schedule) == (0.06, 0.1, 4096, "constant")
+    assert laptop.out_dir.endswith("-laptop") and not paper.out_dir.endswith("-laptop")
+    mine = byol.parse_args(["--preset", "laptop", "--lr", "0.5", "--width", "8", "--beta-schedule", "cosine"])
+    assert (mine.lr, mine.width, mine.beta_schedule, mine.epochs) == (0.5, 8, "cosine", 10)
+    for module in (byol, simsiam, simclr, mocov2, dino, ressl):  # each method's short-run values are its own flags
+        args = module.parse_args(["--preset", "laptop"])
+        assert all(getattr(args, key) == value for key, value in {**common.LAPTOP, **module.LAPTOP}.items())
+
+
+def test_output_spread_reads_0_when_collapsed_and_1_when_spread_out():
+    torch.manual_seed(0)
+    v = torch.randn(1, 64)
+    assert common.output_spread(v.repeat(500, 1)) == pytest.approx(0, abs=1e-6)  # every row equal
+    assert common.output_spread((torch.rand(500, 1) * 3 + 0.1) * v) == pytest.approx(0, abs=1e-5)  # rank 1: one direction
+    assert common.output_spread(torch.randn(5000, 64)) == pytest.approx(1, abs=0.03)  # random Gaussian outputs
+    assert common.output_spread(torch.randn(5000, 64) * 100 + 3) > 0.9  # scale-free; a small shared offset barely matters
+    half = torch.cat([torch.randn(5000, 32), torch.zeros(5000, 32)], dim=1)  # half the dimensions dead
+    assert common.output_spread(half) == pytest.approx(math.sqrt(0.5), abs=0.03)
+
+
+def test_effective_rank_counts_the_dimensions_in_use():
+    torch.manual_seed(0)
+    assert common.effective_rank(torch.randn(1, 32).repeat(100, 1)) == pytest.approx(1, abs=1e-4)  # all rows equal
+    assert common.effective_rank(torch.randn(100, 1) @ torch.randn(1, 32)) == pytest.approx(1, abs=1e-4)  # rank 1 (float32 rounding)
+    assert common.effective_rank(torch.eye(32)) == pytest.approx(32, abs=1e-6)  # 32 equal singular values
+    diagonal = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0]))  # closed form: exp(entropy of (1/3, 1/3, 1/3)) = 3
+    assert common.effective_rank(diagonal) == pytest.approx(3, abs=1e-6)
+    assert common.effective_rank(torch.randn(4000, 64)) > 0.9 * 64  # random Gaussian features use nearly all
+
+
+def test_the_collapse_monitor_is_in_metrics_and_the_epoch_line(tmp_path):
+    result = run("byol.py", *TINY, "--out-dir", tmp_path / "run")
+    last = metrics(tmp_path / "run")[-1]
+    assert 0 <= last["output_spread"] <= 1.5 and 1 <= last["feature_rank"] <= 512
+    assert f"spread {last['output_spread']:.2f} rank {last['feature_rank']:.1f}" in result.stdout
+
+
+def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
+    run("simclr.py", *tiny_args("simclr"), "--width", "8", "--train-subset", "30", "--out-dir", tmp_path / "run")
+    run("linear_eval.py", tmp_path / "run", "--epochs", "1", "--no-augment", "--device", "cpu", "--out", tmp_path / "e.json")
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert (saved["width"], saved["train_subset"]) == (8, 30)
+    run("linear_eval.py", "--random-init", "--width", "8", "--dataset", "synthetic", "--epochs", "1", "--no-augment",
+        "--device", "cpu", "--out", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["width"] == 8
+
+
+def test_resume_refuses_another_train_subset(tmp_path):
+    run("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
+    result = run("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
+    assert result.returncode == 2 and "--train-subset 30" in result.stderr

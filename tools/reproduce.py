@@ -30,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Experiment:
     dataset: str  # the paper's dataset; --dataset overrides
     runs: list
     flags: str = ""  # flags for every run of this experiment
+    epochs: int = 200  # the paper's length; --epochs overrides
 
 
 def pairs(method, classic, projector, extra=""):
@@ -121,6 +123,21 @@ EXPERIMENTS = {
         for stages, paper in [("none", {"top1": 43.48}), ("conv1", {"top1": 43.07}), ("block1", {}), ("block2", {}),
                               ("block3", {}), ("block4", {}), ("projector", {"top1": 59.61}), ("block4,projector", {}),
                               ("backbone", {"top1": 62.17}), ("all", {"top1": 62.01})]]),
+    # Learn on a laptop: every method with its classic stage set, the projector only, and the other of
+    # none / all, against a random backbone of the same width; --preset laptop (common.LAPTOP) sets the scale.
+    "laptop": Experiment("Learn on a laptop: 6 methods x stage sets, quarter-width ResNet-18, 10,000 images, 10 epochs",
+                         "cifar10", [Run("random backbone (width 16, never trained)", "linear_eval.py",
+                                         "--random-init --no-augment --width 16 --train-subset 10000")] + [
+        Run(f"{method}: EMA {stages}" + (" (classic)" if stages == classic else ""), f"{method}.py",
+            f"--ema-stages {stages}" + (f" --beta {beta}" if beta else ""), paper)
+        for method, classic, beta, rows in [
+            ("simclr", "none", "0.9", [("none", {"top1": 60.45}), ("projector", {}), ("all", {"top1": 61.97})]),
+            ("simsiam", "none", "", [("none", {"top1": 51.41}), ("projector", {}), ("all", {"top1": 53.66})]),
+            ("byol", "all", "", [("all", {"top1": 62.01}), ("projector", {"top1": 59.61}), ("none", {"top1": 43.48})]),
+            ("mocov2", "all", "", [("all", {"top1": 62.34}), ("projector", {"top1": 60.39}), ("none", {"top1": 2.22})]),
+            ("dino", "all", "", [("all", {"top1": 58.12}), ("projector", {"top1": 58.14}), ("none", {"top1": 1.08})]),
+            ("ressl", "all", "", [("all", {"top1": 54.66}), ("projector", {"top1": 53.51}), ("none", {"top1": 1.56})])]
+        for stages, paper in rows], flags="--preset laptop", epochs=10),
     # Sec. 7 gives the projector-only runs at beta 0.9995 only as drops from beta 0.99: in the row labels.
     "beta0.9995": Experiment("Sec. 7 / Fig. 6: a very slow target (beta 0.9995) against beta 0.99, CIFAR-100", "cifar100", [
         run for method, (full, slow, proj, drop) in [("byol", (62.01, 54.81, 59.61, 2.07)), ("dino", (58.12, 38.49, 58.14, 4.36)),
@@ -139,7 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="print every experiment and its commands, run nothing")
     p.add_argument("--dataset", default=None, help="override the paper's dataset (e.g. imagefolder for a small folder)")
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--epochs", type=int, default=200, help="pre-training epochs of every run (the paper: 200)")
+    p.add_argument("--epochs", type=int, default=None, help="pre-training epochs of every run (default: the "
+                                                            "experiment's; the paper's 200, the laptop's 10)")
     p.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps (schedules "
                                                                "still span --epochs)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -216,12 +234,13 @@ def run_one(args, experiment, run):
         cmd.append("--resume")
     print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}: {show(cmd)}", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
+    start = time.time()
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         print(f"[failed]  {run.label}: exit {result.returncode}; fix the cause and run this command again to resume",
               flush=True)
         return False
-    done.write_text(json.dumps({"command": show(command(args, experiment, run))}))
+    done.write_text(json.dumps({"command": show(command(args, experiment, run)), "wall_seconds": time.time() - start}))
     return True
 
 
@@ -254,22 +273,55 @@ def write_table(args, name, experiment, runs):
     print(f"\nwrote {path}")
 
 
+def write_laptop_table(args, experiment, runs):
+    """laptop.md: each run's kNN top-1 against the random backbone's, the collapse monitor, the time."""
+    random = final_metrics(run_dir(args, experiment, runs[0])) if runs[0].script == "linear_eval.py" else None
+    base = random["knn_top1"] if random else None
+    rows = [f"# {experiment.title}", "",
+            f"Dataset {args.dataset or experiment.dataset} (`--data-dir {args.data_dir}`), {args.epochs} epochs"
+            + (f", extra flags `{args.extra}`" if args.extra else "") + ". kNN: weighted, k = 200, on the whole test "
+            "split; 'above random': kNN top-1 minus the random backbone's; linear: the online probe; spread and rank: "
+            "the collapse monitor (README); minutes: wall time of the whole run, evaluation included.", "",
+            "| run | kNN top-1 | above random | linear top-1 | spread | rank | final loss | minutes | paper top-1 (CIFAR-100, 200 ep.) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        directory = run_dir(args, experiment, run)
+        m = final_metrics(directory) or {}
+        done = directory / "reproduce-done.json"
+        seconds = json.loads(done.read_text()).get("wall_seconds") if done.exists() else None
+        above = m["knn_top1"] - base if base is not None and m.get("knn_top1") is not None else None
+        rows.append(f"| {run.label} | {fmt(m.get('knn_top1'))} | {'-' if above is None else f'{above:+.2f}'} | "
+                    f"{fmt(m.get('linear_top1'))} | {fmt(m.get('output_spread'))} | {fmt(m.get('feature_rank'))} | "
+                    f"{fmt(m.get('loss'))} | {'-' if seconds is None else f'{seconds / 60:.1f}'} | "
+                    f"{fmt(run.paper.get('top1'))} |")
+    path = Path(args.out_root) / scale_name(args, experiment) / "laptop.md"
+    path.write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+    print(f"\nwrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    given_epochs = args.epochs
     if args.list:
         for name, experiment in EXPERIMENTS.items():
+            args.epochs = given_epochs or experiment.epochs
             print(f"{name}: {experiment.title} (paper dataset: {experiment.dataset})")
             for run in experiment.runs:
                 print(f"    {show(command(args, experiment, run))}")
         return 0
     experiment = EXPERIMENTS[args.experiment]
+    args.epochs = given_epochs or experiment.epochs
     wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
     runs = [r for r in experiment.runs if not wanted or any(w in r.label.lower() for w in wanted)]
     if not runs:
         print(f"error: no row of {args.experiment} has '{args.only}' in its label; see --list", file=sys.stderr)
         return 2
     complete = [run_one(args, experiment, run) for run in runs]
-    write_table(args, args.experiment, experiment, runs)
+    if args.experiment == "laptop":
+        write_laptop_table(args, experiment, runs)
+    else:
+        write_table(args, args.experiment, experiment, runs)
     return 0 if all(complete) else 1
 
 
