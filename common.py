@@ -233,12 +233,6 @@ def parse_ema_stages(text):
     return [s for s in STAGES if s in chosen]
 
 
-def check_beta(beta, flag="--beta"):
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"{flag} {beta} is outside [0, 1]; 0 removes momentum, 0.99 is the paper's default, 1 freezes the target")
-    return beta
-
-
 def beta_at(step, total_steps, base, final, schedule):
     """The EMA coefficient for optimiser step `step` (0-based).
 
@@ -1029,7 +1023,10 @@ def output_spread(z):
 def effective_rank(features):
     """Collapse monitor 2: the effective rank of the N x D features (Roy & Vetterli 2007; RankMe,
     Garrido et al. 2023): exp of the entropy of the singular values normalised to sum to 1. It
-    counts the dimensions in use: 1 for features of rank 1, close to D for random Gaussian ones."""
+    counts the dimensions in use: 1 for features of rank 1, close to D for random Gaussian ones.
+    NaN for non-finite features (a diverged run), which the run's own non-finite check then reports."""
+    if not torch.isfinite(features).all():
+        return float("nan")
     singular_values = torch.linalg.svdvals(features.double())
     p = singular_values / singular_values.sum()
     p = p[p > 0]  # 0 log 0 = 0
@@ -1071,7 +1068,7 @@ def evaluate(backbone, probe, data, knn=True, projector=None):
 
 
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
-    """The flags every method file shares (DESIGN section 6); each method passes its defaults."""
+    """The flags every method file shares; each method passes its defaults."""
     a = parser.add_argument
     a("--preset", choices=("paper", "laptop"), default="paper", help="paper: the paper's recipe (the defaults shown "
       "here); laptop: a 10-minute CPU run that learns (quarter width, 10,000 images, 10 epochs, short-run values)")
@@ -1087,7 +1084,8 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     a("--train-subset", type=int, default=None, metavar="N", help="train on the first N / classes images of each "
                                                                    "class, in the dataset's order (the test split stays whole)")
     a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
-    a("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up, then cosine decay per step")
+    a("--warmup-epochs", type=int, default=None, help="linear learning-rate warm-up, then cosine decay per step; None "
+      "means the paper's 10 of 200 epochs scaled to --epochs: 5%%, at least 1, at most 10")
     a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
     a("--lr", type=float, default=lr, help="base learning rate (batch 256, one GPU)")
     a("--weight-decay", type=float, default=weight_decay, help="LARS methods skip biases and BatchNorm; SGD methods "
@@ -1099,8 +1097,8 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
                                                  "is evaluated every epoch)")
     a("--seed", type=int, default=0, help="seeds model initialisation, epoch order and augmentations")
     a("--deterministic", action="store_true", help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)")
-    a("--aug-chunk", type=int, default=1, metavar="N", help="augment N batches at a time: fewer, larger kernel launches, "
-                                                            "for GPUs (try 16); 1 augments each batch on its own")
+    a("--aug-chunk", type=int, default=None, metavar="N", help="augment N batches at a time: fewer, larger kernel "
+      "launches; None means 16 on a GPU and 1 (each batch on its own) on a CPU")
     a("--compile", action="store_true", help="torch.compile each stage module and head in place: meant for GPUs, where it speeds up "
                                              "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
@@ -1134,10 +1132,49 @@ LAPTOP = {"width": 16, "train_subset": 10000, "epochs": 10, "warmup_epochs": 1, 
 
 def parse_method_args(parser, argv, method, laptop):
     """Parse a method file's flags. --preset laptop makes LAPTOP and the method's `laptop` values the
-    defaults; flags given on the command line still win. Then check them (check_args)."""
+    defaults; flags given on the command line still win. Then check them (check_ranges, check_args)."""
     if parser.parse_known_args(argv)[0].preset == "laptop":
         parser.set_defaults(**LAPTOP, **laptop)
-    return check_args(parser.parse_args(argv), method)
+    args = parser.parse_args(argv)
+    check_ranges(args, parser)
+    return check_args(args, method)
+
+
+# The valid range of every numeric flag of every script, by its argparse name. check_ranges refuses NaN,
+# inf and anything outside the range, in one line; a test checks that every numeric flag is listed here.
+POSITIVE, NON_NEGATIVE, FRACTION = "a positive number", "zero or more", "between 0 and 1"
+FLAG_RANGES = {
+    # the common flags (add_common_args) and linear_eval.py's
+    "lr": POSITIVE, "probe_lr": POSITIVE, "weight_decay": NON_NEGATIVE, "epochs": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE, "batch_size": POSITIVE, "eval_every": POSITIVE, "synthetic_size": POSITIVE,
+    "image_size": POSITIVE, "aug_chunk": POSITIVE, "width": POSITIVE, "train_subset": POSITIVE,
+    "max_steps": POSITIVE, "seed": NON_NEGATIVE, "track_weights": NON_NEGATIVE,
+    "beta": FRACTION, "beta_final": FRACTION,  # 0 removes momentum, 1 freezes the target
+    # the methods' heads and losses
+    "proj_hidden_dim": POSITIVE, "proj_dim": POSITIVE, "pred_hidden_dim": POSITIVE, "bottleneck_dim": POSITIVE,
+    "num_prototypes": POSITIVE, "queue_size": POSITIVE, "lars_eta": POSITIVE, "temperature": POSITIVE,
+    "student_temp": POSITIVE, "teacher_temp": POSITIVE, "warmup_teacher_temp": POSITIVE,
+    "warmup_teacher_temp_epochs": NON_NEGATIVE, "freeze_last_layer_epochs": NON_NEGATIVE,
+    "center_momentum": FRACTION, "num_local_crops": NON_NEGATIVE, "local_crop_size": POSITIVE,
+}
+
+
+def check_ranges(args, parser):
+    """One line for a numeric flag that is NaN, infinite or outside its FLAG_RANGES range, with its default."""
+    for name, allowed in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:  # not a flag of this script, or left at "none" (--max-steps, --train-subset, ...)
+            continue
+        if allowed == POSITIVE:
+            in_range = value > 0
+        elif allowed == NON_NEGATIVE:
+            in_range = value >= 0
+        else:
+            in_range = 0 <= value <= 1
+        if not (math.isfinite(value) and in_range):
+            default = parser.get_default(name)
+            fix = "leave it out" if default is None else f"the default is {default}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {allowed} (got {value}); {fix}")
 
 
 def check_queue_size(args):
@@ -1154,17 +1191,13 @@ def check_args(args, method):
         args.out_dir = args.resume
     args.resume = args.resume is not None
     args.ema_stage_list = parse_ema_stages(args.ema_stages)
-    check_beta(args.beta)
-    check_beta(args.beta_final, "--beta-final")
-    if args.track_weights < 0:
-        raise ConfigError(f"--track-weights must be 0 (off) or a number of rows (got {args.track_weights})")
-    for flag in ("epochs", "batch_size", "eval_every", "synthetic_size", "aug_chunk", "width"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    if args.train_subset is not None and args.train_subset < 1:
-        raise ConfigError(f"--train-subset must be a positive number of images (got {args.train_subset})")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
+        args.aug_chunk = 16 if args.device.startswith("cuda") else 1
+    if args.warmup_epochs is None:  # the paper's 10 of 200 epochs, scaled to shorter runs
+        args.warmup_epochs = min(10, max(1, round(args.epochs / 20)))
+    if args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}, so the learning "
+                          f"rate would never reach --lr; choose at most {args.epochs} (the paper: 10 of 200)")
     if args.arch not in ARCHS:
         raise ConfigError(f"unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
     if args.dataset not in DATASETS:
@@ -1176,10 +1209,21 @@ def check_args(args, method):
     return args
 
 
+def check_device(name):
+    """--device must name a CPU or a CUDA GPU (cuda, cuda:1) that torch can use here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name} is not a device this code runs on; choose cpu or cuda (or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA GPU is visible; pass --device cpu")
+
+
 def setup(args):
     """Seed everything, pick the device, and switch on deterministic kernels if asked."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device} but no CUDA GPU is visible; pass --device cpu")
+    check_device(args.device)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -1331,7 +1375,10 @@ class RunLogger:
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
 
     def progress(self, step_in_epoch, steps, loss):
-        if self.progress_bar:
+        """In a terminal, the loss every 20 steps and at the epoch's last: loss.item() waits for the GPU to
+        finish the step, so reading it at every step would stall the GPU once per step."""
+        shown = (step_in_epoch + 1) % 20 == 0 or step_in_epoch + 1 == steps
+        if self.progress_bar and shown:
             print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
 
     def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, views):
@@ -1417,7 +1464,7 @@ def summary_line(args, metrics):
 
 
 def timer(device):
-    """Seconds since the last call, with the device synchronised (so GPU work is counted)."""
+    """A timestamp in seconds, taken after the device has finished its queued work (so GPU work is counted)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()

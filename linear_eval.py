@@ -50,9 +50,7 @@ def parse_args(argv=None):
         raise common.ConfigError("give a checkpoint (a run directory or last.pt), or --random-init with --dataset")
     if args.random_init and args.dataset is None:
         raise common.ConfigError("--random-init needs --dataset (and --data-dir for imagefolder)")
-    for flag in ("epochs", "batch_size", "width"):
-        if getattr(args, flag) < 1:
-            raise common.ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    common.check_ranges(args, p)
     return args
 
 

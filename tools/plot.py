@@ -6,6 +6,8 @@ Writes PNG files into --out (needs matplotlib: pip install matplotlib):
   top1.png                   linear-probe top-1 (and kNN top-1) against epoch, one line per run
                              (Fig. 3, C.7, C.8)
   accuracy-per-stage-set.png final linear top-1 of each run, by its EMA stage set (Fig. 4)
+  collapse.png               the collapse monitor against epoch: output spread (1 spread out, 0
+                             collapsed) and the effective rank of the backbone features
   grad-norms.png             runs with --log-grad-norms: the l-inf norm of the gradient with
                              respect to each stage's output, against step (Fig. 5)
   weights-2d.png             runs with --track-weights: the path of each tracked row (filter) of
@@ -83,6 +85,24 @@ def plot_stage_sets(plt, runs, labels, out):
     ax.set_xticks(range(len(runs)), [n.replace(" EMA ", "\nEMA ") for n in labels], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="final linear top-1 (%)", title="Accuracy by EMA stage set")
     return save(fig, out / "accuracy-per-stage-set.png")
+
+
+def plot_collapse(plt, runs, labels, out):
+    """The collapse monitor (common.output_spread, common.effective_rank), one line per run."""
+    runs = [(r, n) for r, n in zip(runs, labels) if any("output_spread" in m for m in r["metrics"])]
+    fig, (spread_ax, rank_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for run, name in runs:
+        monitored = [m for m in run["metrics"] if "output_spread" in m]
+        epochs = [m["epoch"] for m in monitored]
+        spread_ax.plot(epochs, [m["output_spread"] for m in monitored], marker="o", ms=3, label=name)
+        rank_ax.plot(epochs, [m["feature_rank"] for m in monitored], marker="o", ms=3, label=name)
+    spread_ax.set(xlabel="epoch", ylabel="output spread", ylim=(0, None),
+                  title="Projector outputs: 1 spread out, 0 collapsed")
+    rank_ax.set(xlabel="epoch", ylabel="effective rank", ylim=(0, None), title="Backbone features: dimensions in use")
+    for ax in (spread_ax, rank_ax):
+        ax.grid(alpha=0.3)
+    rank_ax.legend(fontsize=7)
+    return save(fig, out / "collapse.png")
 
 
 def plot_grad_norms(plt, runs, labels, out):
@@ -192,6 +212,8 @@ def main(argv=None):
     labels = unique_labels(runs)
     plot_top1(plt, runs, labels, out)
     plot_stage_sets(plt, runs, labels, out)
+    if any("output_spread" in m for r in runs for m in r["metrics"]):  # runs from before the monitor have none
+        plot_collapse(plt, runs, labels, out)
     if any(r["grads"] for r in runs):
         plot_grad_norms(plt, runs, labels, out)
     if any(r["weights"] for r in runs):

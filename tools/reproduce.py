@@ -30,7 +30,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +125,7 @@ EXPERIMENTS = {
     # Learn on a laptop: every method with its classic stage set, the projector only, and the other of
     # none / all, against a random backbone of the same width; --preset laptop (common.LAPTOP) sets the scale.
     "laptop": Experiment("Learn on a laptop: 6 methods x stage sets, quarter-width ResNet-18, 10,000 images, 10 epochs",
-                         "cifar10", [Run("random backbone (width 16, never trained)", "linear_eval.py",
+                         "cifar10", [Run("random backbone (same width, never trained)", "linear_eval.py",
                                          "--random-init --no-augment --width 16 --train-subset 10000")] + [
         Run(f"{method}: EMA {stages}" + (" (classic)" if stages == classic else ""), f"{method}.py",
             f"--ema-stages {stages}" + (f" --beta {beta}" if beta else ""), paper)
@@ -169,6 +168,8 @@ def parse_args(argv=None):
                                                 "texts (case-insensitive), e.g. 'dino,ressl'")
     p.add_argument("--extra", default="", help="more flags for every method run, e.g. '--device cpu --eval-every 1'")
     p.add_argument("--out-root", default="runs/reproduce")
+    p.add_argument("--table", action="store_true", help="start no run: write the table from the runs already there "
+                                                        "(rows without a run show '-')")
     args = p.parse_args(argv)
     if not args.list and args.experiment not in EXPERIMENTS:
         p.error(f"name an experiment ({', '.join(EXPERIMENTS)}) or pass --list")
@@ -194,9 +195,9 @@ def command(args, experiment, run):
     data = ["--dataset", args.dataset or experiment.dataset, "--data-dir", args.data_dir]
     if run.script == "linear_eval.py":  # the random-encoder baseline: no pre-training
         arch = re.findall(r"--arch (\S+)", experiment.flags) or ["resnet18"]
-        device = re.findall(r"--device (\S+)", args.extra)
+        passed_on = re.findall(r"--(?:device|width|train-subset) \S+", args.extra)  # from --extra, as for the runs
         return [sys.executable, str(ROOT / run.script), *shlex.split(run.flags), "--arch", arch[0], *data,
-                "--batch-size", str(args.batch_size), *(["--device", device[0]] if device else []),
+                "--batch-size", str(args.batch_size), *shlex.split(" ".join(passed_on)),
                 "--out", str(run_dir(args, experiment, run) / "linear_eval.json")]
     warmup = args.warmup_epochs if args.warmup_epochs is not None else max(1, round(10 * args.epochs / 200))
     scale = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--warmup-epochs", str(warmup)]
@@ -218,8 +219,14 @@ def final_metrics(directory):
         result = json.loads((directory / "linear_eval.json").read_text())
         return {"linear_top1": result["top1"], "knn_top1": result["knn_top1"], "knn1_top1": result["knn1_top1"],
                 "epoch": 0, "step": 0, "protocol": "offline linear probe"}
-    lines = (directory / "metrics.jsonl").read_text().splitlines() if (directory / "metrics.jsonl").exists() else []
-    return json.loads(lines[-1]) if lines else None
+    history = read_metrics(directory)
+    return history[-1] if history else None
+
+
+def read_metrics(directory):
+    """Every line of a run's metrics.jsonl (one per epoch); [] if it has none."""
+    path = directory / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def run_one(args, experiment, run):
@@ -234,13 +241,12 @@ def run_one(args, experiment, run):
         cmd.append("--resume")
     print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}: {show(cmd)}", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         print(f"[failed]  {run.label}: exit {result.returncode}; fix the cause and run this command again to resume",
               flush=True)
         return False
-    done.write_text(json.dumps({"command": show(command(args, experiment, run)), "wall_seconds": time.time() - start}))
+    done.write_text(json.dumps({"command": show(command(args, experiment, run))}))
     return True
 
 
@@ -267,10 +273,7 @@ def write_table(args, name, experiment, runs):
         rows.append(f"| {run.label} | {' | '.join(fmt(v) for v in paper)} | {fmt(m.get('linear_top1'))} | "
                     f"{fmt(m.get('knn_top1'))} | {fmt(m.get('knn1_top1'))} | {m.get('epoch', '-')} | {m.get('step', '-')} | "
                     f"`{directory}` |")
-    path = Path(args.out_root) / scale_name(args, experiment) / f"{name}.md"
-    path.write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
-    print(f"\nwrote {path}")
+    save_table(args, experiment, name, rows)
 
 
 def write_laptop_table(args, experiment, runs):
@@ -281,20 +284,26 @@ def write_laptop_table(args, experiment, runs):
             f"Dataset {args.dataset or experiment.dataset} (`--data-dir {args.data_dir}`), {args.epochs} epochs"
             + (f", extra flags `{args.extra}`" if args.extra else "") + ". kNN: weighted, k = 200, on the whole test "
             "split; 'above random': kNN top-1 minus the random backbone's; linear: the online probe; spread and rank: "
-            "the collapse monitor (README); minutes: wall time of the whole run, evaluation included.", "",
-            "| run | kNN top-1 | above random | linear top-1 | spread | rank | final loss | minutes | paper top-1 (CIFAR-100, 200 ep.) |",
+            "the collapse monitor (README); minutes: training time, the sum of the epochs' epoch_seconds (loading and "
+            "evaluation not included).", "",
+            "| run | kNN top-1 | above random | linear top-1 | spread | rank | final loss | training minutes | paper top-1 (CIFAR-100, 200 ep.) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         directory = run_dir(args, experiment, run)
         m = final_metrics(directory) or {}
-        done = directory / "reproduce-done.json"
-        seconds = json.loads(done.read_text()).get("wall_seconds") if done.exists() else None
+        history = read_metrics(directory)
+        seconds = sum(h["epoch_seconds"] for h in history) if history else None  # training only; resumes included
         above = m["knn_top1"] - base if base is not None and m.get("knn_top1") is not None else None
         rows.append(f"| {run.label} | {fmt(m.get('knn_top1'))} | {'-' if above is None else f'{above:+.2f}'} | "
                     f"{fmt(m.get('linear_top1'))} | {fmt(m.get('output_spread'))} | {fmt(m.get('feature_rank'))} | "
                     f"{fmt(m.get('loss'))} | {'-' if seconds is None else f'{seconds / 60:.1f}'} | "
                     f"{fmt(run.paper.get('top1'))} |")
-    path = Path(args.out_root) / scale_name(args, experiment) / "laptop.md"
+    save_table(args, experiment, "laptop", rows)
+
+
+def save_table(args, experiment, name, rows):
+    """Write <name>.md beside the experiment's runs and print it."""
+    path = Path(args.out_root) / scale_name(args, experiment) / f"{name}.md"
     path.write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     print(f"\nwrote {path}")
@@ -317,7 +326,7 @@ def main(argv=None):
     if not runs:
         print(f"error: no row of {args.experiment} has '{args.only}' in its label; see --list", file=sys.stderr)
         return 2
-    complete = [run_one(args, experiment, run) for run in runs]
+    complete = [True] if args.table else [run_one(args, experiment, run) for run in runs]
     if args.experiment == "laptop":
         write_laptop_table(args, experiment, runs)
     else:
