@@ -1155,7 +1155,7 @@ FLAG_RANGES = {
     "num_prototypes": POSITIVE, "queue_size": POSITIVE, "lars_eta": POSITIVE, "temperature": POSITIVE,
     "student_temp": POSITIVE, "teacher_temp": POSITIVE, "warmup_teacher_temp": POSITIVE,
     "warmup_teacher_temp_epochs": NON_NEGATIVE, "freeze_last_layer_epochs": NON_NEGATIVE,
-    "center_momentum": FRACTION, "num_local_crops": NON_NEGATIVE, "local_crop_size": POSITIVE,
+    "center_momentum": FRACTION, "blur_p": FRACTION, "num_local_crops": NON_NEGATIVE, "local_crop_size": POSITIVE,
 }
 
 

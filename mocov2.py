@@ -30,8 +30,9 @@ import common
 
 
 # --preset laptop (common.LAPTOP adds the scale): the values of MoCo's own CIFAR-10 demo (lr 0.06,
-# temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000 training images).
-LAPTOP = {"lr": 0.06, "temperature": 0.1, "weight_decay": 5e-4, "queue_size": 4096}
+# temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000 training images, and
+# no blur, which at 32 pixels smears most of an image away).
+LAPTOP = {"lr": 0.06, "temperature": 0.1, "weight_decay": 5e-4, "queue_size": 4096, "blur_p": 0.0}
 
 
 def parse_args(argv=None):
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
     parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
     parser.add_argument("--queue-size", type=int, default=32768, help="keys per queue; a multiple of --batch-size")
+    parser.add_argument("--blur-p", type=float, default=0.5, help="probability of a Gaussian blur on each view")
     args = common.parse_method_args(parser, argv, "mocov2", laptop=LAPTOP)
     common.check_queue_size(args)
     return args
@@ -92,7 +94,7 @@ def main(argv=None):
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
 
     # Views: solo-learn's symmetric_weak recipe, the same for both views.
-    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)] * 2
+    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=args.blur_p)] * 2
 
     # Model: online (query) encoder E = g o b, target (key encoder) with EMA stages, the key queues.
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)

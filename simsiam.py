@@ -31,8 +31,9 @@ import common
 
 
 # --preset laptop (common.LAPTOP adds the scale): SimSiam's own CIFAR-10 values (Chen & He 2021,
-# Appendix: SGD, lr 0.03 x batch / 256 at batch 512, i.e. 0.06, weight decay 5e-4).
-LAPTOP = {"lr": 0.06, "weight_decay": 5e-4}
+# Appendix: SGD, lr 0.03 x batch / 256 at batch 512, i.e. 0.06, weight decay 5e-4), and no blur, as in
+# MoCo's CIFAR-10 demo: at 32 pixels a blur of sigma up to 2 smears most of an image away.
+LAPTOP = {"lr": 0.06, "weight_decay": 5e-4, "blur_p": 0.0}
 
 
 def parse_args(argv=None):
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
     parser.add_argument("--proj-dim", type=int, default=2048, help="output width of g and h")
     parser.add_argument("--pred-hidden-dim", type=int, default=512, help="hidden (bottleneck) width of the predictor h")
+    parser.add_argument("--blur-p", type=float, default=0.5, help="probability of a Gaussian blur on each view")
     return common.parse_method_args(parser, argv, "simsiam", laptop=LAPTOP)
 
 
@@ -69,7 +71,7 @@ def main(argv=None):
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
 
     # Views: solo-learn's symmetric_weak recipe, the same for both views.
-    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=0.5)] * 2
+    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=args.blur_p)] * 2
 
     # Model: online encoder E = g o b, predictor h (online only), target with EMA stages (none by default).
     backbone = common.ResNetCIFAR(args.arch, width=args.width, zero_init_residual=True, bn_block4=args.bn_block4)

@@ -1078,12 +1078,24 @@ def test_preset_laptop_changes_defaults_and_flags_given_still_win():
     assert (paper.width, paper.train_subset, paper.epochs, paper.lr, paper.queue_size) == (64, None, 200, 0.3, 32768)
     assert (laptop.width, laptop.train_subset, laptop.epochs, laptop.warmup_epochs) == (16, 10000, 10, 1)
     assert (laptop.lr, laptop.temperature, laptop.queue_size, laptop.beta_schedule) == (0.06, 0.1, 4096, "constant")
+    assert (paper.blur_p, laptop.blur_p) == (0.5, 0.0)  # the recipe's blur; none in the CIFAR recipes of MoCo and SimCLR
     assert laptop.out_dir.endswith("-laptop") and not paper.out_dir.endswith("-laptop")
     mine = byol.parse_args(["--preset", "laptop", "--lr", "0.5", "--width", "8", "--beta-schedule", "cosine"])
     assert (mine.lr, mine.width, mine.beta_schedule, mine.epochs) == (0.5, 8, "cosine", 10)
     for module in (byol, simsiam, simclr, mocov2, dino, ressl):  # each method's short-run values are its own flags
         args = module.parse_args(["--preset", "laptop"])
         assert all(getattr(args, key) == value for key, value in {**common.LAPTOP, **module.LAPTOP}.items())
+
+
+@pytest.mark.parametrize("module", [simclr, simsiam, mocov2])
+def test_blur_p_reaches_the_view_recipes(module, tmp_path, monkeypatch):
+    made = []  # the keyword arguments of every ViewRecipe the method builds
+    real_recipe = common.ViewRecipe
+    monkeypatch.setattr(common, "ViewRecipe", lambda **kwargs: made.append(kwargs) or real_recipe(**kwargs))
+    argv = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16", "--width", "8",
+            "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--blur-p", "0.25", "--out-dir", str(tmp_path)]
+    module.main(argv + (["--queue-size", "32"] if module is mocov2 else []))
+    assert [recipe.get("blur_p") for recipe in made] == [0.25], made
 
 
 def test_output_spread_reads_0_when_collapsed_and_1_when_spread_out():
@@ -1153,6 +1165,10 @@ def test_reproduce_laptop_writes_the_table_against_the_random_backbone(tmp_path)
     assert everything.returncode == 0 and "[run]" not in everything.stdout, everything.stdout + everything.stderr
     rows = [line.split("|")[2].strip() for line in table.read_text().splitlines()[6:]]  # kNN column, after the header
     assert len(rows) == 1 + 18 and rows.count("-") == 16  # --table: all 19 rows, the 16 never run without numbers
+    (metrics,) = tmp_path.glob("*/simclr*/metrics.jsonl")  # a run cut short: its last line is from an earlier epoch
+    metrics.write_text(metrics.read_text().replace('"epoch": 1,', '"epoch": 0,'))
+    subprocess.run([*cmd[:3], *cmd[5:], "--table"], capture_output=True, text=True, cwd=ROOT, timeout=600, check=True)
+    assert "simclr: EMA none (classic) (unfinished: epoch 0 of 1)" in table.read_text()
 
 
 @needs_mini

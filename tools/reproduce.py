@@ -294,7 +294,9 @@ def write_laptop_table(args, experiment, runs):
         history = read_metrics(directory)
         seconds = sum(h["epoch_seconds"] for h in history) if history else None  # training only; resumes included
         above = m["knn_top1"] - base if base is not None and m.get("knn_top1") is not None else None
-        rows.append(f"| {run.label} | {fmt(m.get('knn_top1'))} | {'-' if above is None else f'{above:+.2f}'} | "
+        unfinished = history and m.get("epoch", 0) < args.epochs  # a run still going, or stopped early
+        label = run.label + (f" (unfinished: epoch {m['epoch']} of {args.epochs})" if unfinished else "")
+        rows.append(f"| {label} | {fmt(m.get('knn_top1'))} | {'-' if above is None else f'{above:+.2f}'} | "
                     f"{fmt(m.get('linear_top1'))} | {fmt(m.get('output_spread'))} | {fmt(m.get('feature_rank'))} | "
                     f"{fmt(m.get('loss'))} | {'-' if seconds is None else f'{seconds / 60:.1f}'} | "
                     f"{fmt(run.paper.get('top1'))} |")
