@@ -24,6 +24,7 @@ README.md, "Deviations from the paper"):
     paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
+
 import argparse
 
 import torch
@@ -39,12 +40,19 @@ LAPTOP = {"lr": 0.3}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="BYOL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99,
-                           beta_schedule="cosine", beta_final=1.0)
-    parser.add_argument("--proj-hidden-dim", type=int, default=4096, help="hidden width of the projector g (Table 2 uses 2)")
+    parser = argparse.ArgumentParser(
+        description="BYOL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    common.add_common_args(
+        parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
+    )
+    parser.add_argument(
+        "--proj-hidden-dim", type=int, default=4096, help="hidden width of the projector g (Table 2 uses 2)"
+    )
     parser.add_argument("--proj-dim", type=int, default=256, help="output width of g and h")
-    parser.add_argument("--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output")
+    parser.add_argument(
+        "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
+    )
     parser.add_argument("--pred-hidden-dim", type=int, default=4096, help="hidden width of the predictor h")
     parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
     return common.parse_method_args(parser, argv, "byol", laptop=LAPTOP)
@@ -69,8 +77,17 @@ def byol_loss(p_1, p_2, z_1m, z_2m):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args)
-    data = common.load_dataset(args, device)
+    device = common.setup(args.device, args.seed, args.deterministic)
+    data = common.load_dataset(
+        args.dataset,
+        args.data_dir,
+        device,
+        image_size=args.image_size,
+        train_subset=args.train_subset,
+        download=not args.no_download,
+        synthetic_size=args.synthetic_size,
+        seed=args.seed,
+    )
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
 
     # Views: solo-learn's asymmetric CIFAR recipe -- the second view is solarised with p = 0.2.
@@ -80,71 +97,97 @@ def main(argv=None):
 
     # Model: online encoder E = g o b, predictor h (online only, Eq. 4), target with EMA stages.
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
-    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim,
-                           last_bn=args.bn_proj)  # g; --bn-proj: Table C.8's BN2 on its output
+    # the projector g (--bn-proj: Table C.8's BN2 on its output)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
     predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)  # h
-    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
+    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
     common.to_device(models.values(), device)
-    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    counter = common.ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
     common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
-    optimizer = common.LARS(common.param_groups([online, predictor], args.weight_decay)
-                            + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
-                            lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = common.LARS(
+        common.param_groups([online, predictor], args.weight_decay)
+        + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eta=args.lars_eta,
+    )
 
-    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    # Run state (common.RunState): the step, this epoch's image order and loss sum, the metrics history;
+    # with --resume it comes back from last.pt. One generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
-    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
-    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)  # batch i's views, made in chunks
+    run = common.start_or_resume(args, models, optimizer, generator, device)
+    # batch i's views, augmented --aug-chunk batches at a time
+    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)
     instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
-    logger = common.RunLogger(args, history, step, instruments)
+    logger = common.RunLogger(args, run, instruments)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
-    while step < last_step:
-        epoch, first = divmod(step, steps_per_epoch)
-        if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
-            order = torch.randperm(len(data.train_images), generator=generator, device=device)
-            loss_sum.zero_()
+    while run.step < last_step:
+        epoch, first_batch = divmod(run.step, steps_per_epoch)
+        if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+            run.order = torch.randperm(len(data.train_images), generator=generator, device=device)
+            run.loss_sum.zero_()
         for model in models.values():
             model.train()
-        online.counter.reset()
+        counter.reset()
         start = common.timer(device)
-        for i in range(first, steps_per_epoch):
-            (x_1, x_2), y = views.batch(order, epoch, i)  # two random views of batch i, and its labels
-            lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
+        for i in range(first_batch, steps_per_epoch):
+            (x_1, x_2), y = views.batch(run.order, epoch, i)  # two random views of batch i, and its labels
+            lr = common.set_learning_rate(optimizer, run.step, total_steps, warmup_steps)
 
             # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
             with common.autocast(device):
-                f_1, z_1, a_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); a: input of each stage
-                f_2, z_2, a_2 = online(x_2)
-                z_1m, z_2m = target(a_1), target(a_2)  # momentum projections: Eq. (2)-(3), or Eq. (7) if only g has EMA
+                f_1, z_1, acts_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); acts: each stage's input
+                f_2, z_2, acts_2 = online(x_2)
+                # momentum projections: Eq. (2)-(3), or Eq. (7) if only g has EMA
+                z_1m, z_2m = target(acts_1), target(acts_2)
                 p_1, p_2 = predictor(z_1), predictor(z_2)  # Eq. (4)
                 loss = byol_loss(p_1, p_2, z_1m, z_2m)  # Eq. (5)
                 loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
             optimizer.zero_grad(set_to_none=True)
             (loss + loss_probe).backward()
             optimizer.step()  # update(f, g, h) and the probe
-            beta = common.beta_at(step, total_steps, args.beta, args.beta_final, args.beta_schedule)
+            beta = common.beta_at(run.step, total_steps, args.beta, args.beta_final, args.beta_schedule)
             target.update(beta)  # Eq. (6): xi <- beta * xi + (1 - beta) * theta, listed stages only
             # ---------------------------------------------------------------
 
-            loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
-            step += 1
-            instruments.record(step)  # does nothing unless an instrument is on
+            run.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+            run.step += 1
+            instruments.record(run.step)  # does nothing unless an instrument is on
             logger.progress(i, steps_per_epoch, loss)
-            if step >= last_step:
+            if run.step >= last_step:
                 break
+            if args.checkpoint_every and run.step % args.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                common.save_checkpoint(args, run, models, optimizer, views, instruments)  # inside the epoch
 
-        # End of epoch (or of --max-steps): evaluate, checkpoint, log.
-        seconds = common.timer(device) - start
-        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
-                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
-                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
-        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, views)
+        # End of the epoch (or of --max-steps): evaluate, save last.pt, log.
+        steps_this_epoch = run.step - epoch * steps_per_epoch  # including those before a resume
+        metrics = common.epoch_metrics(
+            epoch=epoch + 1,
+            step=run.step,
+            loss=(run.loss_sum / steps_this_epoch).item(),
+            lr=lr,
+            beta=beta,
+            seconds=common.timer(device) - start,
+            images_seen=(steps_this_epoch - first_batch) * args.batch_size,
+            online=online,
+            target=target,
+            probe=probe,
+            data=data,
+            counter=counter,
+            run_knn=(epoch + 1) % args.eval_every == 0 or run.step == last_step,
+        )
+        epoch_complete = run.step % steps_per_epoch == 0  # False when --max-steps stopped the run inside it
+        if epoch_complete:
+            run.history.append(metrics)
+        common.save_checkpoint(args, run, models, optimizer, views, instruments)  # refuses a NaN loss
+        logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
 
     print(common.summary_line(args, logger.last))
 

@@ -2,19 +2,23 @@
 
 Read a method file (byol.py first) next to the paper; come here when it calls something.
 
-    1. errors          ConfigError: one-line messages for bad input
+    1. setup           ConfigError, DivergedError, the device, seeding, autocast, --compile, the timer
     2. encoder         CIFAR ResNet-18/50 whose stages carry the paper's names, MLP heads
-    3. named-stage EMA --ema-stages, the target network, Eq. (6), the beta schedule, forward counting
+    3. EMA             --ema-stages, the target network (activation reuse), Eq. (6), the beta schedule
     4. data            datasets held in memory as uint8 tensors on the run device
     5. augmentation    batched, per-sample random augmentations in plain torch
     6. optimisation    LARS, parameter groups, warm-up + cosine learning rate
     7. evaluation      online linear probe, weighted kNN
-    8. runs            arguments, seeding, atomic checkpoints, metrics.jsonl, the epoch line
+    8. measurement     backbone forwards per image (Table 4), instruments (Fig. 2, 5), collapse, metrics
+    9. arguments       the shared flags, --preset laptop, range checks
+   10. checkpoints     RunState, last.pt and exact resume, metrics.jsonl, the epoch line
 
 The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
 Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are used throughout.
 """
+
 import copy
+import functools
 import json
 import math
 import os
@@ -23,15 +27,16 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------------------
-# 1. Errors
+# 1. Setup: errors, the device, seeding
 # ----------------------------------------------------------------------------------------
 
 
@@ -39,11 +44,15 @@ class ConfigError(Exception):
     """Bad input: the message names the problem and the fix, on one line."""
 
 
+class DivergedError(Exception):
+    """The training loss became NaN or infinite; last.pt still holds the last state with a finite loss."""
+
+
 def run_cli(main):
-    """Run `main()`; a ConfigError ends the program with one line on stderr and exit code 2."""
+    """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2."""
     try:
         main()
-    except ConfigError as error:
+    except (ConfigError, DivergedError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -51,8 +60,80 @@ def run_cli(main):
         sys.exit(130)
 
 
+def check_device(name):
+    """--device must name a CPU or a CUDA GPU (cuda, cuda:1) that torch can use here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name} is not a device this code runs on; choose cpu or cuda (or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA GPU is visible; pass --device cpu")
+
+
+def setup(device, seed, deterministic=False):
+    """Check and return the device, seed torch, and switch on deterministic kernels if asked."""
+    check_device(device)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    return torch.device(device)
+
+
+def to_device(modules, device):
+    """Move modules to the device; on CUDA also to channels_last, the fast layout for convolutions."""
+    for m in modules:
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; a no-op on CPU (exact float32, for tests and determinism)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compile_stages(models, enabled=True, **compile_options):
+    """--compile: torch.compile each stage of the encoders (online stages and EMA copies) and each
+    other module with a forward (predictor, probe), one module at a time, in place.
+
+    Stage by stage, so that the named stages and activation reuse work as without it; in place
+    (each module's forward is replaced by its compiled version), so that state_dict keys stay as
+    they are and a checkpoint loads with or without --compile; the forward hooks of
+    `ForwardCounter` and `Instruments` stay outside the compiled code.
+    """
+    if not enabled:
+        return
+    # Modules of one class share one forward code object (nn.Sequential's), and dynamo caps the variants
+    # of one code object at 8: stages x train/eval x with/without gradients need more.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for model in models:
+        if isinstance(model, Encoder):
+            modules = model.stages().values()
+        elif isinstance(model, NamedStageEMA):
+            modules = model.ema.values()
+        else:  # queues and centres have no forward to compile
+            modules = [model] if type(model).forward is not nn.Module.forward else []
+        for module in modules:
+            module.forward = torch.compile(module.forward, **compile_options)
+
+
+def timer(device):
+    """A timestamp in seconds, taken after the device has finished its queued work (so GPU work is counted)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # ----------------------------------------------------------------------------------------
-# 2. Encoder: CIFAR ResNet with named stages, MLP heads
+# 2. The encoder: CIFAR ResNet with named stages, MLP heads
 # ----------------------------------------------------------------------------------------
 
 BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
@@ -91,7 +172,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes * 4:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -117,11 +200,11 @@ class ResNetCIFAR(nn.Module):
 
     def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False):
         super().__init__()
-        if arch not in ARCHS:
-            raise ConfigError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
-        block, depths = ARCHS[arch]
+        block, depths = ARCHS[arch]  # (checked by check_arch when the arguments were parsed)
         # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
-        self.conv1 = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         in_planes, stages = width, []
         for planes, depth, stride in zip((width, 2 * width, 4 * width, 8 * width), depths, (1, 2, 2, 2)):
             layers = []
@@ -142,8 +225,9 @@ class ResNetCIFAR(nn.Module):
                     nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
     def forward(self, x):
-        """f = b(x), Eq. (1): pooled features."""
-        return run_stages({s: getattr(self, s) for s in BACKBONE_STAGES}, x, "conv1")["projector"]
+        """f = b(x), Eq. (1): the pooled features."""
+        acts = run_stages({s: getattr(self, s) for s in BACKBONE_STAGES}, x, "conv1")
+        return acts["output"]  # the stages end at block4 and its pooling: the output is f
 
 
 def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_bn_affine=True, bias=True):
@@ -160,26 +244,20 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_
     return nn.Sequential(*layers)
 
 
-def run_stages(modules, h, start, counter=None, instruments=None):
+def run_stages(modules, h, start):
     """Run the encoder from stage `start` to its end with the given {stage name: module}.
 
-    Returns the activation entering each stage that ran, plus "output": acts["projector"] is the
-    pooled backbone feature f, acts["output"] the projection z (or f when no projector ran).
-    `instruments` (--log-grad-norms) is shown each stage's output, to watch its gradient.
+    Returns `acts`, the activation entering each stage that ran, plus "output": acts["projector"]
+    is the pooled backbone feature f, acts["output"] the projection z (or f when no projector ran).
     """
     acts = {}
-    for name in STAGES[STAGES.index(start):]:
+    for name in STAGES[STAGES.index(start) :]:
         if name not in modules:
             break
         acts[name] = h
-        if counter is not None:
-            counter.ran(name, h)
         h = modules[name](h)
-        if instruments is not None:
-            instruments.watch(name, h)
         if name == "block4":
             h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
-            acts["projector"] = h
     acts["output"] = h
     return acts
 
@@ -194,20 +272,19 @@ class Encoder(nn.Module):
     def __init__(self, backbone, projector):
         super().__init__()
         self.backbone, self.projector = backbone, projector
-        self.counter = None  # a ForwardCounter, set by the method file
-        self.instruments = None  # an Instruments watching gradients, with --log-grad-norms
 
     def stages(self):
+        """{stage name: module}, input to output."""
         return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
 
     def forward(self, x):
-        counter, instruments = (self.counter, self.instruments) if self.training else (None, None)  # training passes only
-        acts = run_stages(self.stages(), x, "conv1", counter, instruments)
-        return acts["projector"], acts["output"], acts
+        acts = run_stages(self.stages(), x, "conv1")
+        f = acts["projector"]  # what enters the projector: the pooled backbone feature
+        return f, acts["output"], acts
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Named-stage EMA: which stages the target network keeps a moving average of
+# 3. The EMA: --ema-stages, the target network, Eq. (6), the beta schedule
 # ----------------------------------------------------------------------------------------
 
 STAGE_ALIASES = {"all": STAGES, "backbone": BACKBONE_STAGES, "none": ()}
@@ -220,7 +297,9 @@ def parse_ema_stages(text):
     """
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     if not names:
-        raise ConfigError("--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector")
+        raise ConfigError(
+            "--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector"
+        )
     chosen = set()
     for name in names:
         if name in STAGE_ALIASES:
@@ -228,8 +307,9 @@ def parse_ema_stages(text):
         elif name in STAGES:
             chosen.add(name)
         else:
-            raise ConfigError(f"unknown stage '{name}' in --ema-stages; choose from {', '.join(STAGES)} "
-                              f"or all, backbone, none")
+            raise ConfigError(
+                f"unknown stage '{name}' in --ema-stages; choose from {', '.join(STAGES)} or all, backbone, none"
+            )
     return [s for s in STAGES if s in chosen]
 
 
@@ -252,8 +332,12 @@ def running_stats_frozen(modules):
     Used when the target branch runs a *shared* stage: the online network's running mean and
     variance (used by evaluation) should describe the online network's own forward passes only.
     """
-    bns = [m for module in modules for m in module.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     for m in bns:
         m.track_running_stats = False
     try:
@@ -274,6 +358,7 @@ class NamedStageEMA(nn.Module):
       starts from the online activation entering the first EMA stage (detached) and runs only
       the stages from there on. With --ema-stages projector this is Eq. (7), z_m = g_m(f), and
       the backbone runs once per view (Algorithm 1); with all it is Eq. (2)-(3), twice.
+      from_image(x) runs the target from an image the online network did not see (ReSSL).
     * update(beta) -- Eq. (6), xi <- beta * xi + (1 - beta) * theta, on the EMA stages' parameters
       only, called after the optimiser step. BatchNorm running statistics are buffers, not
       parameters: they are not averaged; each EMA copy keeps its own, from its own train-mode
@@ -283,177 +368,53 @@ class NamedStageEMA(nn.Module):
     def __init__(self, online: Encoder, ema_stages):
         super().__init__()
         self.ema_stages = list(ema_stages)
-        online_stages = online.stages()
-        self.ema = nn.ModuleDict({s: copy.deepcopy(online_stages[s]) for s in self.ema_stages})
+        # The online stages, by reference: a plain dict, so they are not submodules of the target
+        # (not saved twice, not moved twice); nn.ModuleDict below registers the EMA copies.
+        self.online_stages = online.stages()
+        self.ema = nn.ModuleDict({s: copy.deepcopy(self.online_stages[s]) for s in self.ema_stages})
         self.ema.requires_grad_(False)
-        object.__setattr__(self, "online", online)  # a plain reference: not a submodule, not saved twice
 
-    def stage_modules(self):
-        """{stage: module} as the target sees it: EMA copy if listed, else the online module."""
-        return {s: self.ema[s] if s in self.ema else m for s, m in self.online.stages().items()}
+    def stages(self):
+        """{stage name: module} as the target sees it: the EMA copy if listed, else the online module."""
+        return {s: self.ema[s] if s in self.ema else m for s, m in self.online_stages.items()}
 
     @torch.no_grad()
     def forward(self, acts):
-        """The target output for one view. `acts` holds the online network's activations on that
-        view (what `Encoder.forward` returns), or just {"conv1": image} for a view the online
-        network did not see (ReSSL's weak view): then the target runs from the image."""
-        start = self.ema_stages[0] if self.ema_stages else "output"
-        if start not in acts:
-            start = "conv1"
-        if start == "output":  # no EMA at all: the target is the online output under stop-gradient
+        """The target's output for one view, from `acts`, the online network's activations on that
+        view (the third value `Encoder.forward` returns)."""
+        if not self.ema_stages:  # --ema-stages none: the target is the online output under stop-gradient
             return acts["output"].detach()
-        modules = self.stage_modules()
-        shared = [m for s, m in modules.items() if s not in self.ema and STAGES.index(s) >= STAGES.index(start)]
-        with running_stats_frozen(shared):
-            return run_stages(modules, acts[start].detach(), start, self.online.counter if self.training else None)["output"]
+        start = self.ema_stages[0]  # every stage before the first EMA stage is shared: reuse its input
+        return self._run_from(start, acts[start].detach())
+
+    @torch.no_grad()
+    def from_image(self, x):
+        """The target's output for an image the online network did not see: every stage runs."""
+        return self._run_from("conv1", x)
+
+    def _run_from(self, start, h):
+        stages = self.stages()
+        shared = [m for s, m in stages.items() if s not in self.ema and STAGES.index(s) >= STAGES.index(start)]
+        with running_stats_frozen(shared):  # the target's passes leave the online BatchNorm statistics alone
+            return run_stages(stages, h, start)["output"]
 
     def parameter_pairs(self):
-        """(xi, theta) for every parameter of every EMA stage."""
-        online_stages = self.online.stages()
+        """(xi, theta) for every parameter of every EMA stage: two lists, in the same order."""
         xi = [p for s in self.ema_stages for p in self.ema[s].parameters()]
-        theta = [p for s in self.ema_stages for p in online_stages[s].parameters()]
+        theta = [p for s in self.ema_stages for p in self.online_stages[s].parameters()]
         return xi, theta
 
     @torch.no_grad()
     def update(self, beta):
         """Eq. (6): xi <- beta * xi + (1 - beta) * theta, for the listed stages only."""
-        if not self.ema_stages or beta == 1.0:  # beta = 1: a frozen target, left bit-identical
+        if beta == 1.0:  # a frozen target, left bit-identical
             return
-        xi, theta = self.parameter_pairs()
-        torch._foreach_mul_(xi, beta)
-        torch._foreach_add_(xi, theta, alpha=1.0 - beta)
+        xi, theta = self.parameter_pairs()  # empty with --ema-stages none: nothing to average
+        for xi_p, theta_p in zip(xi, theta):
+            xi_p.mul_(beta).add_(theta_p, alpha=1.0 - beta)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.ema.parameters())
-
-
-class ForwardCounter:
-    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
-
-    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
-    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
-    are measured once with torch's counter and scaled by the size of its input, so a stage
-    run on a smaller crop or a part of the network counts for what it costs.
-    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
-    """
-
-    def __init__(self, backbone, image_size):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        device = next(backbone.parameters()).device
-        was_training = backbone.training
-        backbone.eval()
-        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
-        h = torch.zeros(1, 3, image_size, image_size, device=device)
-        with torch.no_grad():
-            for name in BACKBONE_STAGES:
-                self.input_numel[name] = h.numel()
-                with FlopCounterMode(display=False) as counter:
-                    h = getattr(backbone, name)(h)
-                self.flops[name] = counter.get_total_flops()
-        backbone.train(was_training)
-        self.reset()
-
-    def reset(self):
-        self.flops_run, self.flops_with_grad = 0.0, 0.0
-
-    def ran(self, stage, stage_input):
-        if stage in self.flops:
-            flops = self.flops[stage] * stage_input.numel() / self.input_numel[stage]
-            self.flops_run += flops
-            if torch.is_grad_enabled():
-                self.flops_with_grad += flops
-
-    def forwards_per_image(self):
-        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
-
-
-class Instruments:
-    """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
-
-    --log-grad-norms  -> grad_norms.jsonl, Fig. 5: each step, the l-inf norm of the gradient of
-        the loss with respect to the output of conv1, block1..block4 (before pooling) and the
-        projector; the largest over all of the step's online forward passes (both views).
-    --track-weights K -> weights.jsonl, Fig. 2 and Appendix E: rows 0..K-1 of the projector's
-        last linear layer, online and target, after each step's EMA update (step 0: at start).
-        With --proj-hidden-dim 2 each row is a point in the plane. Where the projector is
-        shared (not an EMA stage), the target's rows are the online rows.
-    Records stay on the device during an epoch (no host synchronisation per step) and are
-    written just before each checkpoint; on resume the files are cut back to the checkpoint's
-    step, so a resumed run writes what an uninterrupted one would. Off, they cost nothing:
-    no hooks are registered and nothing is copied.
-    """
-
-    FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl"}
-
-    def __init__(self, args, online, target):
-        self.log_grad_norms, self.rows = args.log_grad_norms, args.track_weights
-        self.pending = {"grad_norms": [], "weights": []}  # (step, tensor) per step since the last write
-        self.current = {}  # stage -> l-inf norm of the gradient so far in this step
-        if self.log_grad_norms:
-            online.instruments = self  # Encoder.forward shows each stage's output to watch()
-        if self.rows:
-            last_linear = lambda stage: next((m for m in reversed(list(stage.modules())) if isinstance(m, nn.Linear)), None)
-            self.layers = [last_linear(online.projector), last_linear(target.stage_modules()["projector"])]  # online, target
-            if self.layers[0] is None:
-                raise ConfigError("--track-weights needs a linear layer in the projector; this one has none")
-            out_dim, in_dim = self.layers[0].weight.shape
-            if in_dim > 3 or self.rows > out_dim:
-                raise ConfigError(f"--track-weights {self.rows} records rows of the projector's last linear layer, "
-                                  f"{out_dim} rows of {in_dim} weights here; pass --proj-hidden-dim 2 (Fig. 2) and "
-                                  f"K <= {out_dim}")
-
-    def watch(self, stage, output):
-        """Called by run_stages on each online stage output; the hook reads its gradient in backward."""
-        if self.log_grad_norms and output.requires_grad:
-            output.register_hook(lambda grad: self._saw(stage, grad))
-
-    def _saw(self, stage, grad):
-        norm = grad.detach().abs().amax().float()
-        self.current[stage] = torch.maximum(self.current[stage], norm) if stage in self.current else norm
-
-    @torch.no_grad()
-    def record(self, step):
-        """After optimiser step number `step` (1-based) and its EMA update."""
-        if self.log_grad_norms:
-            self.pending["grad_norms"].append((step, torch.stack([self.current[s] for s in STAGES])))
-            self.current = {}
-        if self.rows:
-            self._record_weights(step)
-
-    def _record_weights(self, step):
-        self.pending["weights"].append((step, torch.stack([l.weight[:self.rows].detach().float() for l in self.layers])))
-
-    def enabled(self):
-        return [key for key, on in (("grad_norms", self.log_grad_norms), ("weights", self.rows)) if on]
-
-    def open(self, out_dir, step, resume):
-        """Start the files: a resumed run keeps the lines up to its checkpoint's step."""
-        self.out_dir = Path(out_dir)
-        for key in self.enabled():
-            path = self.out_dir / self.FILES[key]
-            lines = path.read_text().splitlines(keepends=True) if resume and path.exists() else []
-            keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
-            atomic_write(path, lambda f: f.write("".join(keep).encode()))
-        if self.rows and not resume:
-            self._record_weights(0)  # the starting point of each trajectory
-
-    def write(self):
-        """Append the records since the last write (called just before a checkpoint is saved)."""
-        for key in self.enabled():
-            if not self.pending[key]:
-                continue
-            steps = [s for s, _ in self.pending[key]]
-            values = torch.stack([v for _, v in self.pending[key]]).cpu().tolist()  # one transfer per epoch
-            if key == "grad_norms":
-                lines = [{"step": s, **dict(zip(STAGES, v))} for s, v in zip(steps, values)]
-            else:
-                lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
-            with open(self.out_dir / self.FILES[key], "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-            self.pending[key] = []
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,19 +446,33 @@ def _torchvision_dataset(name, root, download):
         if name == "stl10":
             train = torchvision.datasets.STL10(root, split="train+unlabeled", download=download)
             test = torchvision.datasets.STL10(root, split="test", download=download)
-            return (torch.from_numpy(train.data), torch.from_numpy(train.labels).long(),
-                    torch.from_numpy(test.data), torch.from_numpy(test.labels).long(), 10)
+            return (
+                torch.from_numpy(train.data),
+                torch.from_numpy(train.labels).long(),
+                torch.from_numpy(test.data),
+                torch.from_numpy(test.labels).long(),
+                10,
+            )
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         hint = "drop --no-download to fetch it" if not download else "check the folder"
-        raise ConfigError(f"{name} not found under --data-dir {root} ({error}); {hint}, or point --data-dir at a copy") from None
+        raise ConfigError(
+            f"{name} not found under --data-dir {root} ({error}); {hint}, or point --data-dir at a copy"
+        ) from None
     except OSError as error:  # no network, DNS failure, refused connection, disk full
-        raise ConfigError(f"could not download {name} into {root} ({error.__class__.__name__}: {error}); "
-                          f"copy the dataset there from a machine with internet and pass --no-download") from None
+        raise ConfigError(
+            f"could not download {name} into {root} ({error.__class__.__name__}: {error}); "
+            f"copy the dataset there from a machine with internet and pass --no-download"
+        ) from None
     to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # N x H x W x 3 -> N x 3 x H x W
-    return (to_tensor(train.data), torch.tensor(train.targets), to_tensor(test.data), torch.tensor(test.targets),
-            len(train.classes))
+    return (
+        to_tensor(train.data),
+        torch.tensor(train.targets),
+        to_tensor(test.data),
+        torch.tensor(test.targets),
+        len(train.classes),
+    )
 
 
 def first_per_class(labels, subset, num_classes):
@@ -506,14 +481,18 @@ def first_per_class(labels, subset, num_classes):
     labels = torch.as_tensor(labels)
     per_class = subset // num_classes
     if subset % num_classes or per_class == 0:
-        raise ConfigError(f"--train-subset {subset} is not a positive multiple of the {num_classes} classes; "
-                          f"choose e.g. {num_classes * max(per_class, 1)}")
+        raise ConfigError(
+            f"--train-subset {subset} is not a positive multiple of the {num_classes} classes; "
+            f"choose e.g. {num_classes * max(per_class, 1)}"
+        )
     chosen = []
     for c in range(num_classes):
         of_class = (labels == c).nonzero().flatten()
         if len(of_class) < per_class:
-            raise ConfigError(f"--train-subset {subset} asks for {per_class} images of class {c}, which has only "
-                              f"{len(of_class)}; choose at most {num_classes * len(of_class)}")
+            raise ConfigError(
+                f"--train-subset {subset} asks for {per_class} images of class {c}, which has only "
+                f"{len(of_class)}; choose at most {num_classes * len(of_class)}"
+            )
         chosen.append(of_class[:per_class])
     return torch.cat(chosen).sort().values  # dataset order, not class order
 
@@ -527,8 +506,9 @@ def _image_folder(root, image_size, subset=None):
     root = Path(root)
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise ConfigError(f"--data-dir {root} needs train/ and val/ (or test/) sub-folders, each with one folder "
-                          f"of images per class")
+        raise ConfigError(
+            f"--data-dir {root} needs train/ and val/ (or test/) sub-folders, each with one folder of images per class"
+        )
     splits = []
     for split_dir in (root / "train", test_dir):
         try:
@@ -545,11 +525,17 @@ def _image_folder(root, image_size, subset=None):
                 img = img.convert("RGB")
                 if img.size != (image_size, image_size):
                     img = img.resize((image_size, image_size), Image.BICUBIC)
-                images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
-        splits.append((torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets), folder.classes))
+                images.append(
+                    torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
+                )
+        splits.append(
+            (torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets), folder.classes)
+        )
     (train_x, train_y, classes), (test_x, test_y, test_classes) = splits
     if test_classes != classes:
-        raise ConfigError(f"the class folders of {root / 'train'} and {test_dir} differ; give both the same class names")
+        raise ConfigError(
+            f"the class folders of {root / 'train'} and {test_dir} differ; give both the same class names"
+        )
     return train_x, train_y, test_x, test_y, len(classes)
 
 
@@ -568,42 +554,66 @@ def _synthetic(num_train, image_size, seed=0):
     return train_x, train_y, test_x, test_y, num_classes
 
 
-def load_dataset(args, device):
-    """Load --dataset into memory on `device`. Returns a Data."""
-    if args.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
-    if args.dataset == "synthetic":
-        parts = _synthetic(args.synthetic_size, args.image_size or 32, args.seed)
-    elif args.dataset == "imagefolder":
-        if not args.data_dir or not Path(args.data_dir).is_dir():
-            raise ConfigError(f"--dataset imagefolder needs --data-dir pointing at a folder with train/ and val/ or test/ "
-                              f"(got {args.data_dir!r})")
-        parts = _image_folder(args.data_dir, args.image_size or 32, args.train_subset)
+def load_dataset(
+    name, data_dir, device, *, image_size=None, train_subset=None, download=True, synthetic_size=512, seed=0
+):
+    """Load a dataset (--dataset) into memory on `device`. Returns a Data.
+
+    image_size: imagefolder and synthetic only (None: 32). train_subset: the first N / classes
+    training images of each class. synthetic_size and seed: the synthetic dataset's size and seed."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    if name == "synthetic":
+        parts = _synthetic(synthetic_size, image_size or 32, seed)
+    elif name == "imagefolder":
+        if not data_dir or not Path(data_dir).is_dir():
+            raise ConfigError(
+                f"--dataset imagefolder needs --data-dir pointing at a folder with train/ and val/ or test/ "
+                f"(got {data_dir!r})"
+            )
+        parts = _image_folder(data_dir, image_size or 32, train_subset)
     else:
-        parts = _torchvision_dataset(args.dataset, args.data_dir, not args.no_download)
+        parts = _torchvision_dataset(name, data_dir, download)
     train_x, train_y, test_x, test_y, num_classes = parts
-    if args.train_subset is not None and args.dataset != "imagefolder":  # (image folders chose theirs before decoding)
-        keep = first_per_class(train_y, args.train_subset, num_classes)
+    if train_subset is not None and name != "imagefolder":  # (image folders chose theirs before decoding)
+        keep = first_per_class(train_y, train_subset, num_classes)
         train_x, train_y = train_x[keep], train_y[keep]
     if len(train_x) == 0 or len(test_x) == 0:
-        raise ConfigError(f"--dataset {args.dataset} has an empty train or test split; check --data-dir")
+        raise ConfigError(f"--dataset {name} has an empty train or test split; check --data-dir")
     # Per-channel statistics of the training images (for CIFAR these are solo-learn's constants).
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     for chunk in train_x.split(8192):
         chunk = chunk.double() / 255
         total += chunk.sum((0, 2, 3))
-        total_sq += (chunk ** 2).sum((0, 2, 3))
+        total_sq += (chunk**2).sum((0, 2, 3))
     count = train_x.numel() / 3
     mean = total / count
-    std = (total_sq / count - mean ** 2).sqrt()
-    return Data(train_x.to(device), train_y.long().to(device), test_x.to(device), test_y.long().to(device),
-                num_classes, mean.float().to(device), std.float().to(device))
+    std = (total_sq / count - mean**2).sqrt()
+    return Data(
+        train_x.to(device),
+        train_y.long().to(device),
+        test_x.to(device),
+        test_y.long().to(device),
+        num_classes,
+        mean.float().to(device),
+        std.float().to(device),
+    )
+
+
+def steps_per_epoch(data, batch_size):
+    """Full batches per epoch (the last, incomplete batch is dropped, as solo-learn does)."""
+    if batch_size > len(data.train_images):
+        raise ConfigError(
+            f"--batch-size {batch_size} is larger than the {len(data.train_images)} training images; lower --batch-size"
+        )
+    return len(data.train_images) // batch_size
 
 
 # ----------------------------------------------------------------------------------------
 # 5. Augmentation: batched, with per-sample random parameters, in plain torch
 # ----------------------------------------------------------------------------------------
+
 # torchvision.transforms.v2 draws one set of parameters per call, so it cannot augment a
 # batch of SSL views. Each primitive below takes per-sample parameters and is tested against
 # torchvision's per-image op with the same parameters (test_all.py). Images are floats in [0, 1].
@@ -652,8 +662,13 @@ def sample_crop_params(n, height, width, scale, ratio, generator, device="cpu", 
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     # The fallback when no attempt fits: the largest centre crop with the ratio clamped into range.
     in_ratio = width / height
-    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    fw, fh = (
+        (width, round(width / ratio[0]))
+        if in_ratio < ratio[0]
+        else (round(height * ratio[1]), height)
+        if in_ratio > ratio[1]
+        else (width, height)
+    )
     ok = fits.any(dim=1)
     w = torch.where(ok, w, torch.full_like(w, fw)).long()
     h = torch.where(ok, h, torch.full_like(h, fh)).long()
@@ -719,19 +734,6 @@ def _blend(x, other, factor, in_place=False):
     in_place=True overwrites x (color_jitter's own buffer) instead of allocating another image."""
     weight = (1 - factor).view(-1, 1, 1, 1)
     return (x.lerp_(other, weight) if in_place else torch.lerp(x, other, weight)).clamp_(0, 1)
-
-
-def adjust_brightness(x, factor):
-    return _blend(x, torch.zeros_like(x[:, :1]), factor)
-
-
-def adjust_contrast(x, factor):
-    mean = to_grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def adjust_saturation(x, factor):
-    return _blend(x, to_grayscale(x), factor)
 
 
 def adjust_brightness_contrast_or_saturation(x, op, factor, in_place=False):
@@ -808,8 +810,15 @@ def color_jitter(x, recipe, generator):
     n, dev = x.shape[0], x.device
     apply = torch.rand(n, generator=generator, device=dev) < recipe.jitter_p
     b, c, s, hue = recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue
-    factors = torch.stack([_uniform(max(0.0, 1 - b), 1 + b, n, generator, dev), _uniform(max(0.0, 1 - c), 1 + c, n, generator, dev),
-                           _uniform(max(0.0, 1 - s), 1 + s, n, generator, dev), _uniform(-hue, hue, n, generator, dev)], dim=1)
+    factors = torch.stack(
+        [
+            _uniform(max(0.0, 1 - b), 1 + b, n, generator, dev),
+            _uniform(max(0.0, 1 - c), 1 + c, n, generator, dev),
+            _uniform(max(0.0, 1 - s), 1 + s, n, generator, dev),
+            _uniform(-hue, hue, n, generator, dev),
+        ],
+        dim=1,
+    )
     order = torch.rand(n, 4, generator=generator, device=dev).argsort(dim=1)  # a random order of the 4 ops per image
     for slot in range(4):
         op = order[:, slot]  # n: the op each image takes in this slot, 0..3 = brightness, contrast, saturation, hue
@@ -857,7 +866,13 @@ class Views:
     """
 
     def __init__(self, data, recipes, batch_size, chunk, generator):
-        self.data, self.recipes, self.batch_size, self.chunk, self.generator = data, list(recipes), batch_size, chunk, generator
+        self.data, self.recipes, self.batch_size, self.chunk, self.generator = (
+            data,
+            list(recipes),
+            batch_size,
+            chunk,
+            generator,
+        )
         self.span = None  # (epoch, first batch, end batch) of the chunk held in self.views
         self.views, self.labels = [], None
         self.state_at_chunk_start, self.next_batch = None, None
@@ -873,7 +888,7 @@ class Views:
         end = min(first + self.chunk, len(order) // self.batch_size)  # the last chunk of an epoch may be shorter
         self.views, self.labels = [], None  # free the last chunk before making the next
         self.state_at_chunk_start = self.generator.get_state()
-        index = order[first * self.batch_size:end * self.batch_size]
+        index = order[first * self.batch_size : end * self.batch_size]
         images, mean, std = self.data.train_images[index], self.data.mean, self.data.std
         self.views = [augment(images, recipe, mean, std, self.generator) for recipe in self.recipes]
         self.labels, self.span = self.data.train_labels[index], (epoch, first, end)
@@ -899,7 +914,9 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars=True))
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars=True)
+        )
 
     @torch.no_grad()
     def step(self):
@@ -931,15 +948,14 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
-def param_groups(modules, weight_decay, lars=True):
-    """Two groups: weights (decayed, LARS-scaled) and 1-D parameters -- biases and BatchNorm
-    (no weight decay and, for LARS, no trust ratio: solo-learn's exclude_bias_n_norm)."""
+def param_groups(modules, weight_decay):
+    """LARS's two groups: weights (decayed, LARS-scaled) and 1-D parameters -- biases and BatchNorm
+    (no weight decay and no trust ratio: solo-learn's exclude_bias_n_norm)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if lars:
-        groups[1]["lars"] = False
-    return groups
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False},
+    ]
 
 
 def learning_rate_factor(step, total_steps, warmup_steps):
@@ -971,11 +987,6 @@ def probe_loss(probe, features, labels):
     labelled = labels >= 0
     losses = [F.cross_entropy(probe(f.detach().float()), labels.clamp(min=0), reduction="none") for f in features]
     return sum((loss * labelled).sum() for loss in losses) / (len(features) * labelled.sum().clamp(min=1))
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; a no-op on CPU (exact float32, for tests and determinism)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -1010,6 +1021,199 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
 
 
 @torch.no_grad()
+def evaluate(backbone, probe, data, knn=True, projector=None):
+    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
+    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
+    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
+    was_training = probe.training
+    probe.eval()
+    logits = probe(test_features)
+    probe.train(was_training)
+    result = {
+        "linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
+        "knn_top1": None,
+        "knn1_top1": None,
+    }
+    if projector is not None:
+        was_training = projector.training
+        projector.eval()
+        with autocast(data.test_images.device):
+            z = torch.cat([projector(f) for f in test_features.split(1024)])
+        projector.train(was_training)
+        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
+        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
+    if knn:
+        labelled = data.train_labels >= 0
+        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
+        result.update(
+            knn_accuracies(
+                train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
+            )
+        )
+    return result
+
+
+def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes):
+    """Test top-1 (%) of weighted kNN (k = 200, T = 0.1) and of 1-NN, with the training features as memory bank."""
+    result = {}
+    for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
+        predicted = knn_predict(train_features, train_labels, test_features, num_classes, k=k)
+        result[key] = 100.0 * (predicted == test_labels).float().mean().item()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Measurement: backbone forwards (Table 4), the instruments (Fig. 2, 5), collapse, the epoch's metrics
+# ----------------------------------------------------------------------------------------
+
+
+class ForwardCounter:
+    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
+
+    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
+    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
+    are measured once with torch's counter and scaled by the size of its input, so a stage
+    run on a smaller crop or a part of the network counts for what it costs. A forward hook on
+    every backbone stage, online and EMA copy, counts the passes made in training mode.
+    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
+    """
+
+    def __init__(self, online, target, image_size):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        backbone = online.backbone
+        device = next(backbone.parameters()).device
+        was_training = backbone.training
+        backbone.eval()
+        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
+        h = torch.zeros(1, 3, image_size, image_size, device=device)
+        with torch.no_grad():
+            for name in BACKBONE_STAGES:
+                self.input_numel[name] = h.numel()
+                with FlopCounterMode(display=False) as counter:
+                    h = getattr(backbone, name)(h)
+                self.flops[name] = counter.get_total_flops()
+        backbone.train(was_training)
+        for name in BACKBONE_STAGES:
+            modules = [getattr(backbone, name)] + ([target.ema[name]] if name in target.ema else [])
+            for module in modules:
+                module.register_forward_pre_hook(functools.partial(self._ran, name))
+        self.reset()
+
+    def reset(self):
+        self.flops_run, self.flops_with_grad = 0.0, 0.0
+
+    def _ran(self, stage, module, inputs):
+        if not module.training:  # evaluation passes are not training work
+            return
+        flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
+        self.flops_run += flops
+        if torch.is_grad_enabled():
+            self.flops_with_grad += flops
+
+    def forwards_per_image(self):
+        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
+
+
+class Instruments:
+    """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
+
+    --log-grad-norms  -> grad_norms.jsonl, Fig. 5: each step, the l-inf norm of the gradient of
+        the loss with respect to the output of conv1, block1..block4 (before pooling) and the
+        projector; the largest over all of the step's online forward passes (both views).
+    --track-weights K -> weights.jsonl, Fig. 2 and Appendix E: rows 0..K-1 of the projector's
+        last linear layer, online and target, after each step's EMA update (step 0: at start).
+        With --proj-hidden-dim 2 each row is a point in the plane. Where the projector is
+        shared (not an EMA stage), the target's rows are the online rows.
+    Records stay on the device during an epoch (no host synchronisation per step) and are
+    written just before each checkpoint; on resume the files are cut back to the checkpoint's
+    step, so a resumed run writes what an uninterrupted one would. Off, they cost nothing:
+    no hooks are registered and nothing is copied.
+    """
+
+    FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl"}
+
+    def __init__(self, args, online, target):
+        self.log_grad_norms, self.rows = args.log_grad_norms, args.track_weights
+        self.pending = {"grad_norms": [], "weights": []}  # (step, tensor) per step since the last write
+        self.current = {}  # stage -> l-inf norm of the gradient so far in this step
+        if self.log_grad_norms:  # a forward hook on each online stage watches its output's gradient
+            for stage, module in online.stages().items():
+                module.register_forward_hook(functools.partial(self._watch, stage))
+        if self.rows:
+            last_linear = lambda stage: next(
+                (m for m in reversed(list(stage.modules())) if isinstance(m, nn.Linear)), None
+            )
+            self.layers = [last_linear(online.projector), last_linear(target.stages()["projector"])]  # online, target
+            if self.layers[0] is None:
+                raise ConfigError("--track-weights needs a linear layer in the projector; this one has none")
+            out_dim, in_dim = self.layers[0].weight.shape
+            if in_dim > 3 or self.rows > out_dim:
+                raise ConfigError(
+                    f"--track-weights {self.rows} records rows of the projector's last linear layer, "
+                    f"{out_dim} rows of {in_dim} weights here; pass --proj-hidden-dim 2 (Fig. 2) and "
+                    f"K <= {out_dim}"
+                )
+
+    def _watch(self, stage, module, inputs, output):
+        """After each online stage's forward: read the gradient of its output in backward (online passes only:
+        the target's passes through shared stages carry no gradient)."""
+        if output.requires_grad:
+            output.register_hook(functools.partial(self._saw, stage))
+
+    def _saw(self, stage, grad):
+        norm = grad.detach().abs().amax().float()
+        self.current[stage] = torch.maximum(self.current[stage], norm) if stage in self.current else norm
+
+    @torch.no_grad()
+    def record(self, step):
+        """After optimiser step number `step` (1-based) and its EMA update."""
+        if self.log_grad_norms:
+            self.pending["grad_norms"].append((step, torch.stack([self.current[s] for s in STAGES])))
+            self.current = {}
+        if self.rows:
+            self._record_weights(step)
+
+    def _record_weights(self, step):
+        self.pending["weights"].append(
+            (step, torch.stack([l.weight[: self.rows].detach().float() for l in self.layers]))
+        )
+
+    def enabled(self):
+        return [key for key, on in (("grad_norms", self.log_grad_norms), ("weights", self.rows)) if on]
+
+    def open(self, out_dir, step, resume):
+        """Start the files: a resumed run keeps the lines up to its checkpoint's step."""
+        self.out_dir = Path(out_dir)
+        for key in self.enabled():
+            path = self.out_dir / self.FILES[key]
+            lines = path.read_text().splitlines(keepends=True) if resume and path.exists() else []
+            keep = [
+                line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step
+            ]  # a cut last line goes
+            atomic_write(path, lambda f: f.write("".join(keep).encode()))
+        if self.rows and not resume:
+            self._record_weights(0)  # the starting point of each trajectory
+
+    def write(self):
+        """Append the records since the last write (called just before a checkpoint is saved)."""
+        for key in self.enabled():
+            if not self.pending[key]:
+                continue
+            steps = [s for s, _ in self.pending[key]]
+            values = torch.stack([v for _, v in self.pending[key]]).cpu().tolist()  # one transfer per epoch
+            if key == "grad_norms":
+                lines = [{"step": s, **dict(zip(STAGES, v))} for s, v in zip(steps, values)]
+            else:
+                lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
+            with open(self.out_dir / self.FILES[key], "a") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+            self.pending[key] = []
+
+
+@torch.no_grad()
 def output_spread(z):
     """Collapse monitor 1: how spread out the l2-normalised outputs are (SimSiam's check, Chen & He
     2021, Sec. 4.1). The per-dimension standard deviation of z / ||z|| over the images, averaged
@@ -1033,92 +1237,180 @@ def effective_rank(features):
     return torch.exp(-(p * p.log()).sum()).item()
 
 
-@torch.no_grad()
-def evaluate(backbone, probe, data, knn=True, projector=None):
-    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
-    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
-    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
-    was_training = probe.training
-    probe.eval()
-    logits = probe(test_features)
-    probe.train(was_training)
-    result = {"linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
-              "knn_top1": None, "knn1_top1": None}
-    if projector is not None:
-        was_training = projector.training
-        projector.eval()
-        with autocast(data.test_images.device):
-            z = torch.cat([projector(f) for f in test_features.split(1024)])
-        projector.train(was_training)
-        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
-        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
-    if knn:
-        labelled = data.train_labels >= 0
-        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
-        train_labels = data.train_labels[labelled]
-        for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
-            pred = knn_predict(train_features, train_labels, test_features, data.num_classes, k=k)
-            result[key] = 100.0 * (pred == data.test_labels).float().mean().item()
-    return result
+def peak_memory_mb(device):
+    """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def epoch_metrics(*, epoch, step, loss, lr, beta, seconds, images_seen, online, target, probe, data, run_knn, counter):
+    """One line of metrics.jsonl: training state, evaluation, and the cost columns of Table 4."""
+    ema_params = target.num_parameters()
+    return {
+        "epoch": epoch,
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "beta": beta,
+        **evaluate(online.backbone, probe, data, knn=run_knn, projector=online.projector),
+        "epoch_seconds": seconds,
+        "images_per_second": images_seen / seconds,
+        "backbone_forwards_per_image": counter.forwards_per_image(),
+        "ema_params": ema_params,
+        "ema_params_mb": ema_params * 4 / 2**20,  # float32
+        "peak_memory_mb": peak_memory_mb(next(online.parameters()).device),
+    }
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Runs: arguments, seeding, checkpoints, metrics
+# 9. Arguments: the shared flags, --preset laptop, range checks
 # ----------------------------------------------------------------------------------------
 
 
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
     """The flags every method file shares; each method passes its defaults."""
     a = parser.add_argument
-    a("--preset", choices=("paper", "laptop"), default="paper", help="paper: the paper's recipe (the defaults shown "
-      "here); laptop: a 10-minute CPU run that learns (quarter width, 10,000 images, 10 epochs, short-run values)")
+    a(
+        "--preset",
+        choices=("paper", "laptop"),
+        default="paper",
+        help="paper: the paper's recipe (the defaults shown "
+        "here); laptop: a 10-minute CPU run that learns (quarter width, 10,000 images, 10 epochs, short-run values)",
+    )
     a("--dataset", default="cifar100", help=f"one of {', '.join(DATASETS)}")
-    a("--data-dir", default="./data", help="where datasets live; torchvision downloads here (imagefolder: a folder "
-                                           "with train/ and val/ or test/)")
+    a(
+        "--data-dir",
+        default="./data",
+        help="where datasets live; torchvision downloads here (imagefolder: a folder with train/ and val/ or test/)",
+    )
     a("--no-download", action="store_true", help="never download; fail with a message if the data is absent")
-    a("--image-size", type=int, default=None, help="imagefolder and synthetic only: image side in pixels; None means 32")
+    a(
+        "--image-size",
+        type=int,
+        default=None,
+        help="imagefolder and synthetic only: image side in pixels; None means 32",
+    )
     a("--synthetic-size", type=int, default=512, help="number of synthetic training images (smoke runs, benchmarks)")
     a("--arch", default="resnet18", help=f"backbone: {', '.join(ARCHS)} (paper Table 5 uses resnet50)")
-    a("--width", type=int, default=64, help="channels of conv1 and block1; block k has width * 2^(k-1). 64 is the "
-                                            "paper's ResNet; 16 is the quarter-width CPU and teaching setting")
-    a("--train-subset", type=int, default=None, metavar="N", help="train on the first N / classes images of each "
-                                                                   "class, in the dataset's order (the test split stays whole)")
+    a(
+        "--width",
+        type=int,
+        default=64,
+        help="channels of conv1 and block1; block k has width * 2^(k-1). 64 is the "
+        "paper's ResNet; 16 is the quarter-width CPU and teaching setting",
+    )
+    a(
+        "--train-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the first N / classes images of each class, in the dataset's order (the test split stays whole)",
+    )
     a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
-    a("--warmup-epochs", type=int, default=None, help="linear learning-rate warm-up, then cosine decay per step; None "
-      "means the paper's 10 of 200 epochs scaled to --epochs: 5%%, at least 1, at most 10")
+    a(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help="linear learning-rate warm-up, then cosine decay per step; None "
+        "means the paper's 10 of 200 epochs scaled to --epochs: 5%%, at least 1, at most 10",
+    )
     a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
     a("--lr", type=float, default=lr, help="base learning rate (batch 256, one GPU)")
-    a("--weight-decay", type=float, default=weight_decay, help="LARS methods skip biases and BatchNorm; SGD methods "
-                                                                  "decay every parameter (as solo-learn)")
+    a(
+        "--weight-decay",
+        type=float,
+        default=weight_decay,
+        help="LARS methods skip biases and BatchNorm; SGD methods decay every parameter (as solo-learn)",
+    )
     a("--probe-lr", type=float, default=probe_lr, help="learning rate of the online linear probe")
-    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke tests, "
-                                                  "time-boxed runs); schedules still span --epochs")
-    a("--eval-every", type=int, default=10, help="kNN evaluation every N epochs and at the end (the linear probe "
-                                                 "is evaluated every epoch)")
+    a(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimiser steps in all (smoke tests, "
+        "time-boxed runs); schedules still span --epochs",
+    )
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also save last.pt every STEPS optimiser "
+        "steps inside an epoch (long epochs: ResNet-50, STL-10, ImageFolder); None means at the end of each epoch only",
+    )
+    a(
+        "--eval-every",
+        type=int,
+        default=10,
+        help="kNN evaluation every N epochs and at the end (the linear probe is evaluated every epoch)",
+    )
     a("--seed", type=int, default=0, help="seeds model initialisation, epoch order and augmentations")
     a("--deterministic", action="store_true", help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)")
-    a("--aug-chunk", type=int, default=None, metavar="N", help="augment N batches at a time: fewer, larger kernel "
-      "launches; None means 16 on a GPU and 1 (each batch on its own) on a CPU")
-    a("--compile", action="store_true", help="torch.compile each stage module and head in place: meant for GPUs, where it speeds up "
-                                             "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 autocast, channels_last) or cpu (float32)")
-    a("--out-dir", default=None, help="run directory for args.json, metrics.jsonl, last.pt; "
-                                      "None means runs/<method>-<stages>-b<beta>-s<seed>[-laptop]")
-    a("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-      help="continue a run from its last.pt: the run in RUN_DIR, or in --out-dir if no RUN_DIR is given")
-    a("--ema-stages", default=ema_stages, help="stages of the target network kept as EMA copies: all, backbone, "
-                                               "projector, none, or a comma list of conv1,block1,block2,block3,block4,"
-                                               "projector (the rest share the online weights)")
+    a(
+        "--aug-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="augment N batches at a time: fewer, larger kernel "
+        "launches; None means 16 on a GPU and 1 (each batch on its own) on a CPU",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile each stage module and head in place: meant for GPUs, where it speeds up "
+        "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU",
+    )
+    a(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (bf16 autocast, channels_last) or cpu (float32)",
+    )
+    a(
+        "--out-dir",
+        default=None,
+        help="run directory for args.json, metrics.jsonl, last.pt; "
+        "None means runs/<method>-<stages>-b<beta>-s<seed>[-laptop]",
+    )
+    a(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its last.pt: the run in RUN_DIR, or in --out-dir if no RUN_DIR is given",
+    )
+    a(
+        "--ema-stages",
+        default=ema_stages,
+        help="stages of the target network kept as EMA copies: all, backbone, "
+        "projector, none, or a comma list of conv1,block1,block2,block3,block4,"
+        "projector (the rest share the online weights)",
+    )
     a("--beta", type=float, default=beta, help="EMA coefficient of Eq. (6); 0 = no momentum, 1 = frozen target")
-    a("--beta-schedule", choices=("constant", "cosine"), default=beta_schedule,
-      help="constant, or cosine from --beta up to --beta-final over training (solo-learn)")
+    a(
+        "--beta-schedule",
+        choices=("constant", "cosine"),
+        default=beta_schedule,
+        help="constant, or cosine from --beta up to --beta-final over training (solo-learn)",
+    )
     a("--beta-final", type=float, default=beta_final, help="final beta of the cosine schedule")
     a("--bn-block4", action="store_true", help="BN1 of Table C.8: a BatchNorm on block4's output")
-    a("--log-grad-norms", action="store_true", help="Fig. 5: write grad_norms.jsonl, the l-inf norm of the loss's "
-                                                    "gradient w.r.t. each stage's output, every step")
-    a("--track-weights", type=int, default=0, metavar="K", help="Fig. 2: write weights.jsonl, K rows of the "
-                                                                "projector's last linear layer (online and target) every "
-                                                                "step; use with --proj-hidden-dim 2")
+    a(
+        "--log-grad-norms",
+        action="store_true",
+        help="Fig. 5: write grad_norms.jsonl, the l-inf norm of the loss's "
+        "gradient w.r.t. each stage's output, every step",
+    )
+    a(
+        "--track-weights",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Fig. 2: write weights.jsonl, K rows of the "
+        "projector's last linear layer (online and target) every "
+        "step; use with --proj-hidden-dim 2",
+    )
 
 
 # --preset laptop: a run of about 10 minutes on 2 CPU cores that visibly learns (README, "Learn on a
@@ -1126,8 +1418,14 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
 # 256). The beta schedule is constant because the cosine schedule to 1.0 (or 0.999) squeezed into 390
 # steps passes beta = 0.995, a target that lags 200 steps -- half the run -- by the middle of it, and
 # all but freezes the target for the second half. Each method file adds its own short-run values.
-LAPTOP = {"width": 16, "train_subset": 10000, "epochs": 10, "warmup_epochs": 1, "eval_every": 5,
-          "beta_schedule": "constant"}
+LAPTOP = {
+    "width": 16,
+    "train_subset": 10000,
+    "epochs": 10,
+    "warmup_epochs": 1,
+    "eval_every": 5,
+    "beta_schedule": "constant",
+}
 
 
 def parse_method_args(parser, argv, method, laptop):
@@ -1145,17 +1443,42 @@ def parse_method_args(parser, argv, method, laptop):
 POSITIVE, NON_NEGATIVE, FRACTION = "a positive number", "zero or more", "between 0 and 1"
 FLAG_RANGES = {
     # the common flags (add_common_args) and linear_eval.py's
-    "lr": POSITIVE, "probe_lr": POSITIVE, "weight_decay": NON_NEGATIVE, "epochs": POSITIVE,
-    "warmup_epochs": NON_NEGATIVE, "batch_size": POSITIVE, "eval_every": POSITIVE, "synthetic_size": POSITIVE,
-    "image_size": POSITIVE, "aug_chunk": POSITIVE, "width": POSITIVE, "train_subset": POSITIVE,
-    "max_steps": POSITIVE, "seed": NON_NEGATIVE, "track_weights": NON_NEGATIVE,
-    "beta": FRACTION, "beta_final": FRACTION,  # 0 removes momentum, 1 freezes the target
+    "lr": POSITIVE,
+    "probe_lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "epochs": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "batch_size": POSITIVE,
+    "eval_every": POSITIVE,
+    "synthetic_size": POSITIVE,
+    "image_size": POSITIVE,
+    "aug_chunk": POSITIVE,
+    "width": POSITIVE,
+    "train_subset": POSITIVE,
+    "max_steps": POSITIVE,
+    "checkpoint_every": POSITIVE,
+    "seed": NON_NEGATIVE,
+    "track_weights": NON_NEGATIVE,
+    "beta": FRACTION,
+    "beta_final": FRACTION,  # 0 removes momentum, 1 freezes the target
     # the methods' heads and losses
-    "proj_hidden_dim": POSITIVE, "proj_dim": POSITIVE, "pred_hidden_dim": POSITIVE, "bottleneck_dim": POSITIVE,
-    "num_prototypes": POSITIVE, "queue_size": POSITIVE, "lars_eta": POSITIVE, "temperature": POSITIVE,
-    "student_temp": POSITIVE, "teacher_temp": POSITIVE, "warmup_teacher_temp": POSITIVE,
-    "warmup_teacher_temp_epochs": NON_NEGATIVE, "freeze_last_layer_epochs": NON_NEGATIVE,
-    "center_momentum": FRACTION, "blur_p": FRACTION, "num_local_crops": NON_NEGATIVE, "local_crop_size": POSITIVE,
+    "proj_hidden_dim": POSITIVE,
+    "proj_dim": POSITIVE,
+    "pred_hidden_dim": POSITIVE,
+    "bottleneck_dim": POSITIVE,
+    "num_prototypes": POSITIVE,
+    "queue_size": POSITIVE,
+    "lars_eta": POSITIVE,
+    "temperature": POSITIVE,
+    "student_temp": POSITIVE,
+    "teacher_temp": POSITIVE,
+    "warmup_teacher_temp": POSITIVE,
+    "warmup_teacher_temp_epochs": NON_NEGATIVE,
+    "freeze_last_layer_epochs": NON_NEGATIVE,
+    "center_momentum": FRACTION,
+    "blur_p": FRACTION,
+    "num_local_crops": NON_NEGATIVE,
+    "local_crop_size": POSITIVE,
 }
 
 
@@ -1180,8 +1503,10 @@ def check_ranges(args, parser):
 def check_queue_size(args):
     """MoCo's and ReSSL's queues are filled one whole batch at a time."""
     if args.queue_size < 1 or args.queue_size % args.batch_size:
-        raise ConfigError(f"--queue-size {args.queue_size} is not a positive multiple of --batch-size "
-                          f"{args.batch_size}; choose e.g. {args.batch_size * max(args.queue_size // args.batch_size, 1)}")
+        raise ConfigError(
+            f"--queue-size {args.queue_size} is not a positive multiple of --batch-size "
+            f"{args.batch_size}; choose e.g. {args.batch_size * max(args.queue_size // args.batch_size, 1)}"
+        )
 
 
 def check_args(args, method):
@@ -1190,18 +1515,17 @@ def check_args(args, method):
     if args.resume:  # --resume RUN_DIR names the run directory
         args.out_dir = args.resume
     args.resume = args.resume is not None
-    args.ema_stage_list = parse_ema_stages(args.ema_stages)
+    parse_ema_stages(args.ema_stages)  # a bad --ema-stages fails here, before anything is loaded
     if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
         args.aug_chunk = 16 if args.device.startswith("cuda") else 1
     if args.warmup_epochs is None:  # the paper's 10 of 200 epochs, scaled to shorter runs
         args.warmup_epochs = min(10, max(1, round(args.epochs / 20)))
     if args.warmup_epochs > args.epochs:
-        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}, so the learning "
-                          f"rate would never reach --lr; choose at most {args.epochs} (the paper: 10 of 200)")
-    if args.arch not in ARCHS:
-        raise ConfigError(f"unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
-    if args.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}, so the learning "
+            f"rate would never reach --lr; choose at most {args.epochs} (the paper: 10 of 200)"
+        )
+    check_arch(args.arch)  # (--dataset is checked by load_dataset, before it reads anything)
     if args.out_dir is None:
         stages = args.ema_stages.replace(",", "+").replace(" ", "")
         preset = "-laptop" if args.preset == "laptop" else ""
@@ -1209,45 +1533,25 @@ def check_args(args, method):
     return args
 
 
-def check_device(name):
-    """--device must name a CPU or a CUDA GPU (cuda, cuda:1) that torch can use here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name} is not a device this code runs on; choose cpu or cuda (or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA GPU is visible; pass --device cpu")
+def check_arch(name):
+    if name not in ARCHS:
+        raise ConfigError(f"unknown architecture '{name}'; choose one of {', '.join(ARCHS)}")
 
 
-def setup(args):
-    """Seed everything, pick the device, and switch on deterministic kernels if asked."""
-    check_device(args.device)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    return torch.device(args.device)
-
-
-def steps_per_epoch(data, batch_size):
-    """Full batches per epoch (the last, incomplete batch is dropped, as solo-learn does)."""
-    if batch_size > len(data.train_images):
-        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(data.train_images)} training images; "
-                          f"lower --batch-size")
-    return len(data.train_images) // batch_size
+# ----------------------------------------------------------------------------------------
+# 10. Checkpoints and logging: last.pt, exact resume, metrics.jsonl, the epoch line
+# ----------------------------------------------------------------------------------------
 
 
 def git_revision():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -1265,8 +1569,14 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
+@dataclass
+class RunState:
+    """Where a run is, besides its models, optimiser and random generators: last.pt stores all of it."""
+
+    step: int  # optimiser steps taken since the start of the run
+    order: torch.Tensor | None  # this epoch's order of the training images (None before the first epoch)
+    loss_sum: torch.Tensor  # this epoch's loss summed over its steps, kept on the device (no sync per step)
+    history: list = field(default_factory=list)  # one metrics dict per finished epoch: metrics.jsonl
 
 
 def load_checkpoint(path, method=None, arch=None):
@@ -1275,31 +1585,65 @@ def load_checkpoint(path, method=None, arch=None):
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}; start without --resume or point to a run directory that has last.pt")
+        raise ConfigError(
+            f"no checkpoint at {path}; start without --resume or point to a run directory that has last.pt"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or corrupt file: pickle, zip and EOF errors alike
-        raise ConfigError(f"checkpoint {path} is unreadable ({error.__class__.__name__}); it is truncated or corrupt: "
-                          f"restore a good copy or start a new run") from None
+        raise ConfigError(
+            f"checkpoint {path} is unreadable ({error.__class__.__name__}); it is truncated or corrupt: "
+            f"restore a good copy or start a new run"
+        ) from None
     if not isinstance(state, dict) or "method" not in state or "models" not in state:
         raise ConfigError(f"{path} is not a checkpoint written by these scripts; pass a last.pt from a run directory")
     if method is not None and state["method"] != method:
-        raise ConfigError(f"{path} was written by {state['method']}.py, not {method}.py; resume it with "
-                          f"{state['method']}.py or choose another --out-dir")
+        raise ConfigError(
+            f"{path} was written by {state['method']}.py, not {method}.py; resume it with "
+            f"{state['method']}.py or choose another --out-dir"
+        )
     if arch is not None and state["arch"] != arch:
         raise ConfigError(f"{path} holds a {state['arch']} backbone but --arch is {arch}; pass --arch {state['arch']}")
     return state
 
 
+# Flags that may differ on --resume: where the run lives and runs, how often it evaluates, saves and
+# measures, and --lr (lowering it is the way on after a diverged loss). Every other flag changes the
+# training, so a resume must repeat it. (--preset and --ema-stages are compared by the values they set.)
+RESUME_MAY_CHANGE = {
+    "out_dir",
+    "resume",
+    "data_dir",
+    "no_download",
+    "device",
+    "eval_every",
+    "checkpoint_every",
+    "max_steps",
+    "compile",
+    "deterministic",
+    "log_grad_norms",
+    "track_weights",
+    "lr",
+    "preset",
+}
+
+
 def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
     saved = state["args"]
-    for key in ("ema_stage_list", "dataset", "train_subset", "batch_size", "epochs", "aug_chunk"):
-        was = saved.get(key, 1 if key == "aug_chunk" else None)  # runs from before --aug-chunk augmented per batch
-        if was != getattr(args, key):
-            flag = "--ema-stages" if key == "ema_stage_list" else "--" + key.replace("_", "-")
-            raise ConfigError(f"the checkpoint was trained with {flag} {was} but this run has {getattr(args, key)}; "
-                              f"resume with the same {flag}")
+    for key, now in vars(args).items():
+        was = saved.get(key, now)
+        if key == "ema_stages":  # the same stages, however written: "all" = "backbone,projector"
+            same = parse_ema_stages(was) == parse_ema_stages(now)
+        else:
+            same = was == now
+        if same or key in RESUME_MAY_CHANGE:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(
+            f"the checkpoint was trained with {flag} {was} but this run has {now}; "
+            f"resume with the same {flag} (the run's args.json lists them all)"
+        )
     try:
         for name, module in models.items():
             module.load_state_dict(state["models"][name])
@@ -1308,24 +1652,54 @@ def restore(state, models, optimizer, generator, args):
         for group, base_lr in zip(optimizer.param_groups, base_lrs):  # so --lr may change on resume
             group["base_lr"] = base_lr
     except (KeyError, RuntimeError, ValueError) as error:
-        raise ConfigError(f"the checkpoint does not fit this model ({str(error).splitlines()[0]}); resume with the flags "
-                          f"it was trained with (see args.json)") from None
+        raise ConfigError(
+            f"the checkpoint does not fit this model ({str(error).splitlines()[0]}); resume with the flags "
+            f"it was trained with (see args.json)"
+        ) from None
     set_rng_state(state["rng"], generator)
 
 
 def start_or_resume(args, models, optimizer, generator, device):
-    """The run state (step, epoch order, this epoch's loss sum, metrics history): from last.pt
-    with --resume, fresh otherwise."""
+    """The run state: from last.pt with --resume (models, optimiser and generator restored in place),
+    fresh otherwise."""
     if not args.resume:
-        return 0, None, torch.zeros((), device=device), []
+        return RunState(step=0, order=None, loss_sum=torch.zeros((), device=device))
     state = load_checkpoint(args.out_dir, args.method, args.arch)
     restore(state, models, optimizer, generator, args)
-    return state["step"], state["order"].to(device), state["loss_sum"].to(device), state["history"]
+    run = state["run"]
+    return RunState(
+        step=run["step"], order=run["order"].to(device), loss_sum=run["loss_sum"].to(device), history=run["history"]
+    )
+
+
+def save_checkpoint(args, run, models, optimizer, views, instruments):
+    """Write last.pt, atomically: the run state, every model's weights and buffers (EMA target, queues,
+    centre, probe), the optimiser and the random generators -- what --resume needs to go on bit-exactly.
+    A run whose loss is no longer finite is not saved: last.pt keeps the last good state."""
+    if not torch.isfinite(run.loss_sum):
+        raise DivergedError(
+            f"the loss became {run.loss_sum.item()} by step {run.step}; {Path(args.out_dir) / 'last.pt'} "
+            f"still holds the last good state: lower --lr, then --resume"
+        )
+    instruments.write()  # before the checkpoint: a resume cuts the instrument files back to its step
+    state = {
+        "method": args.method,
+        "arch": args.arch,
+        "args": vars(args),
+        "run": {"step": run.step, "order": run.order, "loss_sum": run.loss_sum, "history": run.history},
+        "models": {name: model.state_dict() for name, model in models.items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(views),
+    }
+    atomic_write(Path(args.out_dir) / "last.pt", lambda f: torch.save(state, f))
 
 
 def rng_state(views):
-    return {"torch": torch.get_rng_state(), "generator": views.generator_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "generator": views.generator_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state, generator):
@@ -1335,42 +1709,41 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def peak_memory_mb(device):
-    """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class RunLogger:
     """args.json, metrics.jsonl (one JSON object per epoch) and the fixed-format epoch line.
 
-    The checkpoint carries the metrics history, and metrics.jsonl is always rewritten whole from
-    it (atomically): after a kill at any instant the file holds whole lines only, and on resume
-    it matches the checkpoint the run continues from.
+    metrics.jsonl is always rewritten whole (atomically) from the run's history, which last.pt
+    also holds: after a kill at any instant the file holds whole lines only, and on resume it
+    matches the checkpoint the run continues from.
     """
 
-    def __init__(self, args, history=(), step=0, instruments=None):
-        self.args, self.out_dir, self.instruments = args, Path(args.out_dir), instruments
+    def __init__(self, args, run, instruments=None):
+        self.args, self.out_dir = args, Path(args.out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
-            raise ConfigError(f"cannot write to --out-dir {self.out_dir} ({error.strerror}); choose a writable "
-                              f"directory") from None
+            raise ConfigError(
+                f"cannot write to --out-dir {self.out_dir} ({error.strerror}); choose a writable directory"
+            ) from None
         if (self.out_dir / "last.pt").exists() and not args.resume:
-            raise ConfigError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it or choose "
-                              f"another --out-dir")
-        self.history = list(history)
-        self.last = self.history[-1] if self.history else None
-        info = {**{k: v for k, v in vars(args).items()}, "git_revision": git_revision(), "torch": torch.__version__,
-                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+            raise ConfigError(
+                f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it or choose "
+                f"another --out-dir"
+            )
+        self.last = run.history[-1] if run.history else None  # the summary line's metrics
+        info = {
+            **vars(args),
+            "git_revision": git_revision(),
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        }
         atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
-        self.write_metrics(self.history)
+        self.write_metrics(run.history)
         if instruments is not None:
-            instruments.open(self.out_dir, step, args.resume)
+            instruments.open(self.out_dir, run.step, args.resume)
         self.progress_bar = sys.stdout.isatty()
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
 
@@ -1381,90 +1754,48 @@ class RunLogger:
         if self.progress_bar and shown:
             print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
 
-    def end_epoch(self, metrics, complete, step, order, loss_sum, models, optimizer, views):
-        """Check the loss, save last.pt, rewrite metrics.jsonl, print the epoch line. An epoch cut
-        short by --max-steps gets a provisional line that the history does not keep: resuming
+    def log_epoch(self, metrics, history, provisional=False):
+        """Rewrite metrics.jsonl from the history and print the epoch line. An epoch cut short by
+        --max-steps is not in the history: its line is written after it, provisionally, and its resume
         replaces it with the whole epoch's."""
-        if not math.isfinite(metrics["loss"]):
-            raise ConfigError(f"the loss became {metrics['loss']} in epoch {metrics['epoch']} (by step {step}); "
-                              f"{self.out_dir / 'last.pt'} still holds the last good state: lower --lr, then --resume")
-        if complete:
-            self.history.append(metrics)
-        if self.instruments is not None:
-            self.instruments.write()  # before the checkpoint: a resume cuts lines past its step
-        save_checkpoint(self.out_dir / "last.pt", {
-            "method": self.args.method, "arch": self.args.arch, "args": vars(self.args), "step": step, "order": order,
-            "loss_sum": loss_sum, "models": {name: m.state_dict() for name, m in models.items()},
-            "optimizer": optimizer.state_dict(), "rng": rng_state(views), "history": self.history})
-        self.write_metrics(self.history if complete else self.history + [metrics])
+        self.write_metrics([*history, metrics] if provisional else history)
         self.last = metrics
         fmt = lambda v: "   -  " if v is None else f"{v:6.2f}"
         if self.progress_bar:
             print("\r", end="")
-        print(f"epoch {metrics['epoch']:4d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.4f} | "
-              f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | kNN top-1 {fmt(metrics['knn_top1'])} | "
-              f"spread {metrics['output_spread']:.2f} rank {metrics['feature_rank']:.1f} | "
-              f"{metrics['epoch_seconds']:.1f} s/epoch | {metrics['images_per_second']:.0f} img/s", flush=True)
+        print(
+            f"epoch {metrics['epoch']:4d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.4f} | "
+            f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | "
+            f"kNN top-1 {fmt(metrics['knn_top1'])} | spread {metrics['output_spread']:.2f} "
+            f"rank {metrics['feature_rank']:.1f} | {metrics['epoch_seconds']:.1f} s/epoch | "
+            f"{metrics['images_per_second']:.0f} img/s",
+            flush=True,
+        )
 
     def write_metrics(self, lines):
-        atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in lines).encode()))
-
-
-def epoch_metrics(args, epoch, step, loss, lr, beta, seconds, images, online, target, probe, data, knn):
-    """One line of metrics.jsonl: training state, evaluation, and the cost columns of Table 4."""
-    ema_params = target.num_parameters()
-    return {"epoch": epoch + 1, "step": step, "loss": loss, "lr": lr, "beta": beta,
-            **evaluate(online.backbone, probe, data, knn=knn, projector=online.projector),
-            "epoch_seconds": seconds, "images_per_second": images / seconds,
-            "backbone_forwards_per_image": online.counter.forwards_per_image(),
-            "ema_params": ema_params, "ema_params_mb": ema_params * 4 / 2 ** 20,  # float32
-            "peak_memory_mb": peak_memory_mb(next(online.parameters()).device)}
-
-
-def to_device(modules, device):
-    """Move modules to the device; on CUDA also to channels_last, the fast layout for convolutions."""
-    for m in modules:
-        m.to(device)
-        if device.type == "cuda":
-            m.to(memory_format=torch.channels_last)
-
-
-def compile_stages(models, enabled=True, **compile_options):
-    """--compile: torch.compile each stage of the encoders (online stages and EMA copies) and each
-    other module with a forward (predictor, probe), one module at a time, in place.
-
-    Stage by stage, so that the named stages and activation reuse work as without it; in place
-    (`module.compile()`), so that state_dict keys stay as they are and a checkpoint loads with or
-    without --compile. Call it after `ForwardCounter`, which measures the stages uncompiled.
-    """
-    if not enabled:
-        return
-    # Every module's compiled call shares one code object (nn.Module's), and dynamo caps the variants
-    # of one code object at 8: stages x train/eval x with/without gradients need more.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for model in models:
-        if isinstance(model, Encoder):
-            modules = model.stages().values()
-        elif isinstance(model, NamedStageEMA):
-            modules = model.ema.values()
-        else:  # queues and centres have no forward to compile
-            modules = [model] if type(model).forward is not nn.Module.forward else []
-        for module in modules:
-            module.compile(**compile_options)
+        text = "".join(json.dumps(m) + "\n" for m in lines)
+        atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
 
 
 def summary_line(args, metrics):
     """The one line a run ends with (tools parse it)."""
     if metrics is None:
-        return f"summary: method={args.method} nothing to do: the run in {args.out_dir} has no complete epoch left to train"
-    keys = ("epoch", "step", "loss", "linear_top1", "knn_top1", "knn1_top1", "output_spread", "feature_rank", "backbone_forwards_per_image",
-            "ema_params", "peak_memory_mb")
+        return (
+            f"summary: method={args.method} nothing to do: the run in {args.out_dir} has no complete epoch left "
+            f"to train"
+        )
+    keys = (
+        "epoch",
+        "step",
+        "loss",
+        "linear_top1",
+        "knn_top1",
+        "knn1_top1",
+        "output_spread",
+        "feature_rank",
+        "backbone_forwards_per_image",
+        "ema_params",
+        "peak_memory_mb",
+    )
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
     return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"
-
-
-def timer(device):
-    """A timestamp in seconds, taken after the device has finished its queued work (so GPU work is counted)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -24,6 +24,7 @@ README.md): local crops, when asked for, are --local-crop-size pixels (16) from 
 (0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
+
 import argparse
 import math
 
@@ -40,18 +41,25 @@ LAPTOP = {"warmup_teacher_temp_epochs": 3}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DINO with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(parser, lr=0.3, weight_decay=1e-6, ema_stages="all", beta=0.99,
-                           beta_schedule="cosine", beta_final=1.0)
+    parser = argparse.ArgumentParser(
+        description="DINO with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    common.add_common_args(
+        parser, lr=0.3, weight_decay=1e-6, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
+    )
     parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the head's MLP")
-    parser.add_argument("--bottleneck-dim", type=int, default=256, help="output width of the MLP, before the prototypes")
+    parser.add_argument(
+        "--bottleneck-dim", type=int, default=256, help="output width of the MLP, before the prototypes"
+    )
     parser.add_argument("--num-prototypes", type=int, default=4096, help="K, the number of prototypes (outputs)")
     parser.add_argument("--student-temp", type=float, default=0.1)
     parser.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
     parser.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
     parser.add_argument("--warmup-teacher-temp-epochs", type=int, default=50)
     parser.add_argument("--center-momentum", type=float, default=0.9)
-    parser.add_argument("--freeze-last-layer-epochs", type=int, default=1, help="epochs without updates to the prototypes")
+    parser.add_argument(
+        "--freeze-last-layer-epochs", type=int, default=1, help="epochs without updates to the prototypes"
+    )
     parser.add_argument("--num-local-crops", type=int, default=0, help="small crops for the student only")
     parser.add_argument("--local-crop-size", type=int, default=16)
     parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
@@ -72,9 +80,15 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -115,13 +129,25 @@ def teacher_temperature(epoch, args):
     """Linear warm-up from --warmup-teacher-temp to --teacher-temp over the first epochs."""
     if epoch >= args.warmup_teacher_temp_epochs:
         return args.teacher_temp
-    return args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * epoch / args.warmup_teacher_temp_epochs
+    return (
+        args.warmup_teacher_temp
+        + (args.teacher_temp - args.warmup_teacher_temp) * epoch / args.warmup_teacher_temp_epochs
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args)
-    data = common.load_dataset(args, device)
+    device = common.setup(args.device, args.seed, args.deterministic)
+    data = common.load_dataset(
+        args.dataset,
+        args.data_dir,
+        device,
+        image_size=args.image_size,
+        train_subset=args.train_subset,
+        download=not args.no_download,
+        synthetic_size=args.synthetic_size,
+        seed=args.seed,
+    )
     steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
 
     # Views: solo-learn's asymmetric CIFAR recipe (the second view is solarised), and optional local crops.
@@ -134,70 +160,96 @@ def main(argv=None):
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
     head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
     online = common.Encoder(backbone, head)
-    target = common.NamedStageEMA(online, args.ema_stage_list)  # EMA copies of the listed stages, shared rest
+    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
+    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
     centre = Centre(args.num_prototypes, args.center_momentum)  # part of the checkpoint
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "target": target, "centre": centre, "probe": probe}
     common.to_device(models.values(), device)
-    online.counter = common.ForwardCounter(backbone, data.image_size)  # measures "#Fwd" of Table 4
+    counter = common.ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
     common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
-    optimizer = common.LARS(common.param_groups([online], args.weight_decay)
-                            + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
-                            lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = common.LARS(
+        common.param_groups([online], args.weight_decay)
+        + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eta=args.lars_eta,
+    )
 
-    # Run state: the step, this epoch's image order and loss sum; one generator draws all randomness.
+    # Run state (common.RunState): the step, this epoch's image order and loss sum, the metrics history;
+    # with --resume it comes back from last.pt. One generator draws all randomness.
     generator = torch.Generator(device).manual_seed(args.seed)
-    step, order, loss_sum, history = common.start_or_resume(args, models, optimizer, generator, device)
-    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)  # batch i's views, made in chunks
+    run = common.start_or_resume(args, models, optimizer, generator, device)
+    # batch i's views, augmented --aug-chunk batches at a time
+    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)
     instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
-    logger = common.RunLogger(args, history, step, instruments)
+    logger = common.RunLogger(args, run, instruments)
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
-    while step < last_step:
-        epoch, first = divmod(step, steps_per_epoch)
-        if first == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
-            order = torch.randperm(len(data.train_images), generator=generator, device=device)
-            loss_sum.zero_()
+    while run.step < last_step:
+        epoch, first_batch = divmod(run.step, steps_per_epoch)
+        if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+            run.order = torch.randperm(len(data.train_images), generator=generator, device=device)
+            run.loss_sum.zero_()
         for model in models.values():
             model.train()
-        online.counter.reset()
+        counter.reset()
         start = common.timer(device)
-        for i in range(first, steps_per_epoch):
-            (x_1, x_2, *local), y = views.batch(order, epoch, i)  # batch i's two global views, local crops, labels
-            lr = common.set_learning_rate(optimizer, step, total_steps, warmup_steps)
+        for i in range(first_batch, steps_per_epoch):
+            (x_1, x_2, *local), y = views.batch(run.order, epoch, i)  # batch i's two global views, local crops, labels
+            lr = common.set_learning_rate(optimizer, run.step, total_steps, warmup_steps)
 
             with common.autocast(device):
-                f_1, s_1, a_1 = online(x_1)  # f = b(x); student logits s = g(f); a: input of each stage
-                f_2, s_2, a_2 = online(x_2)
+                f_1, s_1, acts_1 = online(x_1)  # f = b(x); student logits s = g(f); acts: each stage's input
+                f_2, s_2, acts_2 = online(x_2)
                 s_local = [online(v)[1] for v in local]  # local crops: student only
-                t_1, t_2 = target(a_1), target(a_2)  # teacher logits, global views only (sg(s) without EMA)
-                loss = dino_loss([s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp,
-                                 teacher_temperature(epoch, args))
+                t_1, t_2 = target(acts_1), target(acts_2)  # teacher logits, global views only (sg(s) without EMA)
+                loss = dino_loss(
+                    [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(epoch, args)
+                )
                 loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
             optimizer.zero_grad(set_to_none=True)
             (loss + loss_probe).backward()
             if epoch < args.freeze_last_layer_epochs:  # DINO keeps the prototypes fixed at first
                 head.prototypes.grad = None
             optimizer.step()
-            beta = common.beta_at(step, total_steps, args.beta, args.beta_final, args.beta_schedule)
+            beta = common.beta_at(run.step, total_steps, args.beta, args.beta_final, args.beta_schedule)
             target.update(beta)  # Eq. (6) on the listed stages
             centre.update([t_1, t_2])
 
-            loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
-            step += 1
-            instruments.record(step)  # does nothing unless an instrument is on
+            run.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+            run.step += 1
+            instruments.record(run.step)  # does nothing unless an instrument is on
             logger.progress(i, steps_per_epoch, loss)
-            if step >= last_step:
+            if run.step >= last_step:
                 break
+            if args.checkpoint_every and run.step % args.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                common.save_checkpoint(args, run, models, optimizer, views, instruments)  # inside the epoch
 
-        # End of epoch (or of --max-steps): evaluate, checkpoint, log.
-        seconds = common.timer(device) - start
-        metrics = common.epoch_metrics(args, epoch, step, (loss_sum / (step - epoch * steps_per_epoch)).item(), lr, beta,
-                                       seconds, (step - epoch * steps_per_epoch - first) * args.batch_size,
-                                       online, target, probe, data, knn=(epoch + 1) % args.eval_every == 0 or step == last_step)
-        logger.end_epoch(metrics, step % steps_per_epoch == 0, step, order, loss_sum, models, optimizer, views)
+        # End of the epoch (or of --max-steps): evaluate, save last.pt, log.
+        steps_this_epoch = run.step - epoch * steps_per_epoch  # including those before a resume
+        metrics = common.epoch_metrics(
+            epoch=epoch + 1,
+            step=run.step,
+            loss=(run.loss_sum / steps_this_epoch).item(),
+            lr=lr,
+            beta=beta,
+            seconds=common.timer(device) - start,
+            images_seen=(steps_this_epoch - first_batch) * args.batch_size,
+            online=online,
+            target=target,
+            probe=probe,
+            data=data,
+            counter=counter,
+            run_knn=(epoch + 1) % args.eval_every == 0 or run.step == last_step,
+        )
+        epoch_complete = run.step % steps_per_epoch == 0  # False when --max-steps stopped the run inside it
+        if epoch_complete:
+            run.history.append(metrics)
+        common.save_checkpoint(args, run, models, optimizer, views, instruments)  # refuses a NaN loss
+        logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
 
     print(common.summary_line(args, logger.last))
 

@@ -12,6 +12,7 @@ linear classifier and weighted kNN (k = 200, T = 0.1) and 1-NN top-1, and saves 
 The paper reports the *online* probe instead (trained during pre-training, solo-learn's
 protocol; the method files log it as linear_top1). This script is the offline protocol.
 """
+
 import argparse
 import json
 import math
@@ -25,17 +26,29 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("checkpoint", nargs="?", help="a run directory or a last.pt written by byol.py, simsiam.py, ...")
-    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone instead (the "
-                                                               "paper's 'fixed random encoder' baseline, Table 2)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="evaluate a randomly initialised backbone instead (the paper's 'fixed random encoder' baseline, Table 2)",
+    )
     p.add_argument("--arch", default="resnet18", help="backbone for --random-init")
-    p.add_argument("--width", type=int, default=64, help="backbone width for --random-init (a checkpoint's own is read "
-                                                        "from it)")
+    p.add_argument(
+        "--width", type=int, default=64, help="backbone width for --random-init (a checkpoint's own is read from it)"
+    )
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train the classifier (and kNN) on "
-                   "the first N / classes images of each class; default: the checkpoint's (all for --random-init)")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the classifier (and kNN) on "
+        "the first N / classes images of each class; default: the checkpoint's (all for --random-init)",
+    )
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
@@ -61,29 +74,48 @@ def topk_accuracy(logits, labels, k):
 def main(argv=None):
     args = parse_args(argv)
     if args.random_init:  # a stand-in "checkpoint": the backbone as initialised with --seed, never trained
+        common.check_arch(args.arch)
         torch.manual_seed(args.seed)
         fresh = {f"backbone.{k}": v for k, v in common.ResNetCIFAR(args.arch, width=args.width).state_dict().items()}
-        state = {"method": "random-init", "arch": args.arch, "step": 0, "models": {"online": fresh},
-                 "args": {"dataset": args.dataset, "data_dir": args.data_dir or "./data", "image_size": None,
-                          "synthetic_size": 512, "seed": args.seed, "width": args.width, "train_subset": None}}
+        state = {
+            "method": "random-init",
+            "arch": args.arch,
+            "run": {"step": 0},
+            "models": {"online": fresh},
+            "args": {
+                "dataset": args.dataset,
+                "data_dir": args.data_dir or "./data",
+                "image_size": None,
+                "synthetic_size": 512,
+                "seed": args.seed,
+                "width": args.width,
+                "train_subset": None,
+            },
+        }
     else:
         state = common.load_checkpoint(args.checkpoint)
-    trained = argparse.Namespace(**state["args"])
+    trained = state["args"]  # the pre-training run's flags
     for key in ("dataset", "data_dir", "train_subset"):  # evaluate on the pre-training data unless told otherwise
         if getattr(args, key) is None:
-            setattr(args, key, getattr(trained, key, None))
-    data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, no_download=args.no_download,
-                                   image_size=trained.image_size, synthetic_size=trained.synthetic_size, seed=trained.seed,
-                                   train_subset=args.train_subset)
-    trained.device, trained.deterministic, trained.seed = args.device, False, args.seed
-    device = common.setup(trained)
-    data = common.load_dataset(data_args, device)
+            setattr(args, key, trained.get(key))
+    device = common.setup(args.device, args.seed)
+    data = common.load_dataset(
+        args.dataset,
+        args.data_dir,
+        device,
+        image_size=trained["image_size"],
+        train_subset=args.train_subset,
+        download=not args.no_download,
+        synthetic_size=trained["synthetic_size"],
+        seed=trained["seed"],
+    )
 
     # The frozen backbone: the online network's b, in eval mode, without gradients.
-    backbone = common.ResNetCIFAR(state["arch"], width=getattr(trained, "width", 64),
-                                  bn_block4=getattr(trained, "bn_block4", False)).to(device)
+    backbone = common.ResNetCIFAR(
+        state["arch"], width=trained.get("width", 64), bn_block4=trained.get("bn_block4", False)
+    ).to(device)
     online = state["models"]["online"]
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in online.items() if k.startswith("backbone.")})
+    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in online.items() if k.startswith("backbone.")})
     backbone.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
@@ -102,7 +134,7 @@ def main(argv=None):
     for epoch in range(args.epochs):
         order = torch.randperm(len(train_images), generator=generator, device=device)
         for i in range(steps_per_epoch):
-            index = order[i * batch_size:(i + 1) * batch_size]
+            index = order[i * batch_size : (i + 1) * batch_size]
             if fixed is None:
                 x = common.augment(train_images[index], crop_flip, data.mean, data.std, generator)
                 with torch.no_grad(), common.autocast(device):
@@ -120,17 +152,25 @@ def main(argv=None):
 
     # Evaluate, then check the backbone is exactly what the checkpoint held.
     test_features = common.extract_features(backbone, data.test_images, data.mean, data.std)
-    train_features = fixed if fixed is not None else common.extract_features(backbone, train_images, data.mean, data.std)
+    train_features = (
+        fixed if fixed is not None else common.extract_features(backbone, train_images, data.mean, data.std)
+    )
     with torch.no_grad():
         logits = classifier(test_features)
-    result = {"checkpoint": str(args.checkpoint), "method": state["method"], "arch": state["arch"],
-              "width": getattr(trained, "width", 64), "dataset": args.dataset, "train_subset": args.train_subset,
-              "pretrain_step": state["step"], "epochs": args.epochs, "augment": not args.no_augment,
-              "top1": topk_accuracy(logits, data.test_labels, 1),
-              "top5": topk_accuracy(logits, data.test_labels, min(5, data.num_classes))}
-    for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
-        pred = common.knn_predict(train_features, train_labels, test_features, data.num_classes, k=k)
-        result[key] = 100.0 * (pred == data.test_labels).float().mean().item()
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "method": state["method"],
+        "arch": state["arch"],
+        "width": trained.get("width", 64),
+        "dataset": args.dataset,
+        "train_subset": args.train_subset,
+        "pretrain_step": state["run"]["step"],
+        "epochs": args.epochs,
+        "augment": not args.no_augment,
+        "top1": topk_accuracy(logits, data.test_labels, 1),
+        "top5": topk_accuracy(logits, data.test_labels, min(5, data.num_classes)),
+        **common.knn_accuracies(train_features, train_labels, test_features, data.test_labels, data.num_classes),
+    }
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the frozen backbone changed during linear evaluation"
 
@@ -142,8 +182,10 @@ def main(argv=None):
         ckpt_path = Path(args.checkpoint)
         out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "linear_eval.json"
     common.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
-          f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}")
+    print(
+        f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
+        f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The test suite: CPU only, a few minutes on 2 cores.  Run: python -m pytest -q test_all.py
+"""The test suite: CPU only.  Run: python -m pytest -q test_all.py (the default run, under 3 minutes on 2 cores);
+python -m pytest -q test_all.py -m "" (the full run, which CI makes: the tests marked slow too; see pyproject.toml).
 
 Method files are smoke-run as a user runs them (subprocesses on synthetic data); the pieces
 they share are tested in-process: losses against closed forms and the paper's formula, the
 named-stage EMA's invariants, each augmentation primitive against torchvision's per-image op on
 real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is absent).
 """
+
 import copy
 import functools
 import json
@@ -33,14 +35,17 @@ import simsiam
 
 ROOT = Path(__file__).resolve().parent
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
-needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)")
+needs_mini = pytest.mark.skipif(
+    not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)"
+)
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 
 
 def run(script, *args, check=True):
     """Run a script as a user would; return the CompletedProcess."""
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -63,17 +68,41 @@ SMALL_HEADS = {  # method-specific flags that keep the heads (and queues) small 
     "dino": ["--proj-hidden-dim", "64", "--bottleneck-dim", "32", "--num-prototypes", "64"],
     "ressl": ["--proj-hidden-dim", "64", "--queue-size", "64"],
 }
-SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16", "--device", "cpu"]
+SYNTHETIC = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "32",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+]
 TINY = [*SYNTHETIC, "--epochs", "1", "--max-steps", "2", *SMALL_HEADS["byol"]]  # a 2-step BYOL run
 # (method, --ema-stages) -> the range backbone_forwards_per_image must fall in
 FORWARDS = {
-    ("byol", "all"): (2, 2), ("byol", "projector"): (1, 1), ("byol", "none"): (1, 1),
-    ("byol", "block4,projector"): (1.01, 1.99), ("byol", "conv1"): (2, 2),
-    ("simsiam", "none"): (1, 1), ("simsiam", "all"): (2, 2), ("simsiam", "projector"): (1, 1),
-    ("simclr", "none"): (1, 1), ("simclr", "all"): (2, 2), ("simclr", "projector"): (1, 1),
-    ("mocov2", "all"): (2, 2), ("mocov2", "projector"): (1, 1), ("mocov2", "none"): (1, 1),
-    ("dino", "all"): (2, 2), ("dino", "projector"): (1, 1), ("dino", "none"): (1, 1),
-    ("ressl", "all"): (2, 2), ("ressl", "projector"): (2, 2), ("ressl", "none"): (2, 2),  # no activation to reuse
+    ("byol", "all"): (2, 2),
+    ("byol", "projector"): (1, 1),
+    ("byol", "none"): (1, 1),
+    ("byol", "block4,projector"): (1.01, 1.99),
+    ("byol", "conv1"): (2, 2),
+    ("simsiam", "none"): (1, 1),
+    ("simsiam", "all"): (2, 2),
+    ("simsiam", "projector"): (1, 1),
+    ("simclr", "none"): (1, 1),
+    ("simclr", "all"): (2, 2),
+    ("simclr", "projector"): (1, 1),
+    ("mocov2", "all"): (2, 2),
+    ("mocov2", "projector"): (1, 1),
+    ("mocov2", "none"): (1, 1),
+    ("dino", "all"): (2, 2),
+    ("dino", "projector"): (1, 1),
+    ("dino", "none"): (1, 1),
+    ("ressl", "all"): (2, 2),
+    ("ressl", "projector"): (2, 2),
+    ("ressl", "none"): (2, 2),  # no activation to reuse
 }
 
 
@@ -83,35 +112,64 @@ def tiny_args(method):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    runs = {}
-    for method, stages in FORWARDS:
-        out = tmp_path_factory.mktemp("smoke") / f"{method}-{stages.replace(',', '+')}"
-        result = run(f"{method}.py", *tiny_args(method), "--ema-stages", stages, "--out-dir", out)
-        runs[method, stages] = (out, result.stdout)
-    return runs
+    """(method, stages) -> (run directory, stdout) of a 2-step run, made the first time a test asks for it."""
+
+    class Runs(dict):
+        def __missing__(self, key):
+            method, stages = key
+            out = tmp_path_factory.mktemp("smoke") / f"{method}-{stages.replace(',', '+')}"
+            self[key] = (out, run(f"{method}.py", *tiny_args(method), "--ema-stages", stages, "--out-dir", out).stdout)
+            return self[key]
+
+    return Runs()
 
 
-@pytest.mark.parametrize("method, stages", list(FORWARDS))
+# The default test run smoke-runs each method file once: EMA on all stages, on none, and ReSSL's projector (no
+# activation to reuse); the other rows of FORWARDS are marked slow (pyproject.toml), the full run makes them too.
+SMOKE_DEFAULT = {
+    ("byol", "all"),
+    ("simsiam", "none"),
+    ("simclr", "none"),
+    ("mocov2", "all"),
+    ("dino", "all"),
+    ("ressl", "projector"),
+}
+SMOKE = [pytest.param(*key, marks=[] if key in SMOKE_DEFAULT else pytest.mark.slow) for key in FORWARDS]
+
+
+@pytest.mark.parametrize("method, stages", SMOKE)
 def test_smoke_run_writes_the_run_contract(smoke_runs, method, stages):
     out, stdout = smoke_runs[method, stages]
     assert stdout.strip().splitlines()[-1].startswith(f"summary: method={method} ema_stages={stages}")
     (line,) = metrics(out)
-    for key in ("epoch", "step", "loss", "lr", "beta", "linear_top1", "knn_top1", "epoch_seconds", "images_per_second",
-                "backbone_forwards_per_image", "ema_params", "peak_memory_mb"):
+    for key in (
+        "epoch",
+        "step",
+        "loss",
+        "lr",
+        "beta",
+        "linear_top1",
+        "knn_top1",
+        "epoch_seconds",
+        "images_per_second",
+        "backbone_forwards_per_image",
+        "ema_params",
+        "peak_memory_mb",
+    ):
         assert key in line, key
     assert line["step"] == 2 and math.isfinite(line["loss"]) and line["knn_top1"] is not None
     assert json.loads((out / "args.json").read_text())["ema_stages"] == stages
     assert (out / "last.pt").is_file() and not (out / "last.pt.tmp").exists()
 
 
-@pytest.mark.parametrize("method, stages", list(FORWARDS))
+@pytest.mark.parametrize("method, stages", SMOKE)
 def test_backbone_forwards_per_image(smoke_runs, method, stages):
     low, high = FORWARDS[method, stages]
     forwards = metrics(smoke_runs[method, stages][0])[0]["backbone_forwards_per_image"]
     assert low - 1e-6 <= forwards <= high + 1e-6, forwards
 
 
-@pytest.mark.parametrize("method, stages", list(FORWARDS))
+@pytest.mark.parametrize("method, stages", SMOKE)
 def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, method, stages):
     state = torch.load(smoke_runs[method, stages][0] / "last.pt", weights_only=False)
     listed = common.parse_ema_stages(stages)
@@ -119,13 +177,17 @@ def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, met
     assert {k.split(".")[1] for k in target} == set(listed)  # keys look like ema.<stage>.<param>
     prefix = {s: f"backbone.{s}." for s in common.BACKBONE_STAGES} | {"projector": "projector."}
     for stage in listed:  # after 2 steps with beta < 1 the EMA copy lags the online weights
-        pairs = [(v, online[prefix[stage] + k[len(f"ema.{stage}."):]]) for k, v in target.items()
-                 if k.startswith(f"ema.{stage}.") and v.is_floating_point() and "running" not in k]
+        pairs = [
+            (v, online[prefix[stage] + k[len(f"ema.{stage}.") :]])
+            for k, v in target.items()
+            if k.startswith(f"ema.{stage}.") and v.is_floating_point() and "running" not in k
+        ]
         assert pairs and any(not torch.equal(a, b) for a, b in pairs), stage
     ema_params = metrics(smoke_runs[method, stages][0])[0]["ema_params"]
     assert ema_params == sum(v.numel() for k, v in target.items() if "running" not in k and "num_batches" not in k)
 
 
+@pytest.mark.slow  # the default run: test_ema_update_is_equation_6 (beta 0 copies the online weights exactly)
 def test_beta_zero_on_projector_equals_no_ema(tmp_path):
     """Table 1 "Remove": beta = 0 makes the EMA projector a copy of the online one -- weight sharing."""
     args = [*SYNTHETIC, "--epochs", "2", *SMALL_HEADS["byol"], "--beta", "0", "--deterministic"]
@@ -139,16 +201,33 @@ def test_beta_zero_on_projector_equals_no_ema(tmp_path):
 
 
 def resume_args(method, epochs):
-    return ["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "16", "--batch-size", "16",
-            "--device", "cpu", "--epochs", str(epochs), *SMALL_HEADS[method], "--deterministic",
-            "--ema-stages", "block4,projector", "--eval-every", "2"]
+    return [
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "64",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--epochs",
+        str(epochs),
+        *SMALL_HEADS[method],
+        "--deterministic",
+        "--ema-stages",
+        "block4,projector",
+        "--eval-every",
+        "2",
+    ]
 
 
 def assert_same_run(a_dir, b_dir):
     """Bit-identical models (weights, EMA target, queues, centre, probe) and equal metrics but for timings."""
     a = torch.load(a_dir / "last.pt", weights_only=False)
     b = torch.load(b_dir / "last.pt", weights_only=False)
-    assert a["step"] == b["step"] and a["models"].keys() == b["models"].keys()
+    assert a["run"]["step"] == b["run"]["step"] and a["models"].keys() == b["models"].keys()
     for name in a["models"]:
         for key, value in a["models"][name].items():
             assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
@@ -156,13 +235,22 @@ def assert_same_run(a_dir, b_dir):
     assert strip(metrics(a_dir)) == strip(metrics(b_dir))
 
 
+@pytest.mark.slow  # the default run: test_views_in_chunks_..., test_resume_mid_epoch_..., test_resume_refuses_...
 def test_resume_inside_an_augmentation_chunk(tmp_path):
     """--aug-chunk 3 and a stop after step 2, inside the first chunk: the resumed run draws that chunk again."""
     args = [*resume_args("byol", 2), "--aug-chunk", "3"]  # 4 steps per epoch: chunks of 3 and 1 steps
     run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
     run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
-    other = run("byol.py", *resume_args("byol", 2), "--out-dir", tmp_path / "split", "--resume", check=False)
-    assert other.returncode == 2 and "resume with the same --aug-chunk" in other.stderr, other.stderr
+    saved = (tmp_path / "split" / "last.pt").read_bytes()
+    for changed, flag in [
+        (resume_args("byol", 2), "--aug-chunk"),
+        ([*args, "--beta", "0.5"], "--beta"),
+        ([*args, "--proj-dim", "32"], "--proj-dim"),
+        ([*args, "--ema-stages", "all"], "--ema-stages"),
+    ]:
+        other = run("byol.py", *changed, "--out-dir", tmp_path / "split", "--resume", check=False)
+        assert other.returncode == 2 and f"resume with the same {flag} " in other.stderr, other.stderr
+        assert len(other.stderr.strip().splitlines()) == 1 and (tmp_path / "split" / "last.pt").read_bytes() == saved
     run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
@@ -177,26 +265,42 @@ def test_resume_mid_epoch_after_max_steps(tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
 
+def checkpoint_step(run_dir):
+    """The step last.pt holds, or None while there is none (it is replaced atomically: never half-written)."""
+    path = run_dir / "last.pt"
+    return torch.load(path, weights_only=False)["run"]["step"] if path.exists() else None
+
+
+@pytest.mark.slow  # the default run: test_resume_mid_epoch_after_max_steps (a cut run resumed, bit-identical)
 @pytest.mark.parametrize("method", METHODS)
-def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, method):
-    """The issue's promise: a run killed (SIGKILL) anywhere and resumed ends as if never interrupted."""
-    args = resume_args(method, 4)  # 4 steps per epoch, 16 in all, a checkpoint after each epoch
+def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, method):
+    """The issue's promise: a run killed (SIGKILL) at a random step inside an epoch, with --checkpoint-every,
+    and then resumed, ends bit-identical to a run that was never interrupted."""
+    args = [*resume_args(method, 2), "--batch-size", "8", "--checkpoint-every", "2"]  # 8 steps per epoch, 16 in all
     run(f"{method}.py", *args, "--out-dir", tmp_path / "straight")
-    killed = subprocess.Popen([sys.executable, str(ROOT / f"{method}.py"), *args, "--out-dir", str(tmp_path / "killed")],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    for line in killed.stdout:  # wait for the first epoch's checkpoint, then kill at a random later instant
-        if line.startswith("epoch    1"):
-            break
-    time.sleep(random.Random(METHODS.index(method)).uniform(0.0, 2.0))
+    rng = random.Random(METHODS.index(method))
+    kill_after = rng.choice([2, 4, 10, 12])  # a checkpoint inside epoch 1 or 2, at least 4 steps before its end
+    killed = subprocess.Popen(
+        [sys.executable, str(ROOT / f"{method}.py"), *args, "--out-dir", str(tmp_path / "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    while (checkpoint_step(tmp_path / "killed") or 0) < kill_after:
+        assert killed.poll() is None, "the run ended before the kill"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next step
     killed.kill()
     killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run finished before the kill: make it longer"
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint_step(tmp_path / "killed") % 8 != 0, "the kill should land inside an epoch"
     for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # whole lines only
     run(f"{method}.py", *args, "--resume", tmp_path / "killed")  # --resume RUN_DIR
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
+@pytest.mark.slow  # the default run checks the loss every epoch; test_bad_input_... checks exit 2
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*SYNTHETIC, *SMALL_HEADS["simsiam"], "--epochs", "2"]  # 2 steps per epoch
     run("simsiam.py", *args, "--max-steps", "2", "--out-dir", tmp_path)
@@ -206,38 +310,67 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "last.pt").read_bytes() == good
 
 
+@pytest.mark.slow  # the default run: test_linear_eval_reads_width_and_subset_from_the_checkpoint
 def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     out = tmp_path / "eval.json"
     result = run("linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
     saved = json.loads(out.read_text())
     assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["knn_top1"] is not None and "top-1" in result.stdout
-    run("linear_eval.py", "--random-init", "--dataset", "synthetic", "--epochs", "1", "--no-augment", "--device", "cpu",
-        "--out", tmp_path / "random.json")
+    run(
+        "linear_eval.py",
+        "--random-init",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "random.json",
+    )
     assert json.loads((tmp_path / "random.json").read_text())["method"] == "random-init"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--ema-stages", "blok4"], "unknown stage 'blok4'"),
-    (["--ema-stages", ","], "--ema-stages is empty"),
-    (["--beta", "1.5"], "--beta must be between 0 and 1 (got 1.5); the default is 0.99"),
-    (["--beta-final", "-1"], "--beta-final must be between 0 and 1"),
-    (["--dataset", "imagenet"], "unknown dataset"),
-    (["--arch", "vgg"], "unknown architecture"),
-    (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "drop --no-download"),
-    (["--dataset", "imagefolder", "--data-dir", "{tmp}/no-such-folder"], "needs --data-dir"),
-    (["--dataset", "imagefolder", "--data-dir", "{tmp}/flat"], "needs train/ and val/"),
-    (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no images in"),
-    (["--batch-size", "64"], "larger than the 32 training images"),
-    (["--epochs", "0"], "--epochs must be a positive number (got 0)"),
-    (["--lr", "nan"], "--lr must be a positive number (got nan)"),
-    (["--warmup-epochs", "500"], "the learning rate would never reach --lr"),
-    (["--device", "tpu"], "--device tpu is not a device this code runs on; choose cpu or cuda"),
-    (["--train-subset", "15"], "not a positive multiple of the 10 classes"),
-    (["--train-subset", "40"], "which has only 3"),
-    (["--resume"], "no checkpoint"),
-    (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
-])
+# The default run checks four refusals: an argument, the data, the checkpoint, the output folder. The slow ones
+# repeat a check an in-process test makes (test_every_numeric_flag_..., test_parse_ema_stages, ...) or a sibling.
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--ema-stages", "blok4"], "unknown stage 'blok4'"),
+        pytest.param(["--ema-stages", ","], "--ema-stages is empty", marks=pytest.mark.slow),
+        pytest.param(
+            ["--beta", "1.5"], "--beta must be between 0 and 1 (got 1.5); the default is 0.99", marks=pytest.mark.slow
+        ),
+        pytest.param(["--beta-final", "-1"], "--beta-final must be between 0 and 1", marks=pytest.mark.slow),
+        pytest.param(["--dataset", "imagenet"], "unknown dataset", marks=pytest.mark.slow),
+        pytest.param(["--arch", "vgg"], "unknown architecture", marks=pytest.mark.slow),
+        (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "drop --no-download"),
+        pytest.param(
+            ["--dataset", "imagefolder", "--data-dir", "{tmp}/no-such-folder"],
+            "needs --data-dir",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["--dataset", "imagefolder", "--data-dir", "{tmp}/flat"], "needs train/ and val/", marks=pytest.mark.slow
+        ),
+        pytest.param(["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no images in", marks=pytest.mark.slow),
+        pytest.param(["--batch-size", "64"], "larger than the 32 training images", marks=pytest.mark.slow),
+        pytest.param(["--epochs", "0"], "--epochs must be a positive number (got 0)", marks=pytest.mark.slow),
+        pytest.param(["--lr", "nan"], "--lr must be a positive number (got nan)", marks=pytest.mark.slow),
+        pytest.param(["--warmup-epochs", "500"], "the learning rate would never reach --lr", marks=pytest.mark.slow),
+        pytest.param(
+            ["--device", "tpu"],
+            "--device tpu is not a device this code runs on; choose cpu or cuda",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["--train-subset", "15"], "not a positive multiple of the 10 classes", marks=pytest.mark.slow),
+        pytest.param(["--train-subset", "40"], "which has only 3", marks=pytest.mark.slow),
+        (["--resume"], "no checkpoint"),
+        (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "image.jpg").write_bytes(b"")  # images, but no train/ and val/ folders
@@ -251,12 +384,23 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("method, bad, message", [
-    ("mocov2", ["--queue-size", "100"], "not a positive multiple of --batch-size"),
-    ("ressl", ["--queue-size", "8"], "not a positive multiple of --batch-size"),
-    ("simclr", ["--beta", "-0.1"], "--beta must be between 0 and 1"),
-    ("dino", ["--center-momentum", "inf"], "--center-momentum must be between 0 and 1 (got inf)"),
-])
+# All slow: test_bad_input_... checks the one-line refusal, test_every_numeric_flag_... every method's flag ranges.
+@pytest.mark.parametrize(
+    "method, bad, message",
+    [
+        pytest.param(
+            "mocov2", ["--queue-size", "100"], "not a positive multiple of --batch-size", marks=pytest.mark.slow
+        ),
+        pytest.param("ressl", ["--queue-size", "8"], "not a positive multiple of --batch-size", marks=pytest.mark.slow),
+        pytest.param("simclr", ["--beta", "-0.1"], "--beta must be between 0 and 1", marks=pytest.mark.slow),
+        pytest.param(
+            "dino",
+            ["--center-momentum", "inf"],
+            "--center-momentum must be between 0 and 1 (got inf)",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_method_specific_bad_input(tmp_path, method, bad, message):
     result = run(f"{method}.py", *tiny_args(method), "--out-dir", tmp_path / "run", *bad, check=False)
     lines = result.stderr.strip().splitlines()
@@ -265,9 +409,12 @@ def test_method_specific_bad_input(tmp_path, method, bad, message):
 
 METHOD_MODULES = {"byol": byol, "simsiam": simsiam, "simclr": simclr, "mocov2": mocov2, "dino": dino, "ressl": ressl}
 OUT_OF_RANGE = {  # (flag type, range): values that must be refused. argparse itself refuses nan and inf for ints.
-    (float, common.POSITIVE): ["0", "-1", "nan", "inf"], (float, common.NON_NEGATIVE): ["-1", "nan", "-inf"],
-    (float, common.FRACTION): ["-0.1", "1.5", "nan", "inf"], (int, common.POSITIVE): ["0", "-1"],
-    (int, common.NON_NEGATIVE): ["-1"]}
+    (float, common.POSITIVE): ["0", "-1", "nan", "inf"],
+    (float, common.NON_NEGATIVE): ["-1", "nan", "-inf"],
+    (float, common.FRACTION): ["-0.1", "1.5", "nan", "inf"],
+    (int, common.POSITIVE): ["0", "-1"],
+    (int, common.NON_NEGATIVE): ["-1"],
+}
 
 
 @pytest.mark.parametrize("method", METHOD_MODULES)
@@ -302,6 +449,7 @@ def test_linear_eval_refuses_out_of_range_numbers():
             linear_eval.parse_args(["--random-init", "--dataset", "synthetic", f"{flag}={value}"])
 
 
+@pytest.mark.slow  # the default run: test_bad_input_... (--resume, no checkpoint), resumes
 def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -347,12 +495,16 @@ def test_byol_loss_stops_the_gradient_at_the_target():
 
 def test_method_files_share_their_skeleton_verbatim():
     """STYLE: shared scaffolding is identical in every method file, so `diff a.py b.py` shows the method."""
+
     def block(text, start, end):
-        return text[text.index(start):text.index(end, text.index(start))]
+        return text[text.index(start) : text.index(end, text.index(start))]
+
     texts = {m: (ROOT / f"{m}.py").read_text() for m in METHODS}
-    for start, end in [("    # Run state:", "    while step < last_step:"),
-                       ("    while step < last_step:", "        for i in range(first, steps_per_epoch):"),
-                       ("            loss_sum += loss.detach()", "if __name__")]:
+    for start, end in [
+        ("    # Run state", "    while run.step < last_step:"),
+        ("    while run.step < last_step:", "        for i in range(first_batch, steps_per_epoch):"),
+        ("            run.loss_sum += loss.detach()", "if __name__"),
+    ]:
         blocks = {m: block(text, start, end) for m, text in texts.items()}
         assert len(set(blocks.values())) == 1, f"the block starting {start.strip()!r} differs between method files"
     for m, text in texts.items():
@@ -389,15 +541,20 @@ def test_nt_xent_closed_form_and_reference():
     assert simclr.nt_xent(same, same, 0.2).item() == pytest.approx(math.log(2 * n - 1), abs=1e-5)
     torch.manual_seed(0)
     anchors, candidates = torch.randn(2 * n, 8), torch.randn(2 * n, 8)
-    assert simclr.nt_xent(anchors, anchors, 0.2).item() == pytest.approx(reference_nt_xent(anchors, anchors, 0.2), abs=1e-4)
+    assert simclr.nt_xent(anchors, anchors, 0.2).item() == pytest.approx(
+        reference_nt_xent(anchors, anchors, 0.2), abs=1e-4
+    )
     assert simclr.nt_xent(anchors, candidates, 0.5).item() == pytest.approx(
-        reference_nt_xent(anchors, candidates, 0.5), abs=1e-4)
+        reference_nt_xent(anchors, candidates, 0.5), abs=1e-4
+    )
 
 
 def test_info_nce_closed_form_and_reference():
     k_size = 20
     v = torch.ones(4, 8)
-    assert mocov2.info_nce(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.2).item() == pytest.approx(math.log(k_size + 1), abs=1e-5)
+    assert mocov2.info_nce(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.2).item() == pytest.approx(
+        math.log(k_size + 1), abs=1e-5
+    )
     torch.manual_seed(0)
     q, k, queue = torch.randn(4, 8), torch.randn(4, 8), F.normalize(torch.randn(k_size, 8), dim=1)
     expected = 0.0
@@ -417,7 +574,9 @@ def test_moco_queues_enqueue_after_use_in_fifo_order():
     expected = (mocov2.info_nce(q_1, k_2, before[1], 0.2) + mocov2.info_nce(q_2, k_1, before[0], 0.2)) / 2
     assert loss.item() == pytest.approx(expected.item())
     queues.push(k_1, k_2)
-    assert torch.allclose(queues.keys[0, :4], F.normalize(k_1, dim=1)) and torch.equal(queues.keys[0, 4:], before[0, 4:])
+    assert torch.allclose(queues.keys[0, :4], F.normalize(k_1, dim=1)) and torch.equal(
+        queues.keys[0, 4:], before[0, 4:]
+    )
     assert torch.allclose(queues.keys[1, :4], F.normalize(k_2, dim=1)) and int(queues.pointer) == 4
     queues.push(k_2, k_1)
     queues.push(k_1, k_2)  # wraps around: the oldest slots are replaced first
@@ -431,8 +590,11 @@ def test_dino_loss_closed_form_and_reference():
     loss = dino.dino_loss(zeros, zeros[:2], torch.zeros(1, k_size), 0.1, 0.04)
     assert loss.item() == pytest.approx(math.log(k_size), abs=1e-5)
     torch.manual_seed(0)
-    student, teacher, centre = [torch.randn(4, k_size) for _ in range(3)], [torch.randn(4, k_size) for _ in range(2)], \
-        torch.randn(1, k_size)
+    student, teacher, centre = (
+        [torch.randn(4, k_size) for _ in range(3)],
+        [torch.randn(4, k_size) for _ in range(2)],
+        torch.randn(1, k_size),
+    )
     total, pairs = 0.0, 0
     for a in range(2):  # written out: -sum_k P_t(k) log P_s(k) over samples, for teacher view a != student view b
         for b in range(3):
@@ -469,7 +631,9 @@ def test_dino_teacher_temperature_warms_up():
 def test_ressl_loss_closed_form_and_reference():
     k_size = 16
     v = torch.ones(4, 8)
-    assert ressl.ressl_loss(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.1, 0.04).item() == pytest.approx(math.log(k_size), abs=1e-5)
+    assert ressl.ressl_loss(v, v, F.normalize(torch.ones(k_size, 8), dim=1), 0.1, 0.04).item() == pytest.approx(
+        math.log(k_size), abs=1e-5
+    )
     torch.manual_seed(0)
     q, k, queue = torch.randn(4, 8), torch.randn(4, 8), F.normalize(torch.randn(k_size, 8), dim=1)
     expected = 0.0
@@ -483,11 +647,11 @@ def test_ressl_loss_closed_form_and_reference():
 
 def test_ressl_teacher_runs_from_the_image_and_counts_its_backbone_pass():
     online, _, target, _ = small_setup("projector")
-    online.counter = common.ForwardCounter(online.backbone, 16)
+    counter = common.ForwardCounter(online, target, 16)
     x_s, x_w = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     online(x_s)  # the student's view, with gradient
-    k = target({"conv1": x_w})  # the online backbone runs on the weak view, without gradient
-    assert online.counter.forwards_per_image() == pytest.approx(2.0)
+    k = target.from_image(x_w)  # the online backbone runs on the weak view, without gradient
+    assert counter.forwards_per_image() == pytest.approx(2.0)
     with torch.no_grad():
         _, z_w, _ = online(x_w)
     assert torch.allclose(k, z_w, atol=1e-5)  # the EMA projector still equals the online one
@@ -549,7 +713,7 @@ def test_beta_one_freezes_the_listed_stages_bit_identically():
 
 def test_shared_stages_are_the_online_modules_and_ema_stages_lag():
     online, predictor, target, optimizer = small_setup("block4,projector")
-    modules, online_stages = target.stage_modules(), online.stages()
+    modules, online_stages = target.stages(), online.stages()
     for stage in ("conv1", "block1", "block2", "block3"):
         assert modules[stage] is online_stages[stage]  # shared: the very same module, not a copy
     for stage in ("block4", "projector"):
@@ -575,11 +739,14 @@ def test_ema_update_is_equation_6():
 def test_target_branch_reuses_the_online_activation():
     """With EMA on the projector only, the backbone runs once per view: the target starts from f."""
     online, _, target, _ = small_setup("projector")
-    online.counter = common.ForwardCounter(online.backbone, 16)
+    counter = common.ForwardCounter(online, target, 16)
     f, z, acts = online(torch.randn(4, 3, 16, 16))
     z_m = target(acts)
     assert torch.allclose(z_m, z.detach(), atol=1e-5)  # the copy still equals the online projector
-    assert online.counter.forwards_per_image() == pytest.approx(1.0)
+    assert counter.forwards_per_image() == pytest.approx(1.0)
+    online.eval()  # evaluation passes are not counted
+    online(torch.randn(4, 3, 16, 16))
+    assert counter.forwards_per_image() == pytest.approx(1.0)
 
 
 def test_shared_stages_in_the_target_branch_leave_online_running_stats_alone():
@@ -646,8 +813,13 @@ def test_lars_step_matches_its_formula():
     torch.manual_seed(0)
     w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
     w0, b0 = w.detach().clone(), b.detach().clone()
-    opt = common.LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars": False}],
-                      lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    opt = common.LARS(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars": False}],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=0.1,
+        eta=0.02,
+    )
     w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
     gw, gb = w.grad.clone(), b.grad.clone()
     opt.step()
@@ -689,18 +861,37 @@ def test_probe_loss_skips_unlabelled_images():
 # ---------------------------------------------------------------------------------------------
 
 
+# Brightness, contrast and saturation one at a time, written out plainly: the references for
+# common.adjust_brightness_contrast_or_saturation, which does all three in one pass.
+def adjust_brightness(x, factor):
+    return common._blend(x, torch.zeros_like(x[:, :1]), factor)
+
+
+def adjust_contrast(x, factor):
+    mean = common.to_grayscale(x)[:, :1].mean(dim=(1, 2, 3), keepdim=True)
+    return common._blend(x, mean, factor)
+
+
+def adjust_saturation(x, factor):
+    return common._blend(x, common.to_grayscale(x), factor)
+
+
 @pytest.fixture(scope="module")
 def real_images():
     if not MINI.is_dir():
         pytest.skip("../shared/data/cifar10-mini is absent")
     from PIL import Image
     import torchvision.transforms.v2.functional as TF
+
     paths = sorted((MINI / "train").glob("*/*.jpg"))[::125][:16]
-    return torch.stack([TF.to_dtype(TF.to_image(Image.open(p).convert("RGB")), torch.float32, scale=True) for p in paths])
+    return torch.stack(
+        [TF.to_dtype(TF.to_image(Image.open(p).convert("RGB")), torch.float32, scale=True) for p in paths]
+    )
 
 
 def test_crop_and_flip_equal_torchvision_for_the_same_parameters(real_images):
     import torchvision.transforms.v2.functional as TF
+
     g = torch.Generator().manual_seed(0)
     n = len(real_images)
     top, left, h, w = common.sample_crop_params(n, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
@@ -719,6 +910,7 @@ def test_crop_parameters_stay_inside_the_image_and_the_ranges():
     area = (h * w).float() / 1024
     assert area.min() >= 0.06 and area.max() <= 1.0
     import torchvision.transforms.v2 as T
+
     torch.manual_seed(1)
     ref = [T.RandomResizedCrop(32).make_params([torch.zeros(3, 32, 32)]) for _ in range(4000)]
     ref_area = torch.tensor([p["height"] * p["width"] / 1024 for p in ref])
@@ -729,19 +921,38 @@ def test_crop_parameters_stay_inside_the_image_and_the_ranges():
 def test_colour_ops_match_torchvision(real_images, name):
     """Same per-image parameter as torchvision's op: equal within 1e-5 (float32 arithmetic order)."""
     import torchvision.transforms.v2.functional as TF
+
     g = torch.Generator().manual_seed(2)
     n = len(real_images)
     factor = common._uniform(0.2, 1.8, n, g, "cpu")
     shift = common._uniform(-0.5, 0.5, n, g, "cpu")
     sigma = common._uniform(0.1, 2.0, n, g, "cpu")
     ours, ref = {
-        "brightness": (common.adjust_brightness(real_images, factor), [TF.adjust_brightness(x, float(f)) for x, f in zip(real_images, factor)]),
-        "contrast": (common.adjust_contrast(real_images, factor), [TF.adjust_contrast(x, float(f)) for x, f in zip(real_images, factor)]),
-        "saturation": (common.adjust_saturation(real_images, factor), [TF.adjust_saturation(x, float(f)) for x, f in zip(real_images, factor)]),
-        "hue": (common.adjust_hue(real_images, shift), [TF.adjust_hue(x, float(s)) for x, s in zip(real_images, shift)]),
-        "grayscale": (common.to_grayscale(real_images), [TF.rgb_to_grayscale(x, num_output_channels=3) for x in real_images]),
+        "brightness": (
+            adjust_brightness(real_images, factor),
+            [TF.adjust_brightness(x, float(f)) for x, f in zip(real_images, factor)],
+        ),
+        "contrast": (
+            adjust_contrast(real_images, factor),
+            [TF.adjust_contrast(x, float(f)) for x, f in zip(real_images, factor)],
+        ),
+        "saturation": (
+            adjust_saturation(real_images, factor),
+            [TF.adjust_saturation(x, float(f)) for x, f in zip(real_images, factor)],
+        ),
+        "hue": (
+            common.adjust_hue(real_images, shift),
+            [TF.adjust_hue(x, float(s)) for x, s in zip(real_images, shift)],
+        ),
+        "grayscale": (
+            common.to_grayscale(real_images),
+            [TF.rgb_to_grayscale(x, num_output_channels=3) for x in real_images],
+        ),
         "solarize": (common.solarize(real_images), [TF.solarize(x, 128 / 255) for x in real_images]),
-        "blur": (common.gaussian_blur(real_images, sigma, 13), [TF.gaussian_blur(x, [13, 13], [float(s), float(s)]) for x, s in zip(real_images, sigma)]),
+        "blur": (
+            common.gaussian_blur(real_images, sigma, 13),
+            [TF.gaussian_blur(x, [13, 13], [float(s), float(s)]) for x, s in zip(real_images, sigma)],
+        ),
     }[name]
     assert (ours - torch.stack(ref)).abs().max() < 1e-5
 
@@ -752,7 +963,7 @@ def test_one_pass_blend_equals_brightness_contrast_and_saturation(real_images):
     n = len(real_images)
     factor, op = common._uniform(0.2, 1.8, n, g, "cpu"), torch.arange(n) % 3
     one_pass = common.adjust_brightness_contrast_or_saturation(real_images, op, factor)
-    for k, adjust in enumerate((common.adjust_brightness, common.adjust_contrast, common.adjust_saturation)):
+    for k, adjust in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)):
         assert torch.equal(one_pass[op == k], adjust(real_images[op == k], factor[op == k])), k
 
 
@@ -773,7 +984,11 @@ def test_augment_draws_per_sample_parameters_and_is_reproducible():
 def test_masked_and_indexed_application_agree():
     """The CUDA path (compute all, keep the selected) equals the CPU path (compute the selected only)."""
     torch.manual_seed(0)
-    x, selected, sigma = torch.rand(6, 3, 16, 16), torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), torch.rand(6) + 0.5
+    x, selected, sigma = (
+        torch.rand(6, 3, 16, 16),
+        torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool),
+        torch.rand(6) + 0.5,
+    )
     blur = lambda v, s: common.gaussian_blur(v, s, 7)
     indexed = common._apply_to(x.clone(), selected, blur, sigma, masked=False)
     masked = common._apply_to(x.clone(), selected, blur, sigma, masked=True)
@@ -794,20 +1009,25 @@ def test_augment_is_the_same_on_the_masked_path(monkeypatch):
 def views_data(n, seed=0):
     """A stand-in for common.Data: n random uint8 images, their labels 0..n-1, a mean and std."""
     images = (torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
-    return SimpleNamespace(train_images=images, train_labels=torch.arange(n), mean=torch.full((3,), 0.5),
-                           std=torch.full((3,), 0.25))
+    return SimpleNamespace(
+        train_images=images, train_labels=torch.arange(n), mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25)
+    )
 
 
 def test_views_with_aug_chunk_1_draw_what_augmenting_each_batch_draws():
     """--aug-chunk 1 is the plain loop: per batch, one augment call per recipe, from the run's generator."""
     data = views_data(40)
-    recipes = [common.ViewRecipe(), common.ViewRecipe(solarize_p=0.2), common.ViewRecipe(size=16, crop_scale=(0.05, 0.4))]
+    recipes = [
+        common.ViewRecipe(),
+        common.ViewRecipe(solarize_p=0.2),
+        common.ViewRecipe(size=16, crop_scale=(0.05, 0.4)),
+    ]
     order = torch.randperm(40, generator=torch.Generator().manual_seed(1))
     views = common.Views(data, recipes, 8, 1, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     for i in range(5):
         got, labels = views.batch(order, 0, i)
-        index = order[i * 8:(i + 1) * 8]
+        index = order[i * 8 : (i + 1) * 8]
         assert torch.equal(labels, data.train_labels[index]) and [v.shape[-1] for v in got] == [32, 32, 16]
         for view, recipe in zip(got, recipes):
             assert torch.equal(view, common.augment(data.train_images[index], recipe, data.mean, data.std, generator))
@@ -820,9 +1040,11 @@ def test_views_in_chunks_give_each_batch_its_images_and_resume_inside_a_chunk():
     views = common.Views(data, [plain], batch, chunk, torch.Generator().manual_seed(0))
     for i in range(5):  # an augmentation that changes nothing shows which images each batch got
         (view,), labels = views.batch(order, 0, i)
-        index = order[i * batch:(i + 1) * batch]
+        index = order[i * batch : (i + 1) * batch]
         assert torch.equal(labels, data.train_labels[index])
-        assert torch.allclose(view, common.normalize(data.train_images[index].float() / 255, data.mean, data.std), atol=1e-6)
+        assert torch.allclose(
+            view, common.normalize(data.train_images[index].float() / 255, data.mean, data.std), atol=1e-6
+        )
     # Random views: a run resumed from the generator state saved after any batch draws what the run drew.
     recipes = [common.ViewRecipe(), common.ViewRecipe(blur_p=0.5)]
     generator = torch.Generator().manual_seed(0)
@@ -840,21 +1062,151 @@ def test_views_in_chunks_give_each_batch_its_images_and_resume_inside_a_chunk():
         assert all(torch.equal(a, b) for a, b in zip(again, drawn[k + 1])), f"resumed after batch {k}"
 
 
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped without one): bf16 autocast, the masked augmentation path, resume, --compile
+# ---------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_RUN = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "64",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--device",
+    "cuda",
+    "--epochs",
+    "2",
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_bf16_runs_every_method_and_stage_set(tmp_path, method):
+    for stages in ("all", "projector", "none"):
+        run(
+            f"{method}.py",
+            *CUDA_RUN,
+            *SMALL_HEADS[method],
+            "--max-steps",
+            "3",
+            "--ema-stages",
+            stages,
+            "--out-dir",
+            tmp_path / stages,
+        )
+        (line,) = metrics(tmp_path / stages)
+        assert math.isfinite(line["loss"]) and line["step"] == 3, (stages, line)
+
+
+@needs_cuda
+def test_cuda_augmentation_ops_equal_the_cpu_ones():
+    """Each augmentation primitive on CUDA (the masked path of _apply_to included) against the CPU, same parameters."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32, generator=g)
+    top, left, height, width = common.sample_crop_params(8, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    flip = torch.rand(8, generator=g) < 0.5
+    factor, shift, sigma = (
+        torch.rand(8, generator=g) + 0.5,
+        torch.rand(8, generator=g) - 0.5,
+        torch.rand(8, generator=g) + 0.1,
+    )
+    op = torch.randint(0, 3, (8,), generator=g)
+    selected = torch.rand(8, generator=g) < 0.5
+    cases = {
+        "resized_crop": lambda d: common.resized_crop(
+            x.to(d), top.to(d), left.to(d), height.to(d), width.to(d), 32, flip.to(d)
+        ),
+        "blend": lambda d: common.adjust_brightness_contrast_or_saturation(x.to(d), op.to(d), factor.to(d)),
+        "hue": lambda d: common.adjust_hue(x.to(d), shift.to(d)),
+        "blur": lambda d: common.gaussian_blur(x.to(d), sigma.to(d), 13),
+        "grayscale": lambda d: common.to_grayscale(x.to(d)),
+        "solarize": lambda d: common.solarize(x.to(d)),
+        "apply_to": lambda d: common._apply_to(x.to(d).clone(), selected.to(d), common.solarize),
+    }
+    for name, case in cases.items():
+        assert torch.allclose(case("cuda").cpu(), case("cpu"), atol=1e-4), name
+
+
+@needs_cuda
+def test_cuda_chunked_views_give_every_batch_its_images():
+    """--aug-chunk 16 on CUDA: every batch gets its own images, as with chunk 1 (crop and flip fixed: same views)."""
+    images = (torch.rand(64, 3, 16, 16) * 255).to(torch.uint8).cuda()
+    data = SimpleNamespace(
+        train_images=images,
+        train_labels=torch.arange(64).cuda(),
+        mean=torch.full((3,), 0.5).cuda(),
+        std=torch.full((3,), 0.25).cuda(),
+    )
+    fixed = common.ViewRecipe(
+        size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=1.0, flip_p=0.0, solarize_p=1.0
+    )
+    order = torch.randperm(64, device="cuda")
+    made = {}
+    for chunk in (1, 16):
+        views = common.Views(data, [fixed], 8, chunk, torch.Generator("cuda").manual_seed(0))
+        made[chunk] = [views.batch(order, 0, i) for i in range(8)]
+    for ((v1,), y1), ((v16,), y16) in zip(made[1], made[16]):
+        assert torch.equal(y1, y16) and torch.allclose(v1, v16, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_resume_continues_the_run(tmp_path):
+    """Cut at step 3 inside an epoch and resumed on CUDA: the same steps and metrics as a run never cut (with
+    --deterministic, up to float tolerance)."""
+    args = [*CUDA_RUN, *SMALL_HEADS["byol"], "--deterministic", "--ema-stages", "block4,projector"]
+    run("byol.py", *args, "--out-dir", tmp_path / "straight")
+    run("byol.py", *args, "--max-steps", "3", "--out-dir", tmp_path / "split")
+    run("byol.py", *args, "--out-dir", tmp_path / "split", "--resume")
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [4, 8]
+    for m, n in zip(a, b):
+        assert m["loss"] == pytest.approx(n["loss"], rel=1e-3), (m, n)
+
+
+@needs_cuda
+def test_cuda_compile_runs_and_keeps_the_checkpoint_keys(tmp_path):
+    args = [*CUDA_RUN, *SMALL_HEADS["byol"], "--max-steps", "2", "--ema-stages", "projector"]
+    run("byol.py", *args, "--compile", "--out-dir", tmp_path / "compiled")
+    run("byol.py", *args, "--out-dir", tmp_path / "eager")
+    compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["models"]
+    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["models"]
+    assert {k: v.keys() for k, v in compiled.items()} == {k: v.keys() for k, v in eager.items()}
+    assert math.isfinite(metrics(tmp_path / "compiled")[0]["loss"])
+
+
 @needs_mini
 def test_image_folder_loads_cifar10_mini():
-    import argparse
-    args = argparse.Namespace(dataset="imagefolder", data_dir=str(MINI), no_download=True, image_size=None,
-                              synthetic_size=0, seed=0, train_subset=None)
-    data = common.load_dataset(args, torch.device("cpu"))
+    data = common.load_dataset("imagefolder", str(MINI), torch.device("cpu"), download=False)
     assert data.train_images.shape == (2000, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (1000, 3, 32, 32) and data.num_classes == 10
     assert set(data.train_labels.tolist()) == set(range(10))
     assert 0.3 < float(data.mean.mean()) < 0.6 and 0.15 < float(data.std.mean()) < 0.35
 
 
+@pytest.mark.slow  # a tool run: tools/bench.py times every method
 def test_bench_prints_the_table_and_the_headline_ratios():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--device", "cpu", "--batch-size", "8",
-                             "--steps", "1", "--aug-images", "64"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--aug-images",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     headline = json.loads(result.stdout.strip().splitlines()[-1])
     assert headline["aug_speedup"] > 0 and headline["byol_projector_over_all_step_time"] > 0
@@ -862,13 +1214,44 @@ def test_bench_prints_the_table_and_the_headline_ratios():
         assert f"| byol | {stages} |" in result.stdout
 
 
+@pytest.mark.slow
+def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
+    flags = "--dataset synthetic --synthetic-size 64 --image-size 16 --batch-size 16 --width 8 --device cpu"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--real-epoch", f"{flags} {' '.join(SMALL_HEADS['byol'])}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["real_epoch_seconds"] > 0 and summary["lean_epoch_seconds"] > 0
+    assert summary["overhead"] == pytest.approx(summary["real_epoch_seconds"] / summary["lean_epoch_seconds"])
+    assert "| real (byol.py, the second epoch, kNN aside) |" in result.stdout and "(4 steps of 16)" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's instruments: gradient norms (Fig. 5), weight paths (Fig. 2), BN1/BN2 (Table C.8),
 # figures and reproduction drivers
 # ---------------------------------------------------------------------------------------------
 
-FIG2 = [*SYNTHETIC, "--epochs", "2", "--proj-hidden-dim", "2", "--pred-hidden-dim", "16", "--ema-stages", "projector",
-        "--beta-schedule", "constant", "--track-weights", "3", "--deterministic"]
+FIG2 = [
+    *SYNTHETIC,
+    "--epochs",
+    "2",
+    "--proj-hidden-dim",
+    "2",
+    "--pred-hidden-dim",
+    "16",
+    "--ema-stages",
+    "projector",
+    "--beta-schedule",
+    "constant",
+    "--track-weights",
+    "3",
+    "--deterministic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -912,13 +1295,17 @@ def test_grad_norm_hooks_equal_autograd_on_each_stage_output():
             outs.append(h)
         outs.append(online.projector(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)))
         return outs
+
     o_1, o_2 = outputs(x_1), outputs(x_2)
     grads = torch.autograd.grad((o_1[-1] * o_2[-1].flip(0)).sum().mul(0.3), o_1 + o_2)
     for k, stage in enumerate(common.STAGES):
         expected = max(grads[k].abs().max(), grads[k + 6].abs().max())
         assert measured[stage].item() == pytest.approx(expected.item(), rel=1e-4), stage
-    online.instruments = None  # off: Encoder.forward registers no hook at all
-    _, z, acts = online(x_1)
+    fresh = common.Encoder(common.ResNetCIFAR("resnet18"), common.mlp(512, 32, 16))  # off: no hook at all
+    off = type("Args", (), {"log_grad_norms": False, "track_weights": 0})
+    common.Instruments(off, fresh, common.NamedStageEMA(fresh, ["projector"]))
+    assert not any(module._forward_hooks for module in fresh.stages().values())
+    _, z, acts = fresh(x_1)
     assert z._backward_hooks is None and all(a._backward_hooks is None for a in acts.values())
 
 
@@ -937,6 +1324,7 @@ def test_tracked_target_rows_freeze_at_beta_1_and_follow_equation_6_below(instru
             assert torch.allclose(target[1:], beta * target[:-1] + (1 - beta) * online[1:], atol=1e-6)
 
 
+@pytest.mark.slow  # the default run: test_bad_input_...; instrumented_runs track weights
 def test_track_weights_needs_a_narrow_last_layer(tmp_path):
     result = run("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
     lines = result.stderr.strip().splitlines()
@@ -944,6 +1332,7 @@ def test_track_weights_needs_a_narrow_last_layer(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow  # the default run: test_resume_mid_epoch_... and instrumented_runs
 def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tmp_path):
     """Cut at step 3 (mid-epoch), leave junk past the checkpoint, resume: the files equal an uninterrupted run's."""
     out = tmp_path / "run"
@@ -956,11 +1345,22 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
         assert (out / name).read_text() == (instrumented_runs / "beta0.9" / name).read_text(), name
 
 
+@pytest.mark.slow  # options that add layers; the default run builds the same modules (common.mlp, the ResNet)
 @pytest.mark.parametrize("method", ["byol", "mocov2"])
 def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, method):
     out = tmp_path / "run"
-    run(f"{method}.py", *tiny_args(method), "--max-steps", "1", "--bn-block4", "--bn-proj", "--ema-stages", "projector",
-        "--out-dir", out)
+    run(
+        f"{method}.py",
+        *tiny_args(method),
+        "--max-steps",
+        "1",
+        "--bn-block4",
+        "--bn-proj",
+        "--ema-stages",
+        "projector",
+        "--out-dir",
+        out,
+    )
     models = torch.load(out / "last.pt", weights_only=False)["models"]
     online, target = models["online"], models["target"]
     assert online["backbone.block4.2.running_mean"].shape == (512,)  # BN1: after block4's two BasicBlocks
@@ -969,39 +1369,69 @@ def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, me
     assert f"ema.projector.{last}.running_var" in target  # and it is part of the EMA projector
 
 
+@pytest.mark.slow  # the default run: test_bad_input_...
 def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path):
     for method in ("dino", "simsiam"):
         result = run(f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False)
         assert result.returncode == 2 and "--bn-proj" in result.stderr
 
 
+@pytest.mark.slow  # a tool run; test_grad_norms_... and test_tracked_target_rows_... check its input
 def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
     pytest.importorskip("matplotlib")
     dirs = [instrumented_runs / "beta1", instrumented_runs / "beta0.9", smoke_runs["byol", "all"][0]]
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), *map(str, dirs), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot.py"), *map(str, dirs), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("top1", "accuracy-per-stage-set", "collapse", "grad-norms", "weights-2d", "weights-3d"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
 
 
-PAPER_EXPERIMENTS = {"table1", "table2", "table3", "table5", "table6", "table7", "tableC8", "tableD9", "fig4", "beta0.9995"}
+PAPER_EXPERIMENTS = {
+    "table1",
+    "table2",
+    "table3",
+    "table5",
+    "table6",
+    "table7",
+    "tableC8",
+    "tableD9",
+    "fig4",
+    "beta0.9995",
+}
 
 
 def test_reproduce_list_covers_every_experiment_with_valid_commands():
     sys.path.insert(0, str(ROOT / "tools"))
     import reproduce
     import linear_eval
+
     assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--list"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "reproduce.py"), "--list"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
-    modules = {"byol": byol, "simsiam": simsiam, "simclr": simclr, "mocov2": mocov2, "dino": dino, "ressl": ressl,
-               "linear_eval": linear_eval}
+    modules = {
+        "byol": byol,
+        "simsiam": simsiam,
+        "simclr": simclr,
+        "mocov2": mocov2,
+        "dino": dino,
+        "ressl": ressl,
+        "linear_eval": linear_eval,
+    }
     for name in PAPER_EXPERIMENTS:
         assert f"{name}: " in result.stdout
         commands = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("    python ")]
@@ -1012,10 +1442,25 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
     assert len(commands) == sum(len(e.runs) for e in reproduce.EXPERIMENTS.values())
 
 
+@pytest.mark.slow  # a tool run of four method runs; test_reproduce_list_... checks every command
 def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "table7", "--dataset", "synthetic", "--epochs", "1",
-           "--max-steps", "1", "--batch-size", "16", "--out-root", str(tmp_path),
-           "--extra", "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "reproduce.py"),
+        "table7",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--out-root",
+        str(tmp_path),
+        "--extra",
+        "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("[run]") == 4
@@ -1027,6 +1472,115 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     done.unlink()  # as if that run had been interrupted after its checkpoint
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1
+
+
+REPRODUCE_TINY = [
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "1",
+    "--max-steps",
+    "1",
+    "--batch-size",
+    "16",
+    "--extra",
+    "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32",
+]
+
+
+@pytest.mark.slow  # a tool run, as above
+def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_failed_one(tmp_path):
+    import os
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+
+    argv = ["table7", "--only", "lr 1.0,byol", *REPRODUCE_TINY, "--out-root", str(tmp_path), "--jobs", "2"]
+    args = reproduce.parse_args(argv)
+    dirs = {
+        run.label: reproduce.run_dir(args, reproduce.EXPERIMENTS["table7"], run)
+        for run in reproduce.EXPERIMENTS["table7"].runs
+        if "Fixed g" not in run.label or "1.0" in run.label
+    }
+    assert len(dirs) == 3
+    broken = dirs["BYOL, lr 1.0"]
+    broken.mkdir(parents=True)
+    (broken / "last.pt").write_bytes(b"not a checkpoint")  # its resume fails; the other rows must not care
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), *argv]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    out = first.stdout
+    assert first.returncode == 1, out + first.stderr
+    assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)} for each" in out
+    events = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
+    assert events[:2] == ["[resume]", "[run]"] and events.count("[run]") == 2, out  # two at once, then the third
+    assert events.count("[finished]") == 2 and events.count("[failed]") == 1, out
+    assert "[failed]  BYOL, lr 1.0: exit 2 after" in out and f"log {broken / 'reproduce.log'}" in out
+    assert out.index(f"wrote {tmp_path}") < out.index("1 of 3 runs failed") < out.rindex(str(broken / "reproduce.log"))
+    assert "is unreadable" in (broken / "reproduce.log").read_text()
+    for label, directory in dirs.items():
+        log = (directory / "reproduce.log").read_text()
+        assert log.startswith("$ python byol.py") and f"--out-dir {directory}" in log.splitlines()[0], label
+        assert (directory / "reproduce-done.json").exists() == (directory != broken), label
+        if directory != broken:
+            assert "summary: method=byol" in log and str(broken) not in log, label  # its own output only
+    (table,) = tmp_path.glob("*/table7.md")
+    ours = {
+        line.split("|")[1].strip(): line.split("|")[4].strip()
+        for line in table.read_text().splitlines()
+        if line.startswith("| BYOL") or line.startswith("| Fixed")
+    }  # row -> our linear top-1
+    assert ours.pop("BYOL, lr 1.0") == "-" and len(ours) == 2 and all(float(v) >= 0 for v in ours.values()), ours
+    (broken / "last.pt").unlink()  # the cause fixed: the same command runs that row only
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("[done]") == 2 and second.stdout.count("[run]") == 1 and "failed" not in second.stdout
+    assert "[finished] BYOL, lr 1.0: exit 0" in second.stdout
+    assert (broken / "reproduce.log").read_text().count("$ python byol.py") == 2  # appended: both attempts kept
+    assert all(
+        cell != "-"
+        for cell in [
+            line.split("|")[4].strip()
+            for line in table.read_text().splitlines()
+            if line.startswith("| BYOL") or line.startswith("| Fixed")
+        ]
+    )
+
+
+@pytest.mark.slow  # a tool run, as above
+def test_reproduce_jobs_ctrl_c_stops_the_runs(tmp_path):
+    import os
+    import re
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "reproduce.py"),
+        "table7",
+        *REPRODUCE_TINY,
+        "--out-root",
+        str(tmp_path),
+        "--jobs",
+        "3",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    pids = []
+    for line in parent.stdout:
+        pids += [int(pid) for pid in re.findall(r"^\[run\] .*\(pid (\d+),", line)]
+        if len(pids) == 3:
+            break
+    for pid in pids:  # each child got its share of the CPU threads
+        environ = Path(f"/proc/{pid}/environ")
+        if environ.exists():
+            assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 3)}" in environ.read_bytes().decode().split("\0")
+    parent.send_signal(signal.SIGINT)  # to the parent only, not to its children
+    rest, _ = parent.communicate(timeout=120)
+    stopped = re.findall(r"stopped the runs still going \(pids ([\d, ]+)\)", rest)
+    assert parent.returncode == 130 and stopped and set(map(int, stopped[0].split(", "))) <= set(pids), rest
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone, and reaped
+    assert not list(tmp_path.glob("*/*/reproduce-done.json")) and not list(tmp_path.glob("*/table7.md"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,11 +1611,9 @@ def test_train_subset_takes_the_first_images_of_each_class_in_dataset_order():
 
 @needs_mini
 def test_train_subset_on_an_image_folder_decodes_only_the_first_files_of_each_class():
-    import argparse
     from PIL import Image
-    args = argparse.Namespace(dataset="imagefolder", data_dir=str(MINI), no_download=True, image_size=None,
-                              synthetic_size=0, seed=0, train_subset=30)
-    data = common.load_dataset(args, torch.device("cpu"))
+
+    data = common.load_dataset("imagefolder", str(MINI), torch.device("cpu"), train_subset=30, download=False)
     assert data.train_labels.tolist() == [c for c in range(10) for _ in range(3)]
     assert len(data.test_images) == 1000  # the test split stays whole
     classes = sorted(p.name for p in (MINI / "train").iterdir())
@@ -1078,7 +1630,10 @@ def test_preset_laptop_changes_defaults_and_flags_given_still_win():
     assert (paper.width, paper.train_subset, paper.epochs, paper.lr, paper.queue_size) == (64, None, 200, 0.3, 32768)
     assert (laptop.width, laptop.train_subset, laptop.epochs, laptop.warmup_epochs) == (16, 10000, 10, 1)
     assert (laptop.lr, laptop.temperature, laptop.queue_size, laptop.beta_schedule) == (0.06, 0.1, 4096, "constant")
-    assert (paper.blur_p, laptop.blur_p) == (0.5, 0.0)  # the recipe's blur; none in the CIFAR recipes of MoCo and SimCLR
+    assert (paper.blur_p, laptop.blur_p) == (
+        0.5,
+        0.0,
+    )  # the recipe's blur; none in the CIFAR recipes of MoCo and SimCLR
     assert laptop.out_dir.endswith("-laptop") and not paper.out_dir.endswith("-laptop")
     mine = byol.parse_args(["--preset", "laptop", "--lr", "0.5", "--width", "8", "--beta-schedule", "cosine"])
     assert (mine.lr, mine.width, mine.beta_schedule, mine.epochs) == (0.5, 8, "cosine", 10)
@@ -1092,8 +1647,28 @@ def test_blur_p_reaches_the_view_recipes(module, tmp_path, monkeypatch):
     made = []  # the keyword arguments of every ViewRecipe the method builds
     real_recipe = common.ViewRecipe
     monkeypatch.setattr(common, "ViewRecipe", lambda **kwargs: made.append(kwargs) or real_recipe(**kwargs))
-    argv = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16", "--width", "8",
-            "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--blur-p", "0.25", "--out-dir", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "32",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--blur-p",
+        "0.25",
+        "--out-dir",
+        str(tmp_path),
+    ]
     module.main(argv + (["--queue-size", "32"] if module is mocov2 else []))
     assert [recipe.get("blur_p") for recipe in made] == [0.25], made
 
@@ -1102,9 +1677,13 @@ def test_output_spread_reads_0_when_collapsed_and_1_when_spread_out():
     torch.manual_seed(0)
     v = torch.randn(1, 64)
     assert common.output_spread(v.repeat(500, 1)) == pytest.approx(0, abs=1e-6)  # every row equal
-    assert common.output_spread((torch.rand(500, 1) * 3 + 0.1) * v) == pytest.approx(0, abs=1e-5)  # rank 1: one direction
+    assert common.output_spread((torch.rand(500, 1) * 3 + 0.1) * v) == pytest.approx(
+        0, abs=1e-5
+    )  # rank 1: one direction
     assert common.output_spread(torch.randn(5000, 64)) == pytest.approx(1, abs=0.03)  # random Gaussian outputs
-    assert common.output_spread(torch.randn(5000, 64) * 100 + 3) > 0.9  # scale-free; a small shared offset barely matters
+    assert (
+        common.output_spread(torch.randn(5000, 64) * 100 + 3) > 0.9
+    )  # scale-free; a small shared offset barely matters
     half = torch.cat([torch.randn(5000, 32), torch.zeros(5000, 32)], dim=1)  # half the dimensions dead
     assert common.output_spread(half) == pytest.approx(math.sqrt(0.5), abs=0.03)
 
@@ -1112,7 +1691,9 @@ def test_output_spread_reads_0_when_collapsed_and_1_when_spread_out():
 def test_effective_rank_counts_the_dimensions_in_use():
     torch.manual_seed(0)
     assert common.effective_rank(torch.randn(1, 32).repeat(100, 1)) == pytest.approx(1, abs=1e-4)  # all rows equal
-    assert common.effective_rank(torch.randn(100, 1) @ torch.randn(1, 32)) == pytest.approx(1, abs=1e-4)  # rank 1 (float32 rounding)
+    assert common.effective_rank(torch.randn(100, 1) @ torch.randn(1, 32)) == pytest.approx(
+        1, abs=1e-4
+    )  # rank 1 (float32 rounding)
     assert common.effective_rank(torch.eye(32)) == pytest.approx(32, abs=1e-6)  # 32 equal singular values
     diagonal = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0]))  # closed form: exp(entropy of (1/3, 1/3, 1/3)) = 3
     assert common.effective_rank(diagonal) == pytest.approx(3, abs=1e-6)
@@ -1120,6 +1701,7 @@ def test_effective_rank_counts_the_dimensions_in_use():
     assert math.isnan(common.effective_rank(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])))  # a diverged run
 
 
+@pytest.mark.slow  # the default run: test_output_spread_..., test_effective_rank_...
 def test_the_collapse_monitor_is_in_metrics_and_the_epoch_line(tmp_path):
     result = run("byol.py", *TINY, "--out-dir", tmp_path / "run")
     last = metrics(tmp_path / "run")[-1]
@@ -1129,31 +1711,76 @@ def test_the_collapse_monitor_is_in_metrics_and_the_epoch_line(tmp_path):
 
 def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
     run("simclr.py", *tiny_args("simclr"), "--width", "8", "--train-subset", "30", "--out-dir", tmp_path / "run")
-    run("linear_eval.py", tmp_path / "run", "--epochs", "1", "--no-augment", "--device", "cpu", "--out", tmp_path / "e.json")
+    run(
+        "linear_eval.py",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "e.json",
+    )
     saved = json.loads((tmp_path / "e.json").read_text())
     assert (saved["width"], saved["train_subset"]) == (8, 30)
-    run("linear_eval.py", "--random-init", "--width", "8", "--dataset", "synthetic", "--epochs", "1", "--no-augment",
-        "--device", "cpu", "--out", tmp_path / "r.json")
+    run(
+        "linear_eval.py",
+        "--random-init",
+        "--width",
+        "8",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r.json",
+    )
     assert json.loads((tmp_path / "r.json").read_text())["width"] == 8
 
 
+@pytest.mark.slow  # the default run: test_resume_mid_epoch_... resumes with the same flags
 def test_resume_refuses_another_train_subset(tmp_path):
     run("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
     result = run("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
     assert result.returncode == 2 and "--train-subset 30" in result.stderr
 
 
+@pytest.mark.slow  # a tool run of three method runs and linear_eval.py
 def test_reproduce_laptop_writes_the_table_against_the_random_backbone(tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "laptop", "--only", "random,simclr: ema none,mocov2: ema none",
-           "--dataset", "synthetic", "--epochs", "1", "--max-steps", "1", "--batch-size", "16", "--queue-size", "16",
-           "--out-root", str(tmp_path), "--extra", "--synthetic-size 32 --image-size 16 --device cpu --train-subset 30 "
-                                                   "--width 8 --proj-hidden-dim 32"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "reproduce.py"),
+        "laptop",
+        "--only",
+        "random,simclr: ema none,mocov2: ema none",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--queue-size",
+        "16",
+        "--out-root",
+        str(tmp_path),
+        "--extra",
+        "--synthetic-size 32 --image-size 16 --device cpu --train-subset 30 --width 8 --proj-hidden-dim 32",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("[run]") == 3 and "--preset laptop" in result.stdout
     (table,) = tmp_path.glob("*/laptop.md")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in table.read_text().splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     random_knn = float(rows["random backbone (same width, never trained)"][0])
     for label in ("simclr: EMA none (classic)", "mocov2: EMA none"):
         knn, above, linear, spread, rank = rows[label][:5]
@@ -1171,6 +1798,7 @@ def test_reproduce_laptop_writes_the_table_against_the_random_backbone(tmp_path)
     assert "simclr: EMA none (classic) (unfinished: epoch 0 of 1)" in table.read_text()
 
 
+@pytest.mark.slow  # 10 epochs on real images; the default run trains on synthetic ones
 @needs_mini
 def test_simclr_learns_on_real_images(tmp_path):
     """Learning is a result: SimCLR on cifar10-mini's 2,000 real training images, width 8, 10 epochs
@@ -1182,11 +1810,168 @@ def test_simclr_learns_on_real_images(tmp_path):
     seed's. Weighted kNN with k = 200 is too coarse here (200 neighbours out of 200 images per
     class): its margins were +5.7, +1.0 and +4.7."""
     mini = ["--dataset", "imagefolder", "--data-dir", MINI, "--width", "8", "--device", "cpu", "--seed", "0"]
-    run("simclr.py", *mini, "--batch-size", "64", "--epochs", "10", "--warmup-epochs", "1", "--eval-every", "10",
-        "--out-dir", tmp_path / "run")
+    run(
+        "simclr.py",
+        *mini,
+        "--batch-size",
+        "64",
+        "--epochs",
+        "10",
+        "--warmup-epochs",
+        "1",
+        "--eval-every",
+        "10",
+        "--out-dir",
+        tmp_path / "run",
+    )
     trained = metrics(tmp_path / "run")[-1]
     run("linear_eval.py", "--random-init", *mini, "--epochs", "1", "--no-augment", "--out", tmp_path / "random.json")
     random_backbone = json.loads((tmp_path / "random.json").read_text())  # the same initial weights (same seed)
     margin = trained["knn1_top1"] - random_backbone["knn1_top1"]
     assert margin >= 3.0, f"1-NN top-1 {trained['knn1_top1']:.1f} is only {margin:+.1f} above the random backbone's"
     assert trained["output_spread"] > 0.2 and trained["feature_rank"] > 5  # measured 0.44-0.54 and 13-17: not collapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Course assignments: tools/assignment.py writes a student edition and its grading tests
+# (docs/teaching.md). The student edition leaves the tool out, so these tests skip there.
+# ---------------------------------------------------------------------------------------------
+
+ASSIGNMENT_TOOL = ROOT / "tools" / "assignment.py"
+needs_assignment_tool = pytest.mark.skipif(
+    not ASSIGNMENT_TOOL.is_file(),
+    reason="tools/assignment.py is absent (the student edition leaves the instructor's tool out)",
+)
+
+
+def load_assignment_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("assignment_tool", ASSIGNMENT_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+assignment_tool = load_assignment_tool() if ASSIGNMENT_TOOL.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def assignment_check(tmp_path_factory):
+    """One run of `tools/assignment.py --check` (about 40 s): the student edition's grading tests on the blanks,
+    with the reference bodies filled in, against the project itself, and on every wrong answer in MUTATIONS."""
+    report = tmp_path_factory.mktemp("assignment") / "check.json"
+    run("tools/assignment.py", "--check", "--json", report)
+    return json.loads(report.read_text())
+
+
+@needs_assignment_tool
+def test_assignment_writes_a_student_edition_with_only_the_bodies_blanked(tmp_path):
+    import ast
+
+    files = assignment_tool.project_files()
+    before = {f: (ROOT / f).read_bytes() for f in files}
+    result = run("tools/assignment.py", "--out", tmp_path / "hw")
+    assert "python -m pytest -q test_assignment.py" in result.stdout
+    assert all((ROOT / f).read_bytes() == data for f, data in before.items()), "the project itself must not change"
+    hw = tmp_path / "hw"
+    assert (hw / "test_assignment.py").is_file() and (hw / "ASSIGNMENT.md").is_file()
+    assert not (hw / "tools" / "assignment.py").exists()  # the wrong answers stay with the instructor
+    exercise_files = {e.file for e in assignment_tool.EXERCISES}
+    for f in files:
+        if f not in exercise_files and f != "tools/assignment.py":
+            assert (hw / f).read_bytes() == before[f], f
+    for number, exercise in enumerate(assignment_tool.EXERCISES, 1):
+        reference, student = (ROOT / exercise.file).read_text(), (hw / exercise.file).read_text()
+        ref_node = assignment_tool.find_function(ast.parse(reference), exercise.qualname)
+        node = assignment_tool.find_function(ast.parse(student), exercise.qualname)
+        assert ast.dump(node.args) == ast.dump(ref_node.args), exercise.name  # the signature
+        assert [ast.dump(d) for d in node.decorator_list] == [ast.dump(d) for d in ref_node.decorator_list]
+        assert ast.get_docstring(node) == ast.get_docstring(ref_node), exercise.name
+        blank = node.body[-1]  # after the docstring (if any), one statement: raise NotImplementedError("Exercise N:")
+        assert len(node.body) == 1 + (ast.get_docstring(ref_node) is not None), exercise.name
+        assert isinstance(blank, ast.Raise) and blank.exc.func.id == "NotImplementedError", exercise.name
+        message = blank.exc.args[0].value
+        assert message.startswith(f"Exercise {number}: ") and "returns" in message, message
+        assert " x " in message or "shape" in message, message  # it names the shapes in and out
+
+    def outside_the_bodies(text, file):  # the file with every exercise body in it cut out
+        lines = text.splitlines()
+        spans = [assignment_tool.body_span(text, e.qualname)[:2] for e in assignment_tool.EXERCISES if e.file == file]
+        for start, end in sorted(spans, reverse=True):
+            del lines[start - 1 : end]
+        return lines
+
+    for file in exercise_files:  # everything but the bodies is the reference's, line for line
+        assert outside_the_bodies((hw / file).read_text(), file) == outside_the_bodies((ROOT / file).read_text(), file)
+
+
+@needs_assignment_tool
+def test_assignment_list_subset_and_bad_input(tmp_path):
+    listing = run("tools/assignment.py", "--list").stdout
+    positions = [
+        listing.index(f"{n:2d}. {e.name}  (about {e.minutes} min)\n    paper: {e.paper}")
+        for n, e in enumerate(assignment_tool.EXERCISES, 1)
+    ]
+    assert positions == sorted(positions)
+    run("tools/assignment.py", "--out", tmp_path / "hw", "--exercises", "2,simclr.nt_xent")
+    byol_text, simclr_text = (tmp_path / "hw" / "byol.py").read_text(), (tmp_path / "hw" / "simclr.py").read_text()
+    assert "Exercise 2: " in byol_text and "Exercise 3: " not in byol_text and "Exercise 9: " in simclr_text
+    assert (tmp_path / "hw" / "common.py").read_bytes() == (ROOT / "common.py").read_bytes()
+    assert "SELECTED = {2, 9}" in (tmp_path / "hw" / "test_assignment.py").read_text()
+    for bad, message in (
+        (["--out", tmp_path / "hw"], "not an empty folder"),
+        (["--out", tmp_path / "new", "--exercises", "13"], "no exercise '13'"),
+        (["--out", ROOT], "write over the project"),
+    ):
+        result = run("tools/assignment.py", *bad, check=False)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, bad
+
+
+@needs_assignment_tool
+def test_assignment_grading_tests_fail_on_every_blank_and_name_its_exercise(assignment_check):
+    blank = assignment_check["blank"]
+    assert blank and all(failure is not None for failure in blank.values()), [n for n, f in blank.items() if f is None]
+    for name, failure in blank.items():
+        number = assignment_tool.exercise_of(name)
+        assert f"Exercise {number}: " in failure, (name, failure)  # the NotImplementedError naming what to write
+    assert {assignment_tool.exercise_of(n) for n in blank} == set(range(1, len(assignment_tool.EXERCISES) + 1))
+
+
+@needs_assignment_tool
+def test_assignment_grading_tests_pass_on_the_reference(assignment_check):
+    """Filling the reference bodies into the blanks makes every grading test pass; so does running the same
+    grading file against the project itself."""
+    for key in ("filled_in", "project"):
+        results = assignment_check[key]
+        assert set(results) == set(assignment_check["blank"]), key
+        assert all(failure is None for failure in results.values()), {n: f for n, f in results.items() if f}
+
+
+@needs_assignment_tool
+def test_assignment_mutations_cover_the_issue_list_and_every_exercise():
+    wrong = [m.wrong for m in assignment_tool.MUTATIONS]
+    for words in (
+        "no stop-gradient",
+        "beta and 1 - beta swapped",
+        "no temperature",
+        "wrong diagonal",
+        "centre updated with this batch's teacher logits before the loss",
+    ):
+        assert any(words in w for w in wrong), words
+    assert {m.exercise for m in assignment_tool.MUTATIONS} == set(range(1, len(assignment_tool.EXERCISES) + 1))
+
+
+@needs_assignment_tool
+@pytest.mark.parametrize(
+    "index",
+    range(len(assignment_tool.MUTATIONS) if assignment_tool else 0),
+    ids=lambda i: f"{assignment_tool.MUTATIONS[i].exercise}: {assignment_tool.MUTATIONS[i].wrong}",
+)
+def test_assignment_grading_tests_catch_each_wrong_answer(assignment_check, index):
+    mutation = assignment_tool.MUTATIONS[index]
+    result = assignment_check["mutations"][index]
+    assert (result["exercise"], result["wrong"]) == (mutation.exercise, mutation.wrong)
+    assert result["failed"], f"exercise {mutation.exercise}: no grading test caught '{mutation.wrong}'"
+    for message in result["messages"]:  # the message teaches: which exercise, what was expected, on what input
+        assert f"Exercise {mutation.exercise} (" in message and "expected:" in message and "on:" in message, message

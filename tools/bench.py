@@ -15,11 +15,21 @@
    costs 3 backbone forwards per view for the online network (forward + backward = 1 + 2) plus
    (forwards per image - 1) for the target; heads, augmentation and the optimiser are ignored.
 
+With --real-epoch FLAGS, instead: the project's overhead. byol.py trains two epochs with FLAGS
+(any --dataset, e.g. '--preset laptop --dataset imagefolder --data-dir DIR'); the second epoch's
+time (kNN aside: epoch_seconds stops before evaluation) is set next to a lean BYOL step built
+from the same modules and flags -- the same backbone, heads, EMA target and optimiser, on a
+fixed batch: no augmentation, no logging, no Python around it -- times the steps per epoch.
+The ratio real / lean is what the project's loop, augmentation and bookkeeping cost.
+
+    python tools/bench.py --real-epoch "--preset laptop --dataset imagefolder --data-dir DIR"
+
 Prints a Markdown table, then one JSON line with the headline ratios `aug_speedup` and
 `byol_projector_over_all_step_time`. Nothing here is a test: numbers depend on the machine,
 and on what else runs on it -- the header gives the load average before the run; on a machine
 busy with other work, multi-threaded torch slows down far more than the PIL worker processes.
 """
+
 import argparse
 import json
 import os
@@ -40,20 +50,35 @@ CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     p.add_argument("--methods", default="byol", help="comma list of method files to time")
     p.add_argument("--aug-images", type=int, default=2048, help="images augmented per pipeline")
-    p.add_argument("--aug-chunk", type=int, default=1, help="--aug-chunk of the timed training runs, and of the "
-                                                            "augmentation speed-up in the final JSON line")
+    p.add_argument(
+        "--aug-chunk",
+        type=int,
+        default=1,
+        help="--aug-chunk of the timed training runs, and of the augmentation speed-up in the final JSON line",
+    )
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--extra", default="", help="extra flags for every method run, e.g. '--queue-size 4096'")
+    p.add_argument(
+        "--real-epoch",
+        default=None,
+        metavar="FLAGS",
+        help="time two real epochs of byol.py with these "
+        "flags against a lean step of the same modules, and print the overhead (nothing else is timed)",
+    )
     args = p.parse_args(argv)
     if args.aug_chunk < 1 or args.aug_chunk * args.batch_size > args.aug_images:
-        p.error(f"--aug-chunk {args.aug_chunk} must be at least 1 and its batches fit in --aug-images {args.aug_images}; "
-                f"lower --aug-chunk or raise --aug-images")
+        p.error(
+            f"--aug-chunk {args.aug_chunk} must be at least 1 and its batches fit in --aug-images {args.aug_images}; "
+            f"lower --aug-chunk or raise --aug-images"
+        )
     return args
 
 
@@ -65,6 +90,7 @@ class PILViews(torch.utils.data.Dataset):
 
     def __init__(self, images, transform):
         from PIL import Image
+
         self.images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
         self.transform = transform
 
@@ -77,8 +103,12 @@ class PILViews(torch.utils.data.Dataset):
 
 def views_per_second(images, batch_size, chunk, device):
     """Views per second of common.Views, the training scripts' augmentation, with --aug-chunk `chunk`."""
-    data = SimpleNamespace(train_images=images, train_labels=torch.zeros(len(images), dtype=torch.long, device=device),
-                           mean=torch.full((3,), 0.5, device=device), std=torch.full((3,), 0.25, device=device))
+    data = SimpleNamespace(
+        train_images=images,
+        train_labels=torch.zeros(len(images), dtype=torch.long, device=device),
+        mean=torch.full((3,), 0.5, device=device),
+        std=torch.full((3,), 0.25, device=device),
+    )
     recipe = common.ViewRecipe(size=32)  # BYOL's first view: crop, jitter 0.8, grayscale 0.2, flip
     views = common.Views(data, [recipe], batch_size, chunk, torch.Generator(device).manual_seed(0))
     order, batches = torch.arange(len(images), device=device), len(images) // batch_size
@@ -95,15 +125,26 @@ def bench_augmentation(args, device):
     images = (torch.rand(args.aug_images, 3, 32, 32) * 255).to(torch.uint8)
     # Ours, on the run device: as the training scripts make views, --aug-chunk batches at a time.
     on_device = images.to(device)
-    ours = {chunk: views_per_second(on_device, args.batch_size, chunk, device)
-            for chunk in sorted({1, 4, 16, args.aug_chunk}) if chunk * args.batch_size <= len(images)}
+    ours = {
+        chunk: views_per_second(on_device, args.batch_size, chunk, device)
+        for chunk in sorted({1, 4, 16, args.aug_chunk})
+        if chunk * args.batch_size <= len(images)
+    }
     # torchvision's per-image PIL pipeline, parallel over as many worker processes as torch has threads.
-    transform = T.Compose([T.RandomResizedCrop(32, scale=(0.08, 1.0)),
-                           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.08, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.5,) * 3, (0.25,) * 3),
+        ]
+    )
     workers = torch.get_num_threads()
-    loader = torch.utils.data.DataLoader(PILViews(images, transform), batch_size=args.batch_size, num_workers=workers,
-                                         persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        PILViews(images, transform), batch_size=args.batch_size, num_workers=workers, persistent_workers=True
+    )
     next(iter(loader))  # start the workers
     start = time.perf_counter()
     for batch in loader:
@@ -118,18 +159,140 @@ def bench_augmentation(args, device):
 
 def time_method(method, stages, args, out_dir):
     """Run the method file for 2 epochs of `steps` steps; return the second epoch's metrics line."""
-    cmd = [sys.executable, str(ROOT / f"{method}.py"), "--dataset", "synthetic", "--synthetic-size",
-           str(args.batch_size * args.steps), "--batch-size", str(args.batch_size), "--epochs", "2",
-           "--warmup-epochs", "0", "--eval-every", "1000", "--device", args.device, "--arch", args.arch,
-           "--ema-stages", stages, "--aug-chunk", str(args.aug_chunk), "--out-dir", str(out_dir), *args.extra.split()]
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{method}.py"),
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        str(args.batch_size * args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "0",
+        "--eval-every",
+        "1000",
+        "--device",
+        args.device,
+        "--arch",
+        args.arch,
+        "--ema-stages",
+        stages,
+        "--aug-chunk",
+        str(args.aug_chunk),
+        "--out-dir",
+        str(out_dir),
+        *args.extra.split(),
+    ]
     if method in ("mocov2", "ressl") and "--queue-size" not in args.extra:
         cmd += ["--queue-size", str(args.batch_size * 16)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    subprocess.run(
+        cmd, check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+# ---- 3. a real epoch against a lean step -----------------------------------------------
+
+
+def lean_byol_step_seconds(run_args, device, steps=10, warmup=3):
+    """Seconds per step of BYOL built as byol.py builds it from `run_args`, on one fixed batch."""
+    import byol
+
+    backbone = common.ResNetCIFAR(run_args.arch, width=run_args.width, bn_block4=run_args.bn_block4)
+    online = common.Encoder(
+        backbone,
+        common.mlp(backbone.feature_dim, run_args.proj_hidden_dim, run_args.proj_dim, last_bn=run_args.bn_proj),
+    )
+    predictor = common.mlp(run_args.proj_dim, run_args.pred_hidden_dim, run_args.proj_dim)
+    target = common.NamedStageEMA(online, common.parse_ema_stages(run_args.ema_stages))
+    probe = torch.nn.Linear(backbone.feature_dim, 10)
+    common.to_device([online, predictor, target, probe], device)
+    optimizer = common.LARS(
+        common.param_groups([online, predictor], run_args.weight_decay)
+        + [{"params": probe.parameters(), "lr": run_args.probe_lr, "weight_decay": 0.0, "lars": False}],
+        lr=run_args.lr,
+        weight_decay=run_args.weight_decay,
+        eta=run_args.lars_eta,
+    )
+    size = run_args.image_size or 32
+    x_1, x_2 = torch.randn(2, run_args.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 10, (run_args.batch_size,), device=device)
+    for model in (online, predictor, target, probe):
+        model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = common.timer(device)
+        with common.autocast(device):
+            f_1, z_1, acts_1 = online(x_1)
+            f_2, z_2, acts_2 = online(x_2)
+            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(acts_1), target(acts_2))
+            loss = loss + common.probe_loss(probe, (f_1, f_2), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        target.update(run_args.beta)
+    return (common.timer(device) - start) / steps
+
+
+def bench_real_epoch(args):
+    """Two real epochs of byol.py between two timings of the lean step; prints the overhead and returns the JSON
+    summary. The lean step is timed before and after the run so that other work on the machine shows as a gap."""
+    import shlex
+
+    import byol
+
+    flags = shlex.split(args.real_epoch)
+    run_args = byol.parse_args(flags)
+    device = torch.device(run_args.device)
+    loads = [os.getloadavg()[0]]
+    lean_before = lean_byol_step_seconds(run_args, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_flags = [*flags, "--eval-every", "1000", "--out-dir", str(Path(tmp) / "run")]
+        # two epochs: the first warms up (allocator, caches), the second is timed
+        cmd = [sys.executable, str(ROOT / "byol.py"), *run_flags, "--epochs", str(max(2, run_args.epochs))]
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:  # stop the run once its second epoch is written
+            if line.startswith("epoch    2"):
+                process.terminate()
+                break
+        process.wait()
+        metrics_path = Path(tmp) / "run" / "metrics.jsonl"
+        lines = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        if len(lines) < 2:
+            raise SystemExit(f"byol.py {args.real_epoch} did not finish two epochs; run it alone to see why")
+    loads.append(os.getloadavg()[0])
+    lean_after = lean_byol_step_seconds(run_args, device)
+    loads.append(os.getloadavg()[0])
+    steps_per_epoch = lines[0]["step"]
+    real = lines[1]["epoch_seconds"]
+    lean = (lean_before + lean_after) / 2 * steps_per_epoch
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{name}, torch {torch.__version__}: byol.py {args.real_epoch}")
+    print(f"load average (1 min) before, between, after: {', '.join(f'{x:.2f}' for x in loads)}")
+    print(f"\n| | s / epoch ({steps_per_epoch} steps of {run_args.batch_size}) |\n|---|---|")
+    print(f"| real (byol.py, the second epoch, kNN aside) | {real:.2f} |")
+    print(
+        f"| lean step x steps, before the run / after it | {lean_before * steps_per_epoch:.2f} / "
+        f"{lean_after * steps_per_epoch:.2f} |"
+    )
+    summary = {
+        "real_epoch_seconds": real,
+        "lean_epoch_seconds": lean,
+        "overhead": real / lean,
+        "lean_before_after": [lean_before * steps_per_epoch, lean_after * steps_per_epoch],
+    }
+    print(f"\noverhead (real / mean of the lean ones): {real / lean:.2f}\n" + json.dumps(summary))
+    return summary
 
 
 def main():
     args = parse_args()
+    if args.real_epoch is not None:
+        bench_real_epoch(args)
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]  # (1 min) other work on the machine skews every number below
@@ -146,25 +309,48 @@ def main():
             for stages, m in results.items():
                 seconds = m["epoch_seconds"] / args.steps
                 ideal = (2 + m["backbone_forwards_per_image"]) / (2 + base["backbone_forwards_per_image"])
-                rows.append((method, stages, m["ema_params_mb"], m["backbone_forwards_per_image"], seconds,
-                             m["images_per_second"], m["peak_memory_mb"], seconds / base_seconds, ideal))
+                rows.append(
+                    (
+                        method,
+                        stages,
+                        m["ema_params_mb"],
+                        m["backbone_forwards_per_image"],
+                        seconds,
+                        m["images_per_second"],
+                        m["peak_memory_mb"],
+                        seconds / base_seconds,
+                        ideal,
+                    )
+                )
                 ratios[f"{method}_{stages}_over_{CLASSIC[method]}_step_time"] = seconds / base_seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, {args.arch}; "
-          f"load average before the run {load_before:.2f}\n")
-    print(f"Augmentation (BYOL view 1, 32x32, batch {args.batch_size}): per-image PIL with {workers} workers "
-          f"{pil:,.0f} views/s; ours:\n")
+    print(
+        f"\n{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, {args.arch}; "
+        f"load average before the run {load_before:.2f}\n"
+    )
+    print(
+        f"Augmentation (BYOL view 1, 32x32, batch {args.batch_size}): per-image PIL with {workers} workers "
+        f"{pil:,.0f} views/s; ours:\n"
+    )
     print("| --aug-chunk (batches per call) | views / s | speed-up over PIL |\n|---|---|---|")
     for chunk, speed in ours.items():
         print(f"| {chunk} | {speed:,.0f} | {speed / pil:.1f}x |")
     print()
-    print("| method | EMA stages | EMA params (MB) | backbone forwards / image | s / step | images / s | peak memory (MB) "
-          "| step time / classic | ideal (FLOPs) |")
+    print(
+        "| method | EMA stages | EMA params (MB) | backbone forwards / image | s / step | images / s "
+        "| peak memory (MB) | step time / classic | ideal (FLOPs) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2f} | {r[4]:.3f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.2f} | {r[8]:.2f} |")
-    summary = {"aug_speedup": ours[args.aug_chunk] / pil, "byol_projector_over_all_step_time": ratios.get("byol_projector_over_all_step_time"),
-               **ratios}
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2f} | {r[4]:.3f} | {r[5]:.0f} | {r[6]:.0f} "
+            f"| {r[7]:.2f} | {r[8]:.2f} |"
+        )
+    summary = {
+        "aug_speedup": ours[args.aug_chunk] / pil,
+        "byol_projector_over_all_step_time": ratios.get("byol_projector_over_all_step_time"),
+        **ratios,
+    }
     print("\n" + json.dumps(summary))
 
 

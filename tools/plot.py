@@ -16,13 +16,17 @@ Writes PNG files into --out (needs matplotlib: pip install matplotlib):
   weights-3d.png             the same paths against training step (Fig. 2, Appendix E.1)
 and prints the numbers behind the gradient and weight figures as Markdown tables.
 """
+
 import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
-STAGES = ("conv1", "block1", "block2", "block3", "block4", "projector")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+STAGES = common.STAGES
 
 
 def parse_args(argv=None):
@@ -40,11 +44,18 @@ def read_jsonl(path):
 def load_run(directory):
     directory = Path(directory)
     if not (directory / "args.json").exists() or not (directory / "metrics.jsonl").exists():
-        raise SystemExit(f"error: {directory} is not a run directory (no args.json and metrics.jsonl); pass directories "
-                         f"written by byol.py, simsiam.py, ...")
+        raise SystemExit(
+            f"error: {directory} is not a run directory (no args.json and metrics.jsonl); pass directories "
+            f"written by byol.py, simsiam.py, ..."
+        )
     args = json.loads((directory / "args.json").read_text())
-    return {"dir": directory, "args": args, "metrics": read_jsonl(directory / "metrics.jsonl"),
-            "grads": read_jsonl(directory / "grad_norms.jsonl"), "weights": read_jsonl(directory / "weights.jsonl")}
+    return {
+        "dir": directory,
+        "args": args,
+        "metrics": read_jsonl(directory / "metrics.jsonl"),
+        "grads": read_jsonl(directory / "grad_norms.jsonl"),
+        "weights": read_jsonl(directory / "weights.jsonl"),
+    }
 
 
 def label(run):
@@ -66,7 +77,7 @@ def plot_top1(plt, runs, labels, out):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run, name in zip(runs, labels):
         epochs = [m["epoch"] for m in run["metrics"]]
-        line, = ax.plot(epochs, [m["linear_top1"] for m in run["metrics"]], marker="o", ms=3, label=f"{name}: linear")
+        (line,) = ax.plot(epochs, [m["linear_top1"] for m in run["metrics"]], marker="o", ms=3, label=f"{name}: linear")
         knn = [(m["epoch"], m["knn_top1"]) for m in run["metrics"] if m.get("knn_top1") is not None]
         if knn:
             ax.plot(*zip(*knn), ls="--", color=line.get_color(), alpha=0.7, label=f"{name}: kNN")
@@ -96,8 +107,9 @@ def plot_collapse(plt, runs, labels, out):
         epochs = [m["epoch"] for m in monitored]
         spread_ax.plot(epochs, [m["output_spread"] for m in monitored], marker="o", ms=3, label=name)
         rank_ax.plot(epochs, [m["feature_rank"] for m in monitored], marker="o", ms=3, label=name)
-    spread_ax.set(xlabel="epoch", ylabel="output spread", ylim=(0, None),
-                  title="Projector outputs: 1 spread out, 0 collapsed")
+    spread_ax.set(
+        xlabel="epoch", ylabel="output spread", ylim=(0, None), title="Projector outputs: 1 spread out, 0 collapsed"
+    )
     rank_ax.set(xlabel="epoch", ylabel="effective rank", ylim=(0, None), title="Backbone features: dimensions in use")
     for ax in (spread_ax, rank_ax):
         ax.grid(alpha=0.3)
@@ -137,7 +149,7 @@ def plot_weights(plt, runs, labels, out, filters, three_d):
     for f in range(count):
         ax = fig.add_subplot(rows, cols, f + 1, **({"projection": "3d"} if three_d else {}))
         for k, ((run, name), (steps, online, target)) in enumerate(zip(runs, paths)):
-            shared = run["args"]["beta"] == 0 or "projector" not in run["args"]["ema_stage_list"]
+            shared = run["args"]["beta"] == 0 or "projector" not in common.parse_ema_stages(run["args"]["ema_stages"])
             for side, points, style in (("online", online[f], "-"), ("target", target[f], "--")):
                 if side == "target" and shared:
                     continue  # the target's projector is the online one: the same path
@@ -163,7 +175,10 @@ def summary(runs, labels):
     lines = []
     grads = [(r, n) for r, n in zip(runs, labels) if r["grads"]]
     if grads:
-        lines += ["| run | " + " | ".join(f"{s}: median / max" for s in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+        lines += [
+            "| run | " + " | ".join(f"{s}: median / max" for s in STAGES) + " |",
+            "|---" * (len(STAGES) + 1) + "|",
+        ]
         for run, name in grads:
             cells = []
             for stage in STAGES:
@@ -197,6 +212,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -205,7 +221,9 @@ def main(argv=None):
     runs = [load_run(d) for d in args.runs]
     empty = [str(r["dir"]) for r in runs if not r["metrics"]]
     if empty:
-        print(f"error: {', '.join(empty)} has no finished epoch in metrics.jsonl yet; plot it after one", file=sys.stderr)
+        print(
+            f"error: {', '.join(empty)} has no finished epoch in metrics.jsonl yet; plot it after one", file=sys.stderr
+        )
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
