@@ -1597,6 +1597,8 @@ def load_checkpoint(path, method=None, arch=None):
         ) from None
     if not isinstance(state, dict) or "method" not in state or "models" not in state:
         raise ConfigError(f"{path} is not a checkpoint written by these scripts; pass a last.pt from a run directory")
+    if "run" not in state:  # last.pt from before common.RunState: the step and order were stored apart
+        raise ConfigError(f"{path} was written by an older version of these scripts; start a new run")
     if method is not None and state["method"] != method:
         raise ConfigError(
             f"{path} was written by {state['method']}.py, not {method}.py; resume it with "

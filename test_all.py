@@ -271,6 +271,12 @@ def checkpoint_step(run_dir):
     return torch.load(path, weights_only=False)["run"]["step"] if path.exists() else None
 
 
+def last_pt_version(run_dir):
+    """When last.pt was last replaced (None while there is none): cheap to poll, unlike loading it."""
+    path = run_dir / "last.pt"
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 @pytest.mark.slow  # the default run: test_resume_mid_epoch_after_max_steps (a cut run resumed, bit-identical)
 @pytest.mark.parametrize("method", METHODS)
 def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, method):
@@ -286,9 +292,12 @@ def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_pat
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
-    while (checkpoint_step(tmp_path / "killed") or 0) < kill_after:
+    seen, step = None, 0
+    while step < kill_after:  # load last.pt only when it was replaced: loading competes with the run for the CPU
         assert killed.poll() is None, "the run ended before the kill"
         time.sleep(0.01)
+        if last_pt_version(tmp_path / "killed") != seen:
+            seen, step = last_pt_version(tmp_path / "killed"), checkpoint_step(tmp_path / "killed") or 0
     time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next step
     killed.kill()
     killed.wait()
@@ -469,6 +478,12 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--ema-stages", "projector", check=False)
     assert result.returncode == 2 and "trained with --ema-stages" in result.stderr
     assert (out / "last.pt").read_bytes() == (smoke_runs["byol", "all"][0] / "last.pt").read_bytes()  # untouched
+    old = torch.load(out / "last.pt", weights_only=False)
+    old["step"] = old.pop("run")["step"]  # the layout before common.RunState
+    torch.save(old, out / "last.pt")
+    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    assert result.returncode == 2 and "older version of these scripts" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1103,8 +1118,10 @@ def test_cuda_bf16_runs_every_method_and_stage_set(tmp_path, method):
 
 
 @needs_cuda
-def test_cuda_augmentation_ops_equal_the_cpu_ones():
+def test_cuda_augmentation_ops_equal_the_cpu_ones(monkeypatch):
     """Each augmentation primitive on CUDA (the masked path of _apply_to included) against the CPU, same parameters."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # common.setup switches TF32 on for
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # runs; here the comparison is in float32
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 32, 32, generator=g)
     top, left, height, width = common.sample_crop_params(8, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), g)
