@@ -497,9 +497,47 @@ def first_per_class(labels, subset, num_classes):
     return torch.cat(chosen).sort().values  # dataset order, not class order
 
 
-def _image_folder(root, image_size, subset=None):
+def split_train_val(labels, num_classes, train_subset=None, val_size=None):
+    """Indices (train, val) into a training split: --train-subset and --eval-split val.
+
+    val (None without val_size): the *last* val_size / classes images of each class, in dataset
+    order, so that they never overlap the training subset, which takes the first ones. Without a
+    subset, training uses every image that is not a validation image. Unlabelled images (-1) are
+    never validation images and train only when there is no subset."""
+    labels = torch.as_tensor(labels)
+    if val_size is None:
+        train = first_per_class(labels, train_subset, num_classes) if train_subset else torch.arange(len(labels))
+        return train, None
+    per_class = val_size // num_classes
+    if val_size % num_classes or per_class == 0:
+        raise ConfigError(
+            f"--val-size {val_size} is not a positive multiple of the {num_classes} classes; "
+            f"choose e.g. {num_classes * max(per_class, 1)}"
+        )
+    val = []
+    for c in range(num_classes):
+        of_class = (labels == c).nonzero().flatten()
+        taken = (train_subset // num_classes) if train_subset else 1  # at least one image of each class trains
+        if len(of_class) < taken + per_class:
+            raise ConfigError(
+                f"--val-size {val_size} and --train-subset {train_subset} need {taken + per_class} images of "
+                f"class {c}, which has {len(of_class)}; lower --val-size or --train-subset"
+            )
+        val.append(of_class[len(of_class) - per_class :])
+    val = torch.cat(val).sort().values
+    if train_subset:
+        train = first_per_class(labels, train_subset, num_classes)
+    else:
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[val] = False
+        train = keep.nonzero().flatten()
+    return train, val
+
+
+def _image_folder(root, image_size, subset=None, val_size=None):
     """train/<class>/*.{jpg,png}, and val/<class>/... or test/<class>/..., resized to image_size.
-    With subset, only the chosen training images are decoded (see first_per_class)."""
+    Only the images a run uses are decoded (see split_train_val). With val_size, the held-out
+    training images take the place of the test split, and the test folder is not read."""
     import torchvision
     from PIL import Image
 
@@ -509,18 +547,16 @@ def _image_folder(root, image_size, subset=None):
         raise ConfigError(
             f"--data-dir {root} needs train/ and val/ (or test/) sub-folders, each with one folder of images per class"
         )
-    splits = []
-    for split_dir in (root / "train", test_dir):
+
+    def folder_of(split_dir):
         try:
-            folder = torchvision.datasets.ImageFolder(str(split_dir))
+            return torchvision.datasets.ImageFolder(str(split_dir))
         except (FileNotFoundError, RuntimeError) as error:
             raise ConfigError(f"no images in {split_dir} ({error}); put images in {split_dir}/<class>/") from None
-        if subset is not None and split_dir.name == "train":
-            keep = first_per_class(folder.targets, subset, len(folder.classes)).tolist()
-            folder.samples = [folder.samples[i] for i in keep]
-            folder.targets = [folder.targets[i] for i in keep]
+
+    def decode(samples):
         images = []
-        for path, _ in folder.samples:
+        for path, _ in samples:
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if img.size != (image_size, image_size):
@@ -528,15 +564,21 @@ def _image_folder(root, image_size, subset=None):
                 images.append(
                     torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
                 )
-        splits.append(
-            (torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets), folder.classes)
-        )
-    (train_x, train_y, classes), (test_x, test_y, test_classes) = splits
-    if test_classes != classes:
+        return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in samples])
+
+    train = folder_of(root / "train")
+    train_idx, val_idx = split_train_val(train.targets, len(train.classes), subset, val_size)
+    train_x, train_y = decode([train.samples[i] for i in train_idx.tolist()])
+    if val_idx is not None:  # --eval-split val
+        test_x, test_y = decode([train.samples[i] for i in val_idx.tolist()])
+        return train_x, train_y, test_x, test_y, len(train.classes)
+    test = folder_of(test_dir)
+    if test.classes != train.classes:
         raise ConfigError(
             f"the class folders of {root / 'train'} and {test_dir} differ; give both the same class names"
         )
-    return train_x, train_y, test_x, test_y, len(classes)
+    test_x, test_y = decode(test.samples)
+    return train_x, train_y, test_x, test_y, len(train.classes)
 
 
 def _synthetic(num_train, image_size, seed=0):
@@ -555,14 +597,30 @@ def _synthetic(num_train, image_size, seed=0):
 
 
 def load_dataset(
-    name, data_dir, device, *, image_size=None, train_subset=None, download=True, synthetic_size=512, seed=0
+    name,
+    data_dir,
+    device,
+    *,
+    image_size=None,
+    train_subset=None,
+    eval_split="test",
+    val_size=10000,
+    download=True,
+    synthetic_size=512,
+    seed=0,
 ):
     """Load a dataset (--dataset) into memory on `device`. Returns a Data.
 
     image_size: imagefolder and synthetic only (None: 32). train_subset: the first N / classes
-    training images of each class. synthetic_size and seed: the synthetic dataset's size and seed."""
+    training images of each class. eval_split "val": evaluate on the last val_size / classes
+    training images of each class instead of the test split (they are never trained on; choose
+    recipes there, and report the test split once per chosen recipe). synthetic_size and seed:
+    the synthetic dataset's size and seed."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    if eval_split not in ("test", "val"):
+        raise ConfigError(f"--eval-split {eval_split!r}: choose test or val")
+    val = val_size if eval_split == "val" else None
     if name == "synthetic":
         parts = _synthetic(synthetic_size, image_size or 32, seed)
     elif name == "imagefolder":
@@ -571,12 +629,14 @@ def load_dataset(
                 f"--dataset imagefolder needs --data-dir pointing at a folder with train/ and val/ or test/ "
                 f"(got {data_dir!r})"
             )
-        parts = _image_folder(data_dir, image_size or 32, train_subset)
+        parts = _image_folder(data_dir, image_size or 32, train_subset, val)
     else:
         parts = _torchvision_dataset(name, data_dir, download)
     train_x, train_y, test_x, test_y, num_classes = parts
-    if train_subset is not None and name != "imagefolder":  # (image folders chose theirs before decoding)
-        keep = first_per_class(train_y, train_subset, num_classes)
+    if name != "imagefolder" and (train_subset is not None or val is not None):  # (folders chose before decoding)
+        keep, held_out = split_train_val(train_y, num_classes, train_subset, val)
+        if held_out is not None:
+            test_x, test_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
     if len(train_x) == 0 or len(test_x) == 0:
         raise ConfigError(f"--dataset {name} has an empty train or test split; check --data-dir")
@@ -1307,6 +1367,20 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         metavar="N",
         help="train on the first N / classes images of each class, in the dataset's order (the test split stays whole)",
     )
+    a(
+        "--eval-split",
+        choices=("test", "val"),
+        default="test",
+        help="where kNN and the probe are scored: the test split, or val, the last --val-size / classes "
+        "training images of each class, never trained on (choose recipes on val, report test once)",
+    )
+    a(
+        "--val-size",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="images in the validation split of --eval-split val (N / classes of each class)",
+    )
     a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
     a(
         "--warmup-epochs",
@@ -1455,6 +1529,7 @@ FLAG_RANGES = {
     "aug_chunk": POSITIVE,
     "width": POSITIVE,
     "train_subset": POSITIVE,
+    "val_size": POSITIVE,
     "max_steps": POSITIVE,
     "checkpoint_every": POSITIVE,
     "seed": NON_NEGATIVE,

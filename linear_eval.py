@@ -49,6 +49,14 @@ def parse_args(argv=None):
         help="train the classifier (and kNN) on "
         "the first N / classes images of each class; default: the checkpoint's (all for --random-init)",
     )
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default=None,
+        help="score on the test split or on val (held-out training images, see the method files' --eval-split); "
+        "default: the checkpoint's (test for --random-init)",
+    )
+    p.add_argument("--val-size", type=int, default=None, metavar="N", help="default: the checkpoint's (10000)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
@@ -90,14 +98,17 @@ def main(argv=None):
                 "seed": args.seed,
                 "width": args.width,
                 "train_subset": None,
+                "eval_split": "test",
+                "val_size": 10000,
             },
         }
     else:
         state = common.load_checkpoint(args.checkpoint)
     trained = state["args"]  # the pre-training run's flags
-    for key in ("dataset", "data_dir", "train_subset"):  # evaluate on the pre-training data unless told otherwise
+    for key in ("dataset", "data_dir", "train_subset", "eval_split", "val_size"):  # the pre-training data by default
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key))
+    args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
     device = common.setup(args.device, args.seed)
     data = common.load_dataset(
         args.dataset,
@@ -105,6 +116,8 @@ def main(argv=None):
         device,
         image_size=trained["image_size"],
         train_subset=args.train_subset,
+        eval_split=args.eval_split,
+        val_size=args.val_size,
         download=not args.no_download,
         synthetic_size=trained["synthetic_size"],
         seed=trained["seed"],
@@ -164,6 +177,7 @@ def main(argv=None):
         "width": trained.get("width", 64),
         "dataset": args.dataset,
         "train_subset": args.train_subset,
+        "eval_split": args.eval_split,
         "pretrain_step": state["run"]["step"],
         "epochs": args.epochs,
         "augment": not args.no_augment,

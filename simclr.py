@@ -87,6 +87,8 @@ def main(argv=None):
         device,
         image_size=args.image_size,
         train_subset=args.train_subset,
+        eval_split=args.eval_split,
+        val_size=args.val_size,
         download=not args.no_download,
         synthetic_size=args.synthetic_size,
         seed=args.seed,

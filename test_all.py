@@ -1642,6 +1642,50 @@ def test_train_subset_on_an_image_folder_decodes_only_the_first_files_of_each_cl
         assert torch.equal(data.train_images[3 * c], expected), f"class {classes[c]}"
 
 
+def test_validation_split_is_the_last_images_of_each_class_and_never_trained_on():
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, -1, 0, 1, 2])  # four of each class, one unlabelled
+    train, val = common.split_train_val(labels, 3, train_subset=6, val_size=3)
+    assert train.tolist() == [0, 1, 2, 3, 4, 5] and val.tolist() == [10, 11, 12]  # the last one of each class
+    train, val = common.split_train_val(labels, 3, val_size=6)  # no subset: every other image trains
+    assert val.tolist() == [6, 7, 8, 10, 11, 12] and train.tolist() == [0, 1, 2, 3, 4, 5, 9]
+    assert common.split_train_val(labels, 3, train_subset=6)[1] is None  # --eval-split test
+    for subset, size, message in [(9, 6, "need 5 images of class 0, which has 4"), (3, 4, "not a positive multiple")]:
+        with pytest.raises(common.ConfigError, match=message):
+            common.split_train_val(labels, 3, train_subset=subset, val_size=size)
+
+
+@needs_mini
+def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_path):
+    held_out = common.load_dataset(
+        "imagefolder", str(MINI), torch.device("cpu"), train_subset=30, eval_split="val", val_size=50, download=False
+    )
+    whole = common.load_dataset("imagefolder", str(MINI), torch.device("cpu"), download=False)
+    assert torch.equal(held_out.train_images, whole.train_images[common.first_per_class(whole.train_labels, 30, 10)])
+    assert held_out.test_labels.bincount().tolist() == [5] * 10
+    per_class = [(whole.train_labels == c).nonzero().flatten()[-5:] for c in range(10)]
+    assert torch.equal(held_out.test_images, whole.train_images[torch.cat(per_class).sort().values])
+    # A run records the split; linear_eval.py scores its checkpoint on the same split unless told otherwise.
+    out = tmp_path / "run"
+    flags = ["--dataset", "imagefolder", "--data-dir", MINI, "--train-subset", "30", "--eval-split", "val"]
+    run(
+        "simsiam.py",
+        *flags,
+        "--val-size",
+        "50",
+        "--width",
+        "8",
+        "--batch-size",
+        "10",
+        "--epochs",
+        "1",
+        *SMALL_HEADS["simsiam"],
+        "--out-dir",
+        out,
+    )
+    run("linear_eval.py", out, "--no-augment", "--epochs", "1")
+    assert json.loads((out / "linear_eval.json").read_text())["eval_split"] == "val"
+
+
 def test_preset_laptop_changes_defaults_and_flags_given_still_win():
     paper, laptop = mocov2.parse_args([]), mocov2.parse_args(["--preset", "laptop"])
     assert (paper.width, paper.train_subset, paper.epochs, paper.lr, paper.queue_size) == (64, None, 200, 0.3, 32768)
