@@ -1475,6 +1475,8 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
         "16",
         "--out-root",
         str(tmp_path),
+        "--results",
+        str(tmp_path / "kept"),
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32",
     ]
@@ -1485,7 +1487,7 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     rows = [line for line in table.read_text().splitlines() if line.startswith("| BYOL") or line.startswith("| Fixed")]
     ours = [[cell.strip() for cell in row.split("|")[4:7]] for row in rows]  # linear, kNN, 1-NN top-1
     assert len(rows) == 4 and all(float(v) >= 0 for cells in ours for v in cells), rows  # every row has our numbers
-    (done,) = [p for p in tmp_path.glob("*/*lr_4.0*/reproduce-done.json") if "projector" in str(p)]
+    (done,) = [p for p in tmp_path.glob("*/*lr_4.0*/seed0/reproduce-done.json") if "projector" in str(p)]
     done.unlink()  # as if that run had been interrupted after its checkpoint
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1
@@ -1513,6 +1515,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     import reproduce
 
     argv = ["table7", "--only", "lr 1.0,byol", *REPRODUCE_TINY, "--out-root", str(tmp_path), "--jobs", "2"]
+    argv += ["--results", str(tmp_path / "kept")]
     args = reproduce.parse_args(argv)
     dirs = {
         run.label: reproduce.run_dir(args, reproduce.EXPERIMENTS["table7"], run)
@@ -1532,7 +1535,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     events = [line.split("]")[0] + "]" for line in out.splitlines() if line.startswith("[")]
     assert events[:2] == ["[resume]", "[run]"] and events.count("[run]") == 2, out  # two at once, then the third
     assert events.count("[finished]") == 2 and events.count("[failed]") == 1, out
-    assert "[failed]  BYOL, lr 1.0: exit 2 after" in out and f"log {broken / 'reproduce.log'}" in out
+    assert "[failed]  BYOL, lr 1.0, seed 0: exit 2 after" in out and f"log {broken / 'reproduce.log'}" in out
     assert out.index(f"wrote {tmp_path}") < out.index("1 of 3 runs failed") < out.rindex(str(broken / "reproduce.log"))
     assert "is unreadable" in (broken / "reproduce.log").read_text()
     for label, directory in dirs.items():
@@ -1552,7 +1555,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("[done]") == 2 and second.stdout.count("[run]") == 1 and "failed" not in second.stdout
-    assert "[finished] BYOL, lr 1.0: exit 0" in second.stdout
+    assert "[finished] BYOL, lr 1.0, seed 0: exit 0" in second.stdout
     assert (broken / "reproduce.log").read_text().count("$ python byol.py") == 2  # appended: both attempts kept
     assert all(
         cell != "-"
@@ -1576,6 +1579,8 @@ def test_reproduce_jobs_ctrl_c_stops_the_runs(tmp_path):
         *REPRODUCE_TINY,
         "--out-root",
         str(tmp_path),
+        "--results",
+        str(tmp_path / "kept"),
         "--jobs",
         "3",
     ]
@@ -1597,7 +1602,7 @@ def test_reproduce_jobs_ctrl_c_stops_the_runs(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone, and reaped
-    assert not list(tmp_path.glob("*/*/reproduce-done.json")) and not list(tmp_path.glob("*/table7.md"))
+    assert not list(tmp_path.glob("*/*/seed0/reproduce-done.json")) and not list(tmp_path.glob("*/table7.md"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1810,14 +1815,109 @@ def test_resume_refuses_another_train_subset(tmp_path):
     assert result.returncode == 2 and "--train-subset 30" in result.stderr
 
 
-@pytest.mark.slow  # a tool run of three method runs and linear_eval.py
-def test_reproduce_laptop_writes_the_table_against_the_random_backbone(tmp_path):
+def test_confidence_intervals_against_known_cases():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+
+    # t(0.975; df) in closed form for df 1 (Cauchy: tan(pi (p - 1/2))) and df 2 ((2p - 1) / sqrt(2 p (1 - p))).
+    assert reproduce.T_975[0] == pytest.approx(math.tan(math.pi * 0.475), abs=1e-3)
+    assert reproduce.T_975[1] == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-3)
+    assert reproduce.T_975 == sorted(reproduce.T_975, reverse=True) and reproduce.T_975[-1] > 1.96
+    s = reproduce.summarise([1.0, 2.0, 3.0])  # mean 2, sd 1: 2 +- 4.303 / sqrt(3)
+    assert (s.n, s.mean, s.sd) == (3, 2.0, 1.0)
+    assert (s.low, s.high) == pytest.approx((2 - 2.48434, 2 + 2.48434), abs=1e-4)
+    one = reproduce.summarise([5.0, None])
+    assert (one.n, one.mean, one.sd, one.low) == (1, 5.0, None, None) and reproduce.summarise([]) is None
+    # Paired by seed: a constant shift has no spread, however much the seeds differ.
+    d = reproduce.paired({0: 30.0, 1: 35.0, 2: 40.0, 3: 1.0}, {0: 29.0, 1: 34.0, 2: 39.0})
+    assert (d.n, d.mean, d.sd, d.low, d.high) == (3, 1.0, 0.0, 1.0, 1.0)
+    sure, unsure = reproduce.Summary(3, 2, 0.1, 1.5, 2.5), reproduce.Summary(3, 0.5, 1.6, -3.5, 4.5)
+    assert reproduce.verdict(sure, "higher") == "confirmed" and reproduce.verdict(sure, "lower") == "refuted"
+    assert reproduce.verdict(unsure, "higher") == "not seen at this scale"
+    assert reproduce.verdict(sure, "close") == "confirmed" and reproduce.verdict(unsure, "close") != "confirmed"
+    assert reproduce.verdict(reproduce.Summary(3, 5, 0.1, 4, 6), "close") == "refuted"
+    assert reproduce.verdict(one, "higher").startswith("not yet measured")
+
+
+def test_claims_table_from_kept_results(tmp_path):
+    """docs/claims.md's verdicts from made-up kept results of three seeds, with known answers."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+
+    args = reproduce.parse_args(["claims", "--results", str(tmp_path / "kept"), "--seeds", "0,1,2"])
+    experiment = reproduce.EXPERIMENTS["laptop"]
+    args.epochs = experiment.epochs
+    knn = {  # row -> kNN top-1 of seeds 0, 1, 2
+        reproduce.RANDOM: [28.0, 28.5, 27.5],
+        "mocov2: EMA none": [22.0, 22.4, 21.9],  # below the random backbone: collapse confirmed
+        "byol: EMA all (classic)": [33.0, 33.5, 33.2],
+        "byol: EMA none": [34.5, 35.0, 34.8],  # above all: the paper's drop refuted
+        "byol: EMA projector": [33.5, 33.2, 33.9],  # within 3 points: close confirmed
+        "simsiam: EMA none (classic)": [31.0, 32.0, 30.0],
+        "simsiam: EMA all": [31.5, 30.5, 31.5],  # noise: not seen
+    }
+    for label, numbers in knn.items():
+        run = next(r for r in experiment.runs if r.label == label)
+        for seed, value in enumerate(numbers):
+            directory = reproduce.results_dir(args, "laptop", experiment, run, seed)
+            directory.mkdir(parents=True)
+            if run.script == "linear_eval.py":
+                result = {"top1": 30.0, "knn_top1": value, "knn1_top1": value}
+                (directory / "linear_eval.json").write_text(json.dumps(result))
+                continue
+            (directory / "args.json").write_text("{}")
+            metrics = {"epoch": 10, "knn_top1": value, "epoch_seconds": 60.0, "backbone_forwards_per_image": 2.0}
+            (directory / "metrics.jsonl").write_text(json.dumps(metrics) + "\n")
+            (directory / "provenance.json").write_text(json.dumps({"git_revision": "abc1234", "device": "cpu"}))
+            if label == "byol: EMA none":  # Fig. 5: larger gradients at the later stages
+                lines = [{"step": i, "block1": 1.0, "block4": 2.0 + seed / 10, "projector": 8.0} for i in range(3)]
+                (directory / "grad_norms.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "claims.md"
+    argv = ["claims", "--table", "--seeds", "0,1,2", "--results", str(tmp_path / "kept")]
+    argv += ["--out-root", str(tmp_path / "runs"), "--claims-out", str(out)]
+    assert reproduce.main(argv) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.read_text().splitlines()[6:]}
+    verdicts = {claim: cells[-2].strip() for claim, cells in rows.items()}
+    assert verdicts["MoCo v2 collapses without EMA"] == "confirmed"
+    assert verdicts["BYOL drops without EMA"] == "refuted"
+    assert verdicts["BYOL: projector-only EMA is close to full EMA"] == "confirmed"
+    assert verdicts["EMA helps SimSiam"] == "not seen at this scale"
+    assert verdicts["DINO collapses without EMA"].startswith("not yet measured")
+    difference = reproduce.summarise([a - b for a, b in zip(knn["byol: EMA none"], knn["byol: EMA all (classic)"])])
+    assert rows["BYOL drops without EMA"][5].strip() == reproduce.show_mean(difference, sign=True)
+    gradient_rows = [cells for claim, cells in rows.items() if claim.startswith("The gradient")]
+    assert len(rows) == len(reproduce.CLAIMS)  # (the gradient claim is two lines under one label)
+    projector_over_block4 = reproduce.summarise([8.0 / (2.0 + seed / 10) for seed in range(3)])
+    assert f"ratio {reproduce.show_mean(projector_over_block4)}" in out.read_text()
+    assert gradient_rows and "confirmed" in out.read_text().split("The gradient")[1]
+
+
+def laptop_table(path):
+    """laptop.md as {row label: its cells after the label}."""
+    return {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in path.read_text().splitlines()
+        if line.startswith("| ") and "---" not in line and not line.startswith("| run |")
+    }
+
+
+@pytest.mark.slow  # a tool run: two seeds of two method runs and of linear_eval.py
+def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+    import shutil
+
+    kept = tmp_path / "kept"
     cmd = [
         sys.executable,
         str(ROOT / "tools" / "reproduce.py"),
         "laptop",
         "--only",
-        "random,simclr: ema none,mocov2: ema none",
+        "random,simclr: ema none,simclr: ema projector",
+        "--seeds",
+        "0,1",
+        "--jobs",
+        "2",
         "--dataset",
         "synthetic",
         "--epochs",
@@ -1826,37 +1926,50 @@ def test_reproduce_laptop_writes_the_table_against_the_random_backbone(tmp_path)
         "1",
         "--batch-size",
         "16",
-        "--queue-size",
-        "16",
         "--out-root",
-        str(tmp_path),
+        str(tmp_path / "runs"),
+        "--results",
+        str(kept),
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --train-subset 30 --width 8 --proj-hidden-dim 32",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[run]") == 3 and "--preset laptop" in result.stdout
-    (table,) = tmp_path.glob("*/laptop.md")
-    rows = {
-        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-        for line in table.read_text().splitlines()
-        if line.startswith("| ") and "---" not in line
-    }
-    random_knn = float(rows["random backbone (same width, never trained)"][0])
-    for label in ("simclr: EMA none (classic)", "mocov2: EMA none"):
-        knn, above, linear, spread, rank = rows[label][:5]
-        assert float(above) == pytest.approx(float(knn) - random_knn, abs=0.011), label
-        assert 0 <= float(spread) <= 1.5 and 1 <= float(rank) <= 64, label  # width 8: 64 features
-    evaluated = json.loads(next(tmp_path.glob("*/linear_eval*/linear_eval.json")).read_text())
-    assert (evaluated["width"], evaluated["train_subset"]) == (8, 30)  # the random backbone: the runs' width and data
-    everything = subprocess.run([*cmd[:3], *cmd[5:], "--table"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert everything.returncode == 0 and "[run]" not in everything.stdout, everything.stdout + everything.stderr
-    rows = [line.split("|")[2].strip() for line in table.read_text().splitlines()[6:]]  # kNN column, after the header
-    assert len(rows) == 1 + 18 and rows.count("-") == 16  # --table: all 19 rows, the 16 never run without numbers
-    (metrics,) = tmp_path.glob("*/simclr*/metrics.jsonl")  # a run cut short: its last line is from an earlier epoch
-    metrics.write_text(metrics.read_text().replace('"epoch": 1,', '"epoch": 0,'))
-    subprocess.run([*cmd[:3], *cmd[5:], "--table"], capture_output=True, text=True, cwd=ROOT, timeout=600, check=True)
-    assert "simclr: EMA none (classic) (unfinished: epoch 0 of 1)" in table.read_text()
+    assert result.stdout.count("[finished]") == 6 and "seed 1" in result.stdout  # 3 rows x 2 seeds, with --jobs
+    assert len(list(kept.glob("laptop/*/*/seed*/provenance.json"))) == 6
+    for directory in kept.glob("laptop/*/simclr*/seed*"):
+        assert {p.name for p in directory.iterdir()} == {"args.json", "metrics.jsonl", "provenance.json"}
+        seed = int(directory.name[4:])
+        assert json.loads((directory / "args.json").read_text())["seed"] == seed
+        assert f"--seed {seed} " in json.loads((directory / "provenance.json").read_text())["command"]
+    shutil.rmtree(tmp_path / "runs")  # no run directory left: the table comes from the kept results alone
+    table_cmd = [c for c in cmd if c not in ("--jobs", "2", "--only", cmd[4])] + ["--table"]  # every row
+    again = subprocess.run(table_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "[run]" not in again.stdout, again.stdout + again.stderr
+    (table,) = (tmp_path / "runs").glob("*/laptop.md")
+    cells = laptop_table(table)
+    assert len(cells) == len(reproduce.EXPERIMENTS["laptop"].runs)  # every row, 3 with numbers
+    assert [row[0] for row in cells.values()].count("0") == len(cells) - 3
+
+    def knn(row):
+        (directory,) = kept.glob(f"laptop/*/{row}")
+        return [reproduce.final_metrics(directory / f"seed{s}")["knn_top1"] for s in (0, 1)]
+
+    projector, classic = knn("simclr*projector*"), knn("simclr*none*")
+    untrained = knn("linear_eval*")
+    mine = cells["simclr: EMA projector"]
+    summary = reproduce.summarise(projector)
+    assert mine[0] == "2" and mine[1] == reproduce.show_mean(summary)
+    assert mine[2] == f"[{summary.low:.2f}, {summary.high:.2f}]"  # mean +- t(0.975; 1) sd / sqrt(2)
+    assert summary.high - summary.mean == pytest.approx(12.706 * summary.sd / math.sqrt(2), rel=1e-6)
+    above = reproduce.summarise([p - r for p, r in zip(projector, untrained)])  # paired by seed
+    assert mine[3] == reproduce.show_both(above) and mine[4] == "simclr: EMA none (classic)"
+    assert mine[5] == reproduce.show_both(reproduce.summarise([p - c for p, c in zip(projector, classic)]))
+    assert "git " in mine[-2] and "cpu" in mine[-2]
+    (metrics,) = kept.glob("laptop/*/simclr*none*/seed1/metrics.jsonl")  # a run cut short: its last line
+    metrics.write_text(metrics.read_text().replace('"epoch": 1,', '"epoch": 0,'))  # is from an earlier epoch
+    subprocess.run(table_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=True)
+    assert "simclr: EMA none (classic) (unfinished: seed 1)" in table.read_text()
 
 
 @pytest.mark.slow  # 10 epochs on real images; the default run trains on synthetic ones

@@ -34,9 +34,12 @@ Deviations in how an experiment is set up (each also in README.md):
 import argparse
 import hashlib
 import json
+import math
 import os
+import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +55,7 @@ class Run:
     script: str  # byol.py, ..., or linear_eval.py (random encoder)
     flags: str = ""  # flags that make this row
     paper: dict = field(default_factory=dict)  # {"top1": ..., "knn1": ...} as printed in the paper
+    compare: str = ""  # the label of the row this one is compared with (paired by seed), if any
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Experiment:
     runs: list
     flags: str = ""  # flags for every run of this experiment
     epochs: int = 200  # the paper's length; --epochs overrides
+    data_dir: str = "./data"  # --data-dir overrides
 
 
 def pairs(method, classic, projector, extra=""):
@@ -71,6 +76,7 @@ def pairs(method, classic, projector, extra=""):
     ]
 
 
+RANDOM = "random backbone (same width, never trained)"
 FIG2 = "--proj-hidden-dim 2 --beta-schedule constant --log-grad-norms --track-weights 16"
 EXPERIMENTS = {
     "table1": Experiment(
@@ -234,12 +240,13 @@ EXPERIMENTS = {
     ),
     # Learn on a laptop: every method with its classic stage set, the projector only, and the other of
     # none / all, against a random backbone of the same width; --preset laptop (common.LAPTOP) sets the scale.
+    # The rows after the first 19 are the ones the claims table (CLAIMS, docs/claims.md) needs besides.
     "laptop": Experiment(
-        "Learn on a laptop: 6 methods x stage sets, quarter-width ResNet-18, 10,000 images, 10 epochs",
-        "cifar10",
+        "Learn on a laptop: 6 methods x stage sets, quarter-width ResNet-18, 10,000 CIFAR-10 images, 10 epochs",
+        "imagefolder",
         [
             Run(
-                "random backbone (same width, never trained)",
+                RANDOM,
                 "linear_eval.py",
                 "--random-init --no-augment --width 16 --train-subset 10000",
             )
@@ -248,8 +255,9 @@ EXPERIMENTS = {
             Run(
                 f"{method}: EMA {stages}" + (" (classic)" if stages == classic else ""),
                 f"{method}.py",
-                f"--ema-stages {stages}" + (f" --beta {beta}" if beta else ""),
+                f"--ema-stages {stages}" + (f" --beta {beta}" if beta else "") + extra,
                 paper,
+                compare="" if stages == classic else f"{method}: EMA {classic} (classic)",
             )
             for method, classic, beta, rows in [
                 ("simclr", "none", "0.9", [("none", {"top1": 60.45}), ("projector", {}), ("all", {"top1": 61.97})]),
@@ -264,25 +272,79 @@ EXPERIMENTS = {
                     "mocov2",
                     "all",
                     "",
-                    [("all", {"top1": 62.34}), ("projector", {"top1": 60.39}), ("none", {"top1": 2.22})],
+                    [
+                        ("all", {"top1": 62.34}),
+                        ("projector", {"top1": 60.39}),
+                        ("none", {"top1": 2.22}),
+                        ("backbone", {"top1": 45.84}),
+                        ("conv1", {}),
+                        ("block4,projector", {}),
+                    ],
                 ),
                 (
                     "dino",
                     "all",
                     "",
-                    [("all", {"top1": 58.12}), ("projector", {"top1": 58.14}), ("none", {"top1": 1.08})],
+                    [
+                        ("all", {"top1": 58.12}),
+                        ("projector", {"top1": 58.14}),
+                        ("none", {"top1": 1.08}),
+                        ("backbone", {"top1": 8.11}),
+                    ],
                 ),
                 (
                     "ressl",
                     "all",
                     "",
-                    [("all", {"top1": 54.66}), ("projector", {"top1": 53.51}), ("none", {"top1": 1.56})],
+                    [
+                        ("all", {"top1": 54.66}),
+                        ("projector", {"top1": 53.51}),
+                        ("none", {"top1": 1.56}),
+                        ("backbone", {"top1": 29.79}),
+                    ],
                 ),
             ]
             for stages, paper in rows
+            # Fig. 5 is measured on BYOL without EMA (the paper: its Fig. 2 setting with beta 0)
+            for extra in [" --log-grad-norms" if (method, stages) == ("byol", "none") else ""]
         ],
         flags="--preset laptop",
         epochs=10,
+        data_dir="cifar10-images",
+    ),
+    # The recipe search of --preset laptop (docs/small-scale.md, "Choosing the laptop recipe"): one seed per
+    # candidate, scored on the validation split (--eval-split val: 10,000 training images never trained on),
+    # each against its method's current preset. The test split is not looked at here.
+    "search": Experiment(
+        "Choosing the laptop recipe: candidates on the validation split, against each method's preset",
+        "imagefolder",
+        [
+            Run(
+                f"{method}: {flags or 'preset'}",
+                f"{method}.py",
+                flags,
+                compare="" if not flags else f"{method}: preset",
+            )
+            for method, candidates in [
+                (
+                    "mocov2",
+                    [
+                        "--proj-hidden-dim 512",
+                        "--beta 0.996 --beta-schedule cosine --beta-final 1.0",
+                        "--proj-hidden-dim 512 --beta 0.996 --beta-schedule cosine --beta-final 1.0",
+                    ],
+                ),
+                ("simclr", ["--proj-hidden-dim 512", "--proj-hidden-dim 512 --temperature 0.5"]),
+                ("byol", ["--proj-hidden-dim 1024 --pred-hidden-dim 1024"]),
+                ("dino", ["--proj-hidden-dim 512"]),
+                ("ressl", ["--proj-hidden-dim 512"]),
+                ("simsiam", ["--proj-hidden-dim 512 --proj-dim 512"]),
+            ]
+            for flags in ["", *candidates]
+        ],
+        flags="--preset laptop --eval-split val",
+        epochs=10,
+        data_dir="cifar10-images",
     ),
     # Sec. 7 gives the projector-only runs at beta 0.9995 only as drops from beta 0.99: in the row labels.
     "beta0.9995": Experiment(
@@ -315,14 +377,93 @@ EXPERIMENTS = {
 }
 
 
+# The claims of the paper that the laptop experiment can test (docs/claims.md, `reproduce.py claims`).
+# Each compares row a with row b in kNN top-1, paired by seed. "higher" / "lower": the paper's a is
+# above / below its b; "close": within CLOSE points either way. Fig. 5 and Table 4 are measured otherwise
+# (kind "gradients", "cost"). The verdict comes from the 95 % interval of the paired difference (verdict()).
+CLOSE = 3.0  # points: Table 3's largest gap between projector-only and full EMA is 2.4
+CLAIMS = [
+    # (claim, the paper's evidence, row a, row b, kind)
+    ("MoCo v2 collapses without EMA", "Table 1: 62.34 -> 2.22", "mocov2: EMA none", RANDOM, "lower"),
+    ("DINO collapses without EMA", "Table 1: 58.12 -> 1.08", "dino: EMA none", RANDOM, "lower"),
+    ("ReSSL collapses without EMA", "Table 1: 54.66 -> 1.56", "ressl: EMA none", RANDOM, "lower"),
+    ("BYOL drops without EMA", "Table 1: 62.01 -> 43.48", "byol: EMA none", "byol: EMA all (classic)", "lower"),
+    ("EMA helps SimSiam", "Table 1: 51.41 -> 53.66", "simsiam: EMA all", "simsiam: EMA none (classic)", "higher"),
+    (
+        "EMA helps SimCLR (beta 0.9)",
+        "Table 1: 60.45 -> 61.97",
+        "simclr: EMA all",
+        "simclr: EMA none (classic)",
+        "higher",
+    ),
+    *[
+        (
+            f"{name}: projector-only EMA is close to full EMA",
+            f"Table 3: {full} -> {proj}",
+            f"{m}: EMA projector",
+            f"{m}: EMA all (classic)",
+            "close",
+        )
+        for m, name, full, proj in [
+            ("byol", "BYOL", 62.01, 59.61),
+            ("mocov2", "MoCo v2", 62.34, 60.39),
+            ("dino", "DINO", 58.12, 58.14),
+            ("ressl", "ReSSL", 54.66, 53.51),
+        ]
+    ],
+    *[
+        (
+            f"{name}: backbone-only EMA is far worse than full EMA",
+            f"Table 3: {full} -> {backbone}",
+            f"{m}: EMA backbone",
+            f"{m}: EMA all (classic)",
+            "lower",
+        )
+        for m, name, full, backbone in [
+            ("mocov2", "MoCo v2", 62.34, 45.84),
+            ("dino", "DINO", 58.12, 8.11),
+            ("ressl", "ReSSL", 54.66, 29.79),
+        ]
+    ],
+    (
+        "MoCo v2: EMA on the late stages matters more than on the early ones",
+        "Fig. 4 (BYOL, CIFAR-100)",
+        "mocov2: EMA block4,projector",
+        "mocov2: EMA conv1",
+        "higher",
+    ),
+    (
+        "MoCo v2: EMA on the projector alone beats EMA on conv1 alone",
+        "Fig. 4 (BYOL, CIFAR-100)",
+        "mocov2: EMA projector",
+        "mocov2: EMA conv1",
+        "higher",
+    ),
+    (
+        "The gradient at the projector's output is larger than at block4's, and block4's than block1's",
+        "Fig. 5 (BYOL, beta 0)",
+        "byol: EMA none",
+        "",
+        "gradients",
+    ),
+    (
+        "Projector-only EMA runs the backbone once per image instead of twice, and takes less time",
+        "Table 4 (DINO, ImageNet-1K): 2 -> 1 forwards, 56.5 -> 38.5 min/epoch",
+        "dino: EMA projector",
+        "dino: EMA all (classic)",
+        "cost",
+    ),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}, or claims (see --list)")
     p.add_argument("--list", action="store_true", help="print every experiment and its commands, run nothing")
     p.add_argument("--dataset", default=None, help="override the paper's dataset (e.g. imagefolder for a small folder)")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--data-dir", default=None, help="default: the experiment's (./data; laptop: cifar10-images)")
     p.add_argument(
         "--epochs",
         type=int,
@@ -351,8 +492,22 @@ def parse_args(argv=None):
         help="comma list: run only the rows whose label contains one of these "
         "texts (case-insensitive), e.g. 'dino,ressl'",
     )
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="comma list of seeds: each row runs once per seed (--seed S), and the tables show the mean, the "
+        "standard deviation and a 95%% confidence interval over them",
+    )
     p.add_argument("--extra", default="", help="more flags for every method run, e.g. '--device cpu --eval-every 1'")
     p.add_argument("--out-root", default="runs/reproduce")
+    p.add_argument("--claims-out", default=str(ROOT / "docs" / "claims.md"), help="where claims writes its table")
+    p.add_argument(
+        "--results",
+        default=str(ROOT / "docs" / "results"),
+        help="where each finished run's small files (args.json, metrics.jsonl, ...) are kept, under "
+        "<experiment>/<scale>/<row>/seed<S>/, for the tables: commit them, and --table rebuilds every table "
+        "from them with no run directory present",
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -365,38 +520,56 @@ def parse_args(argv=None):
     p.add_argument(
         "--table",
         action="store_true",
-        help="start no run: write the table from the runs already there (rows without a run show '-')",
+        help="start no run: write the table from the results already there (rows without one show '-')",
     )
     args = p.parse_args(argv)
-    if not args.list and args.experiment not in EXPERIMENTS:
-        p.error(f"name an experiment ({', '.join(EXPERIMENTS)}) or pass --list")
+    if not args.list and args.experiment not in [*EXPERIMENTS, "claims"]:
+        p.error(f"name an experiment ({', '.join(EXPERIMENTS)}, claims) or pass --list")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: run at least 1 at a time")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give a comma list of seeds, e.g. 0,1,2")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds {args.seeds}: give each seed once, and none below 0")
     return args
 
 
 def scale_name(args, experiment):
     """The directory of one scale of reproduction: dataset, epochs, steps, batch, and a digest of
-    the other flags that change results, so different scales never share a run directory."""
+    the other flags that change results, so different scales never share a run directory. --device is
+    left out: where a run ran is recorded with its results (provenance.json), and shown in the tables."""
     dataset = args.dataset or experiment.dataset
     name = f"{dataset}-e{args.epochs}" + (f"-s{args.max_steps}" if args.max_steps else "") + f"-b{args.batch_size}"
-    other = f"{args.warmup_epochs} {args.queue_size} {args.extra}"
+    extra = re.sub(r"--device\s+\S+", "", args.extra).split()
+    other = f"{args.warmup_epochs} {args.queue_size} {' '.join(extra)}"
     return name + ("" if other == "None None " else "-" + hashlib.sha1(other.encode()).hexdigest()[:6])
 
 
-def run_dir(args, experiment, run):
-    slug = re.sub(
+def slug(experiment, run):
+    return re.sub(
         r"[^A-Za-z0-9.,=+]+", "_", f"{run.script[:-3]} {experiment.flags} {run.flags}".replace("--", "")
     ).strip("_")
-    return Path(args.out_root) / scale_name(args, experiment) / slug
 
 
-def command(args, experiment, run):
+def run_dir(args, experiment, run, seed=0):
+    return Path(args.out_root) / scale_name(args, experiment) / slug(experiment, run) / f"seed{seed}"
+
+
+def results_dir(args, name, experiment, run, seed=0):
+    """Where a finished run's small files are kept (and committed): --results/<experiment>/<scale>/<row>/seed<S>."""
+    return Path(args.results) / name / scale_name(args, experiment) / slug(experiment, run) / f"seed{seed}"
+
+
+def command(args, experiment, run, seed=0):
     """The command line of one run, as a user would type it."""
-    data = ["--dataset", args.dataset or experiment.dataset, "--data-dir", args.data_dir]
+    data = ["--dataset", args.dataset or experiment.dataset, "--data-dir", args.data_dir or experiment.data_dir]
     if run.script == "linear_eval.py":  # the random-encoder baseline: no pre-training
         arch = re.findall(r"--arch (\S+)", experiment.flags) or ["resnet18"]
-        passed_on = re.findall(r"--(?:device|width|train-subset) \S+", args.extra)  # from --extra, as for the runs
+        passed_on = re.findall(
+            r"--(?:device|width|train-subset|eval-split|val-size) \S+", f"{experiment.flags} {args.extra}"
+        )
         return [
             sys.executable,
             str(ROOT / run.script),
@@ -407,8 +580,10 @@ def command(args, experiment, run):
             "--batch-size",
             str(args.batch_size),
             *shlex.split(" ".join(passed_on)),
+            "--seed",
+            str(seed),
             "--out",
-            str(run_dir(args, experiment, run) / "linear_eval.json"),
+            str(run_dir(args, experiment, run, seed) / "linear_eval.json"),
         ]
     warmup = args.warmup_epochs if args.warmup_epochs is not None else max(1, round(10 * args.epochs / 200))
     scale = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--warmup-epochs", str(warmup)]
@@ -424,8 +599,10 @@ def command(args, experiment, run):
         *data,
         *scale,
         *shlex.split(args.extra),
+        "--seed",
+        str(seed),
         "--out-dir",
-        str(run_dir(args, experiment, run)),
+        str(run_dir(args, experiment, run, seed)),
     ]
 
 
@@ -458,13 +635,13 @@ def read_metrics(directory):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def pending(args, experiment, run):
+def pending(args, experiment, run, seed):
     """The command that runs or resumes one row, or None (printed as [done]) if it finished with this command."""
-    directory = run_dir(args, experiment, run)
-    cmd = command(args, experiment, run)
+    directory = run_dir(args, experiment, run, seed)
+    cmd = command(args, experiment, run, seed)
     done = directory / "reproduce-done.json"
     if done.exists() and json.loads(done.read_text()).get("command") == show(cmd):
-        print(f"[done]    {run.label}: {directory}", flush=True)
+        print(f"[done]    {run.label}, seed {seed}: {directory}", flush=True)
         return None
     if (directory / "last.pt").exists():
         cmd.append("--resume")
@@ -472,68 +649,121 @@ def pending(args, experiment, run):
     return cmd
 
 
-def mark_done(args, experiment, run):
-    """Record that a row finished, with the exact command, so that the next invocation skips it."""
-    done = run_dir(args, experiment, run) / "reproduce-done.json"
-    done.write_text(json.dumps({"command": show(command(args, experiment, run))}))
+KEPT = ("args.json", "metrics.jsonl", "linear_eval.json", "grad_norms.jsonl")  # the small files a table reads
 
 
-def run_one(args, experiment, run):
-    """Run (or resume, or skip) one row. Returns True if the run is complete."""
-    cmd = pending(args, experiment, run)
+def machine(threads):
+    """The CPU that ran a job, as /proc/cpuinfo names it, and its thread count (provenance.json)."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        cpu = names[0].strip() if names else cpu
+    return f"{cpu}, {os.cpu_count()} CPU threads, OMP_NUM_THREADS={threads}"
+
+
+def mark_done(args, name, experiment, run, seed, threads, started):
+    """Record that a row finished, with the exact command, so that the next invocation skips it; and keep
+    its small files in --results with where and when it ran (provenance.json), for the tables."""
+    directory = run_dir(args, experiment, run, seed)
+    shown = show(command(args, experiment, run, seed))
+    (directory / "reproduce-done.json").write_text(json.dumps({"command": shown}))
+    kept = results_dir(args, name, experiment, run, seed)
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in KEPT:
+        if (directory / file).exists():
+            shutil.copyfile(directory / file, kept / file)
+    trained = json.loads((directory / "args.json").read_text()) if (directory / "args.json").exists() else {}
+    provenance = {
+        "command": shown,
+        "git_revision": trained.get("git_revision", git_revision()),
+        "torch": torch_version(),
+        "device": trained.get("device_name", "cpu") if run.script != "linear_eval.py" else "cpu",
+        "machine": machine(threads),
+        "jobs_at_once": args.jobs,
+        "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "wall_seconds": round(time.time() - started),
+    }
+    (kept / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def torch_version():
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def threads_for(args):
+    """OMP_NUM_THREADS of each run: as set, or an even share of this machine's CPU threads."""
+    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+
+def run_one(args, name, experiment, run, seed):
+    """Run (or resume, or skip) one row with one seed. Returns True if the run is complete."""
+    cmd = pending(args, experiment, run, seed)
     if cmd is None:
         return True
-    print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}: {show(cmd)}", flush=True)
+    print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}, seed {seed}: {show(cmd)}", flush=True)
+    started = time.time()
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         print(
-            f"[failed]  {run.label}: exit {result.returncode}; fix the cause and run this command again to resume",
+            f"[failed]  {run.label}, seed {seed}: exit {result.returncode}; fix the cause and run this command "
+            f"again to resume",
             flush=True,
         )
         return False
-    mark_done(args, experiment, run)
+    mark_done(args, name, experiment, run, seed, os.environ.get("OMP_NUM_THREADS", "default"), started)
     return True
 
 
-def run_many(args, experiment, runs):
-    """Run the rows --jobs at a time, each as its own process whose output goes to reproduce.log in its run
-    directory. A failed row does not stop the others. Returns the failed rows' log files."""
-    todo = [(run, cmd) for run in runs if (cmd := pending(args, experiment, run)) is not None]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # logs written as they happen
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # a share of the CPU each
+def run_many(args, name, experiment, jobs):
+    """Run the (row, seed) jobs --jobs at a time, each as its own process whose output goes to reproduce.log
+    in its run directory. A failed one does not stop the others. Returns the failed ones' log files."""
+    todo = [(run, seed, cmd) for run, seed in jobs if (cmd := pending(args, experiment, run, seed)) is not None]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads_for(args))  # logs as they happen
     if todo:
         print(
             f"{len(todo)} runs to do, {args.jobs} at a time; OMP_NUM_THREADS={env['OMP_NUM_THREADS']} for each "
             f"(this machine has {os.cpu_count()} CPU threads)",
             flush=True,
         )
-    running = {}  # process -> (row, log file, start time)
+    running = {}  # process -> (row, seed, log file, start time)
     failed = []
     try:
         while todo or running:
             while todo and len(running) < args.jobs:
-                run, cmd = todo.pop(0)
-                log = run_dir(args, experiment, run) / "reproduce.log"
+                run, seed, cmd = todo.pop(0)
+                log = run_dir(args, experiment, run, seed) / "reproduce.log"
                 with open(log, "a") as out:  # appended: an earlier, interrupted attempt stays above
                     out.write(f"$ {show(cmd)}\n")
                     out.flush()
                     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-                running[process] = (run, log, time.time())
+                running[process] = (run, seed, log, time.time())
                 print(
-                    f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label} (pid {process.pid}, log {log}): "
-                    f"{show(cmd)}",
+                    f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}, seed {seed} (pid {process.pid}, "
+                    f"log {log}): {show(cmd)}",
                     flush=True,
                 )
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
-                run, log, started = running.pop(process)
+                run, seed, log, started = running.pop(process)
                 took = f"after {(time.time() - started) / 60:.1f} min; log {log}"
                 if process.returncode == 0:
-                    mark_done(args, experiment, run)
-                    print(f"[finished] {run.label}: exit 0 {took}", flush=True)
+                    mark_done(args, name, experiment, run, seed, env["OMP_NUM_THREADS"], started)
+                    print(f"[finished] {run.label}, seed {seed}: exit 0 {took}", flush=True)
                 else:
                     failed.append(log)
-                    print(f"[failed]  {run.label}: exit {process.returncode} {took}", flush=True)
+                    print(f"[failed]  {run.label}, seed {seed}: exit {process.returncode} {took}", flush=True)
     finally:  # Ctrl-C, or any error here: stop the children too (their last.pt stays intact for a resume)
         for process in running:
             process.terminate()
@@ -552,8 +782,142 @@ def run_many(args, experiment, runs):
     return failed
 
 
+# ----------------------------------------------------------------------------------------
+# Statistics over seeds: mean, standard deviation, 95 % confidence intervals (Student's t)
+# ----------------------------------------------------------------------------------------
+
+# The two-sided 95 % quantile of Student's t, t(0.975; df), for df = 1..30 (any statistics table; test_all.py
+# checks df 1 and 2 against their closed forms). With 3 seeds (df 2) the interval is mean +- 4.30 sd / sqrt(3)
+# = mean +- 2.48 sd: wide. Past df 30 the df-30 value is used, which errs on the wide side.
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+T_975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass
+class Summary:
+    n: int
+    mean: float
+    sd: float = None  # sample standard deviation (n - 1); None for one value
+    low: float = None  # the 95 % confidence interval of the mean; None for one value
+    high: float = None
+
+
+def summarise(values):
+    """Mean, standard deviation and 95 % confidence interval of the mean of a few numbers; None for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return Summary(1, mean)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T_975[min(n - 1, len(T_975)) - 1] * sd / math.sqrt(n)
+    return Summary(n, mean, sd, mean - half, mean + half)
+
+
+def paired(a, b):
+    """The summary of a - b over the seeds both have (dicts seed -> value): a paired comparison, since the two
+    runs of one seed share the data order and the initialisation."""
+    return summarise([a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None])
+
+
+def show_mean(summary, sign=False):
+    """'34.80 +- 0.41' (mean and standard deviation), '34.80' for one seed, '-' for none."""
+    if summary is None:
+        return "-"
+    mean = f"{summary.mean:+.2f}" if sign else f"{summary.mean:.2f}"
+    return mean if summary.sd is None else f"{mean} ± {summary.sd:.2f}"
+
+
+def show_interval(summary, sign=False):
+    if summary is None or summary.low is None:
+        return "-"
+    f = "{:+.2f}" if sign else "{:.2f}"
+    return f"[{f.format(summary.low)}, {f.format(summary.high)}]"
+
+
+def show_both(difference):
+    """A signed difference with its interval: '+1.20 ± 0.30 [+0.45, +1.95]'; '-' for none."""
+    if difference is None:
+        return "-"
+    interval = show_interval(difference, sign=True)
+    return show_mean(difference, sign=True) + ("" if interval == "-" else f" {interval}")
+
+
+def verdict(difference, kind):
+    """confirmed / not seen at this scale / refuted, from the 95 % interval of a paired difference (a - b).
+    higher / lower: confirmed when the interval excludes 0 on the paper's side, refuted when it excludes 0 on
+    the other. close: confirmed when it lies within +-CLOSE, refuted when it lies wholly outside."""
+    if difference is None or difference.low is None:
+        return "not yet measured (fewer than 2 seeds)"
+    low, high = difference.low, difference.high
+    if kind == "close":
+        if -CLOSE <= low and high <= CLOSE:
+            return "confirmed"
+        return "refuted" if low > CLOSE or high < -CLOSE else "not seen at this scale"
+    if kind == "lower":
+        low, high = -high, -low
+    if low > 0:
+        return "confirmed"
+    return "refuted" if high < 0 else "not seen at this scale"
+
+
+# ----------------------------------------------------------------------------------------
+# Tables, from the kept results (--results), or the run directories of unfinished runs
+# ----------------------------------------------------------------------------------------
+
+
 def fmt(value):
     return "-" if value is None else f"{value:.2f}"
+
+
+def row_results(args, name, experiment, run):
+    """seed -> (final metrics, history, provenance, directory) for each seed of --seeds that has results: the
+    kept ones, else those of a run directory (an unfinished run shows there)."""
+    found = {}
+    for seed in args.seeds:
+        directory = results_dir(args, name, experiment, run, seed)
+        if not (directory / "args.json").exists() and not (directory / "linear_eval.json").exists():
+            directory = run_dir(args, experiment, run, seed)
+        metrics = final_metrics(directory)
+        if metrics is None:
+            continue
+        provenance = directory / "provenance.json"
+        found[seed] = (
+            metrics,
+            read_metrics(directory),
+            json.loads(provenance.read_text()) if provenance.exists() else {},
+            directory,
+        )
+    return found
+
+
+def values(found, key):
+    return {seed: metrics.get(key) for seed, (metrics, *_) in found.items()}
+
+
+def provenance_of(found):
+    """The code revisions and devices of a row's runs, e.g. 'git 44f80b3, cpu (2 threads)'; several if they differ."""
+    revisions = sorted({p.get("git_revision", "?") for _, _, p, _ in found.values()})
+    devices = sorted({p.get("device", "?") for _, _, p, _ in found.values()})
+    if not found:
+        return "-"
+    mixed = " (MIXED DEVICES: do not compare)" if len(devices) > 1 else ""
+    return f"git {', '.join(revisions)}; {', '.join(devices)}{mixed}"
+
+
+def scale_line(args, experiment, with_data_dir=False):
+    data_dir = f" (`--data-dir {args.data_dir or experiment.data_dir}`)" if with_data_dir else ""
+    return (
+        f"Scale: dataset {args.dataset or experiment.dataset}{data_dir}, {args.epochs} epochs"
+        + (f", at most {args.max_steps} steps" if args.max_steps else "")
+        + f", batch {args.batch_size}"
+        + (f", warm-up {args.warmup_epochs} epochs" if args.warmup_epochs is not None else "")
+        + (f", queue {args.queue_size} (MoCo v2, ReSSL)" if args.queue_size else "")
+        + (f", extra flags `{args.extra}`" if args.extra else "")
+        + f", seeds {','.join(map(str, args.seeds))}."
+    )
 
 
 def write_table(args, name, experiment, runs):
@@ -561,72 +925,176 @@ def write_table(args, name, experiment, runs):
     rows = [
         f"# {experiment.title}",
         "",
-        f"Scale: dataset {args.dataset or experiment.dataset}, {args.epochs} epochs"
-        + (f", at most {args.max_steps} steps" if args.max_steps else "")
-        + f", batch {args.batch_size}"
-        + (f", warm-up {args.warmup_epochs} epochs" if args.warmup_epochs is not None else "")
-        + (f", queue {args.queue_size} (MoCo v2, ReSSL)" if args.queue_size else "")
-        + (f", extra flags `{args.extra}`" if args.extra else "")
-        + ". The paper: 200 epochs, batch 256.",
+        scale_line(args, experiment) + " The paper: 200 epochs, batch 256.",
         "Ours: online linear probe top-1, weighted kNN (k=200) top-1 and 1-NN top-1 at the last epoch "
-        "(the random encoder: offline linear probe).",
+        "(the random encoder: offline linear probe), as mean ± standard deviation over the seeds.",
         "",
-        "| row | paper top-1 | paper KNN-1 | ours: linear top-1 | kNN top-1 | 1-NN top-1 | epoch | step | run |",
+        "| row | paper top-1 | paper KNN-1 | ours: linear top-1 | kNN top-1 | 1-NN top-1 | seeds | epoch | code, device |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        directory = run_dir(args, experiment, run)
-        m = final_metrics(directory) or {}
+        found = row_results(args, name, experiment, run)
         paper = [run.paper.get("top1"), run.paper.get("knn1")]
+        ours = [show_mean(summarise(values(found, key).values())) for key in ("linear_top1", "knn_top1", "knn1_top1")]
+        epochs = sorted({m.get("epoch", "-") for m, *_ in found.values()})
         rows.append(
-            f"| {run.label} | {' | '.join(fmt(v) for v in paper)} | {fmt(m.get('linear_top1'))} | "
-            f"{fmt(m.get('knn_top1'))} | {fmt(m.get('knn1_top1'))} | {m.get('epoch', '-')} | {m.get('step', '-')} | "
-            f"`{directory}` |"
+            f"| {run.label} | {' | '.join(fmt(v) for v in paper)} | {' | '.join(ours)} | {len(found)} | "
+            f"{', '.join(map(str, epochs)) or '-'} | {provenance_of(found)} |"
         )
     save_table(args, experiment, name, rows)
 
 
-def write_laptop_table(args, experiment, runs):
-    """laptop.md: each run's kNN top-1 against the random backbone's, the collapse monitor, the time."""
-    random = final_metrics(run_dir(args, experiment, runs[0])) if runs[0].script == "linear_eval.py" else None
-    base = random["knn_top1"] if random else None
+def write_laptop_table(args, name, experiment, runs):
+    """laptop.md (and search.md): per row, kNN top-1 over the seeds with its 95 % interval, the paired
+    difference to the random backbone and to the row it is compared with, the collapse monitor, the time."""
+    random_run = next((r for r in experiment.runs if r.script == "linear_eval.py"), None)
+    random = values(row_results(args, name, experiment, random_run), "knn_top1") if random_run else {}
+    by_label = {run.label: run for run in experiment.runs}
     rows = [
         f"# {experiment.title}",
         "",
-        f"Dataset {args.dataset or experiment.dataset} (`--data-dir {args.data_dir}`), {args.epochs} epochs"
-        + (f", extra flags `{args.extra}`" if args.extra else "")
-        + ". kNN: weighted, k = 200, on the whole test "
-        "split; 'above random': kNN top-1 minus the random backbone's; linear: the online probe; spread and rank: "
-        "the collapse monitor (README); minutes: training time, the sum of the epochs' epoch_seconds (loading and "
-        "evaluation not included).",
+        scale_line(args, experiment, with_data_dir=True)
+        + " kNN: weighted, k = 200, on the whole evaluation split (`--eval-split`: the test split, or the "
+        "validation split); mean ± standard deviation over the seeds and the 95 % confidence interval of the "
+        "mean (Student's t; with 3 seeds it is mean ± 2.48 sd); 'above random': kNN top-1 minus that of the "
+        "random backbone of the same seed; 'against': the paired difference (same seed) to the row named, "
+        "with its 95 % interval; linear: the online probe; spread and rank: the collapse monitor (README); "
+        "minutes: training time, the sum of the epochs' epoch_seconds (loading and evaluation not included), "
+        "mean over the seeds.",
         "",
-        "| run | kNN top-1 | above random | linear top-1 | spread | rank | final loss | training minutes "
-        "| paper top-1 (CIFAR-100, 200 ep.) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | seeds | kNN top-1 | 95 % CI | above random [95 % CI] | against | difference [95 % CI] | linear top-1 "
+        "| spread | rank | final loss | training minutes | code, device | paper top-1 (CIFAR-100, 200 ep.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        directory = run_dir(args, experiment, run)
-        m = final_metrics(directory) or {}
-        history = read_metrics(directory)
-        seconds = sum(h["epoch_seconds"] for h in history) if history else None  # training only; resumes included
-        above = m["knn_top1"] - base if base is not None and m.get("knn_top1") is not None else None
-        unfinished = history and m.get("epoch", 0) < args.epochs  # a run still going, or stopped early
-        label = run.label + (f" (unfinished: epoch {m['epoch']} of {args.epochs})" if unfinished else "")
+        found = row_results(args, name, experiment, run)
+        knn = values(found, "knn_top1")
+        unfinished = sorted(s for s, (m, history, *_) in found.items() if history and m.get("epoch", 0) < args.epochs)
+        label = run.label + (f" (unfinished: seed {', '.join(map(str, unfinished))})" if unfinished else "")
+        above = paired(knn, random) if run is not random_run else None
+        against = by_label.get(run.compare)
+        difference = paired(knn, values(row_results(args, name, experiment, against), "knn_top1")) if against else None
+        minutes = summarise(
+            [sum(h["epoch_seconds"] for h in history) / 60 for _, history, *_ in found.values() if history]
+        )
+        mean_of = lambda key: show_mean(summarise(values(found, key).values()))
         rows.append(
-            f"| {label} | {fmt(m.get('knn_top1'))} | {'-' if above is None else f'{above:+.2f}'} | "
-            f"{fmt(m.get('linear_top1'))} | {fmt(m.get('output_spread'))} | {fmt(m.get('feature_rank'))} | "
-            f"{fmt(m.get('loss'))} | {'-' if seconds is None else f'{seconds / 60:.1f}'} | "
+            f"| {label} | {len(found)} | {show_mean(summarise(knn.values()))} | "
+            f"{show_interval(summarise(knn.values()))} | {show_both(above)} | "
+            f"{run.compare or '-'} | {show_both(difference)} | "
+            f"{mean_of('linear_top1')} | {mean_of('output_spread')} | {mean_of('feature_rank')} | {mean_of('loss')} | "
+            f"{'-' if minutes is None else f'{minutes.mean:.1f}'} | {provenance_of(found)} | "
             f"{fmt(run.paper.get('top1'))} |"
         )
-    save_table(args, experiment, "laptop", rows)
+    save_table(args, experiment, name, rows)
+
+
+def gradient_ratios(found):
+    """Fig. 5, per seed: the mean over steps of the l-inf gradient norm at the projector's output over that at
+    block4's, and block4's over block1's (grad_norms.jsonl of a --log-grad-norms run)."""
+    ratios = {"projector / block4": {}, "block4 / block1": {}}
+    for seed, (*_, directory) in found.items():
+        path = directory / "grad_norms.jsonl"
+        if not path.exists():
+            continue
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        mean = {stage: sum(line[stage] for line in lines) / len(lines) for stage in ("block1", "block4", "projector")}
+        ratios["projector / block4"][seed] = mean["projector"] / mean["block4"]
+        ratios["block4 / block1"][seed] = mean["block4"] / mean["block1"]
+    return ratios
+
+
+def write_claims(args, experiment):
+    """docs/claims.md: each claim of the paper testable at the laptop scale, our paired difference with its
+    95 % interval, and a verdict."""
+    by_label = {run.label: run for run in experiment.runs}
+    results = {label: row_results(args, "laptop", experiment, run) for label, run in by_label.items()}
+    rows = [
+        "# The paper's claims at the laptop scale",
+        "",
+        "Written by `python tools/reproduce.py claims --table` from the laptop experiment's kept results "
+        f"(docs/results/laptop/). {scale_line(args, experiment)} Each claim compares two rows in kNN top-1 "
+        "(weighted, k = 200, on the test split), paired by seed: the difference a - b per seed, its mean ± "
+        "standard deviation and its 95 % confidence interval (Student's t; with 3 seeds, mean ± 2.48 sd). "
+        "Verdict: **confirmed** when the interval excludes 0 on the paper's side (for 'close': lies within "
+        f"±{CLOSE:g} points), **refuted** when it excludes 0 on the other side (for 'close': lies wholly outside "
+        "±3), **not seen at this scale** otherwise. The paper's numbers come from 200 epochs of a full-width "
+        "ResNet-18 on CIFAR-100; ours from 10 epochs of a quarter-width one on 10,000 CIFAR-10 images.",
+        "",
+        "| claim | paper | a | b | paper's direction | seeds | a - b | 95 % CI | verdict | code, device |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for claim, paper, a, b, kind in CLAIMS:
+        found = results[a]
+        if kind == "gradients":
+            for which, ratio in gradient_ratios(found).items():
+                summary = summarise(ratio.values())
+                # confirmed when the ratio's interval lies above 1, refuted when below 1
+                judged = verdict(
+                    None
+                    if summary is None
+                    else Summary(
+                        summary.n,
+                        summary.mean - 1,
+                        summary.sd,
+                        None if summary.low is None else summary.low - 1,
+                        None if summary.high is None else summary.high - 1,
+                    ),
+                    "higher",
+                )
+                rows.append(
+                    f"| {claim} | {paper} | {a} | - | {which} > 1 | {0 if summary is None else summary.n} | "
+                    f"ratio {show_mean(summary)} | {show_interval(summary)} | {judged} | {provenance_of(found)} |"
+                )
+            continue
+        if kind == "cost":
+            forwards = summarise(values(found, "backbone_forwards_per_image").values())
+            base = results[b]
+            base_forwards = summarise(values(base, "backbone_forwards_per_image").values())
+            seconds = lambda rows_found: {
+                seed: sum(h["epoch_seconds"] for h in history) for seed, (_, history, *_) in rows_found.items()
+            }
+            time_ratio = summarise([seconds(found)[s] / t for s, t in seconds(base).items() if s in seconds(found)])
+            halved = forwards is not None and base_forwards is not None and forwards.mean <= base_forwards.mean / 2
+            faster = time_ratio is not None and time_ratio.high is not None and time_ratio.high < 1
+            judged = (
+                "not yet measured"
+                if time_ratio is None
+                else ("confirmed" if halved and faster else ("refuted" if not halved else "not seen at this scale"))
+            )
+            rows.append(
+                f"| {claim} | {paper} | {a} | {b} | fewer forwards, less time | {len(found)} | forwards "
+                f"{show_mean(forwards)} against {show_mean(base_forwards)}; training time ratio "
+                f"{show_mean(time_ratio)} | {show_interval(time_ratio)} | {judged} | {provenance_of(found)} |"
+            )
+            continue
+        difference = paired(values(found, "knn_top1"), values(results[b], "knn_top1"))
+        direction = {"higher": "a > b", "lower": "a < b", "close": f"|a - b| ≤ {CLOSE:g}"}[kind]
+        rows.append(
+            f"| {claim} | {paper} | {a} | {b} | {direction} | {0 if difference is None else difference.n} | "
+            f"{show_mean(difference, sign=True)} | {show_interval(difference, sign=True)} | "
+            f"{verdict(difference, kind)} | {provenance_of(found)} |"
+        )
+    path = Path(args.claims_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+    print(f"\nwrote {path}")
 
 
 def save_table(args, experiment, name, rows):
     """Write <name>.md beside the experiment's runs and print it."""
     path = Path(args.out_root) / scale_name(args, experiment) / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     print(f"\nwrote {path}")
+
+
+def claim_rows(experiment):
+    """The laptop rows the claims table reads."""
+    labels = {label for _, _, a, b, _ in CLAIMS for label in (a, b) if label}
+    return [run for run in experiment.runs if run.label in labels]
 
 
 def main(argv=None):
@@ -637,33 +1105,39 @@ def main(argv=None):
             args.epochs = given_epochs or experiment.epochs
             print(f"{name}: {experiment.title} (paper dataset: {experiment.dataset})")
             for run in experiment.runs:
-                print(f"    {show(command(args, experiment, run))}")
+                print(f"    {show(command(args, experiment, run, args.seeds[0]))}")
+        print("claims: the paper's claims at the laptop scale (docs/claims.md), from the laptop runs they need")
         return 0
-    experiment = EXPERIMENTS[args.experiment]
+    name = "laptop" if args.experiment == "claims" else args.experiment
+    experiment = EXPERIMENTS[name]
     args.epochs = given_epochs or experiment.epochs
     wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
-    runs = [r for r in experiment.runs if not wanted or any(w in r.label.lower() for w in wanted)]
+    runs = claim_rows(experiment) if args.experiment == "claims" else experiment.runs
+    runs = [r for r in runs if not wanted or any(w in r.label.lower() for w in wanted)]
     if not runs:
         print(f"error: no row of {args.experiment} has '{args.only}' in its label; see --list", file=sys.stderr)
         return 2
+    jobs = [(run, seed) for seed in args.seeds for run in runs]  # seed by seed: a first seed of every row first
     failed = []
     if args.table:
         complete = [True]
     elif args.jobs == 1:
-        complete = [run_one(args, experiment, run) for run in runs]
+        complete = [run_one(args, name, experiment, run, seed) for run, seed in jobs]
     else:
         try:
-            failed = run_many(args, experiment, runs)
+            failed = run_many(args, name, experiment, jobs)
         except KeyboardInterrupt:  # Ctrl-C: run_many has stopped the runs
             return 130
         complete = [not failed]
-    if args.experiment == "laptop":
-        write_laptop_table(args, experiment, runs)
+    if args.experiment == "claims":
+        write_claims(args, experiment)
+    elif name in ("laptop", "search"):
+        write_laptop_table(args, name, experiment, runs)
     else:
-        write_table(args, args.experiment, experiment, runs)
+        write_table(args, name, experiment, runs)
     if failed:
         print(
-            f"\n{len(failed)} of {len(runs)} runs failed; fix the cause and run this command again to resume "
+            f"\n{len(failed)} of {len(jobs)} runs failed; fix the cause and run this command again to resume "
             f"them. Their logs:"
         )
         print("\n".join(f"    {log}" for log in failed))
