@@ -19,9 +19,11 @@ Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are use
 
 import copy
 import functools
+import io
 import json
 import math
 import os
+import pickle
 import resource
 import subprocess
 import sys
@@ -48,6 +50,10 @@ class DivergedError(Exception):
     """The training loss became NaN or infinite; last.pt still holds the last state with a finite loss."""
 
 
+class Preempted(Exception):
+    """SIGTERM (a scheduler's notice before it kills a job): last.pt was saved at the end of a step."""
+
+
 def run_cli(main):
     """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2."""
     try:
@@ -55,6 +61,9 @@ def run_cli(main):
     except (ConfigError, DivergedError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint (last.pt) is intact; rerun with --resume", file=sys.stderr)
         sys.exit(130)
@@ -295,11 +304,18 @@ def parse_ema_stages(text):
 
     Returns the stage names in input-to-output order.
     """
-    names = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not names:
+    names = [t.strip() for t in str(text).split(",")]
+    if not any(names):
         raise ConfigError(
             "--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector"
         )
+    if not all(names):
+        raise ConfigError(f"--ema-stages {text!r} has an empty item; write the stages with single commas, no spaces")
+    for whole in ("none", "all"):
+        if whole in names and len(names) > 1:
+            raise ConfigError(f"--ema-stages {text!r} combines '{whole}' with other stages; give '{whole}' alone")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--ema-stages {text!r} names a stage twice; name each once")
     chosen = set()
     for name in names:
         if name in STAGE_ALIASES:
@@ -557,13 +573,15 @@ def _image_folder(root, image_size, subset=None, val_size=None):
     def decode(samples):
         images = []
         for path, _ in samples:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (image_size, image_size):
-                    img = img.resize((image_size, image_size), Image.BICUBIC)
-                images.append(
-                    torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
-                )
+            try:
+                with Image.open(path) as opened:
+                    img = opened.convert("RGB")
+            except OSError as error:  # a corrupt, empty or unreadable file (PIL's UnidentifiedImageError too)
+                reason = error.strerror or "not an image that PIL can decode"
+                raise ConfigError(f"cannot read the image {path} ({reason}); delete or replace it") from None
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.BICUBIC)
+            images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
         return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in samples])
 
     train = folder_of(root / "train")
@@ -1557,8 +1575,32 @@ FLAG_RANGES = {
 }
 
 
+# Upper limits, for the values that would exhaust memory or overflow a random generator before a run
+# could say so: far above any setting of the paper (width 64, heads 4,096 wide, queue 65,536, batch 256).
+FLAG_MAXIMA = {
+    "seed": 2**63 - 1,  # torch's generators take a 64-bit seed
+    "width": 1024,
+    "image_size": 1024,
+    "local_crop_size": 1024,
+    "synthetic_size": 10**6,
+    "batch_size": 2**16,
+    "aug_chunk": 1024,
+    "epochs": 10**5,
+    "warmup_epochs": 10**5,
+    "proj_hidden_dim": 2**16,
+    "proj_dim": 2**16,
+    "pred_hidden_dim": 2**16,
+    "bottleneck_dim": 2**16,
+    "num_prototypes": 2**17,
+    "queue_size": 2**21,
+    "num_local_crops": 32,
+    "track_weights": 2**16,
+}
+
+
 def check_ranges(args, parser):
-    """One line for a numeric flag that is NaN, infinite or outside its FLAG_RANGES range, with its default."""
+    """One line for a numeric flag that is NaN, infinite, outside its FLAG_RANGES range or above its
+    FLAG_MAXIMA limit, with its default."""
     for name, allowed in FLAG_RANGES.items():
         value = getattr(args, name, None)
         if value is None:  # not a flag of this script, or left at "none" (--max-steps, --train-subset, ...)
@@ -1569,10 +1611,16 @@ def check_ranges(args, parser):
             in_range = value >= 0
         else:
             in_range = 0 <= value <= 1
+        default = parser.get_default(name)
+        fix = "leave it out" if default is None else f"the default is {default}"
         if not (math.isfinite(value) and in_range):
-            default = parser.get_default(name)
-            fix = "leave it out" if default is None else f"the default is {default}"
             raise ConfigError(f"--{name.replace('_', '-')} must be {allowed} (got {value}); {fix}")
+        if isinstance(value, float) and abs(value) > torch.finfo(torch.float32).max:  # the tensors are float32
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at most 3.4e38, float32's largest (got {value}); {fix}"
+            )
+        if name in FLAG_MAXIMA and value > FLAG_MAXIMA[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {FLAG_MAXIMA[name]} (got {value}); {fix}")
 
 
 def check_queue_size(args):
@@ -1601,6 +1649,13 @@ def check_args(args, method):
             f"rate would never reach --lr; choose at most {args.epochs} (the paper: 10 of 200)"
         )
     check_arch(args.arch)  # (--dataset is checked by load_dataset, before it reads anything)
+    if args.batch_size < 2:
+        raise ConfigError(
+            f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step; choose 2 or more "
+            f"(the paper: 256)"
+        )
+    if args.out_dir is not None and not str(args.out_dir).strip():
+        raise ConfigError("--out-dir is empty; name a run directory, or leave the flag out for the default")
     if args.out_dir is None:
         stages = args.ema_stages.replace(",", "+").replace(" ", "")
         preset = "-laptop" if args.preset == "laptop" else ""
@@ -1634,14 +1689,24 @@ def git_revision():
 
 def atomic_write(path, write):
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a kill at any instant leaves either the old file or the new one, never half of one."""
+    a kill at any instant leaves either the old file or the new one, never half of one. A failed
+    write (a full disk, a lost mount) removes the temporary file, keeps the old file, and ends the
+    run with one line (ConfigError)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise ConfigError(
+            f"could not write {path} ({reason}); {kept}; free some space (or fix the disk), then --resume"
+        ) from None
 
 
 @dataclass
@@ -1654,6 +1719,10 @@ class RunState:
     history: list = field(default_factory=list)  # one metrics dict per finished epoch: metrics.jsonl
 
 
+CHECKPOINT_FIELDS = ("method", "arch", "args", "run", "models")  # what linear_eval.py and --resume read
+RUN_FIELDS = ("step",)
+
+
 def load_checkpoint(path, method=None, arch=None):
     """Load last.pt (a file or a run directory), checking it is whole and from the expected method/arch."""
     path = Path(path)
@@ -1664,7 +1733,19 @@ def load_checkpoint(path, method=None, arch=None):
             f"no checkpoint at {path}; start without --resume or point to a run directory that has last.pt"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data (tensors, dicts, lists, numbers, strings). Anything else in
+        # the pickle -- which could run code as it loads -- is refused before it is built.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            raise ConfigError(
+                f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
+                f"code when loaded; use a last.pt written by these scripts"
+            ) from None
+        raise ConfigError(
+            f"checkpoint {path} is unreadable ({error.__class__.__name__}); it is truncated or corrupt: "
+            f"restore a good copy or start a new run"
+        ) from None
     except Exception as error:  # truncated or corrupt file: pickle, zip and EOF errors alike
         raise ConfigError(
             f"checkpoint {path} is unreadable ({error.__class__.__name__}); it is truncated or corrupt: "
@@ -1674,6 +1755,13 @@ def load_checkpoint(path, method=None, arch=None):
         raise ConfigError(f"{path} is not a checkpoint written by these scripts; pass a last.pt from a run directory")
     if "run" not in state:  # last.pt from before common.RunState: the step and order were stored apart
         raise ConfigError(f"{path} was written by an older version of these scripts; start a new run")
+    resuming = method is not None  # --resume needs all of it; linear_eval.py the model and the flags
+    missing = [key for key in CHECKPOINT_FIELDS + (("optimizer", "rng") if resuming else ()) if key not in state]
+    run_fields = RUN_FIELDS + (("order", "loss_sum", "history") if resuming else ())
+    missing += [f"run.{key}" for key in run_fields if not isinstance(state["run"], dict) or key not in state["run"]]
+    if missing or not isinstance(state["args"], dict) or "online" not in state["models"]:
+        missing = missing or ["args", "models.online"]
+        raise ConfigError(f"{path} lacks {', '.join(missing)}, which these scripts need; use a complete last.pt")
     if method is not None and state["method"] != method:
         raise ConfigError(
             f"{path} was written by {state['method']}.py, not {method}.py; resume it with "
@@ -1736,9 +1824,75 @@ def restore(state, models, optimizer, generator, args):
     set_rng_state(state["rng"], generator)
 
 
+_LOCKS = {}  # run directory -> the open lock file this process holds (the lock lasts as long as the process)
+
+
+def lock_run_directory(out_dir):
+    """Hold an OS lock (flock) on out_dir/.lock for as long as this process lives: a second run, or a
+    --resume, in the same directory is refused in one line naming the live run's PID. The OS drops the
+    lock when the process ends, however it ends (a SIGKILL too), so a dead run's lock is no obstacle."""
+    import fcntl
+
+    out_dir = Path(out_dir)
+    key = str(out_dir.resolve())
+    if key in _LOCKS:  # this process holds it already (a second main() in one process: the tests)
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".lock", "a+")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to --out-dir {out_dir} ({error.strerror}); choose a writable directory"
+        ) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(
+            f"{out_dir} is in use by a live run (pid {holder}); wait for it to end, stop it, or choose "
+            f"another --out-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCKS[key] = handle
+
+
+_STOP = {"requested": False}  # set by the SIGTERM handler; the loop saves and exits at the end of the step
+
+
+def stop_on_sigterm():
+    """On SIGTERM, finish the current step, save last.pt and exit (exit_if_stopped), instead of dying
+    mid-step: a cluster scheduler sends SIGTERM some time before it kills a job."""
+    import signal
+    import threading
+
+    _STOP["requested"] = False
+    if threading.current_thread() is threading.main_thread():  # (only the main thread may set a handler)
+        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.update(requested=True))
+
+
+def checkpoint_due(args, step):
+    """Save last.pt inside the epoch after this step: every --checkpoint-every steps, or after a SIGTERM."""
+    return _STOP["requested"] or bool(args.checkpoint_every and step % args.checkpoint_every == 0)
+
+
+def exit_if_stopped(args, run):
+    """After a SIGTERM, once last.pt holds this step: end the run in one line, non-zero, for a --resume."""
+    if _STOP["requested"]:
+        raise Preempted(
+            f"SIGTERM: last.pt in {args.out_dir} holds step {run.step}; continue with the same command and --resume"
+        )
+
+
 def start_or_resume(args, models, optimizer, generator, device):
     """The run state: from last.pt with --resume (models, optimiser and generator restored in place),
-    fresh otherwise."""
+    fresh otherwise. First the run takes its directory (lock_run_directory) and SIGTERM (stop_on_sigterm)."""
+    lock_run_directory(args.out_dir)
+    stop_on_sigterm()
     if not args.resume:
         return RunState(step=0, order=None, loss_sum=torch.zeros((), device=device))
     state = load_checkpoint(args.out_dir, args.method, args.arch)
@@ -1768,7 +1922,9 @@ def save_checkpoint(args, run, models, optimizer, views, instruments):
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(views),
     }
-    atomic_write(Path(args.out_dir) / "last.pt", lambda f: torch.save(state, f))
+    serialized = io.BytesIO()  # in memory first, so that a full disk fails as a plain write (ENOSPC)
+    torch.save(state, serialized)
+    atomic_write(Path(args.out_dir) / "last.pt", lambda f: f.write(serialized.getbuffer()))
 
 
 def rng_state(views):
@@ -1822,14 +1978,44 @@ class RunLogger:
         if instruments is not None:
             instruments.open(self.out_dir, run.step, args.resume)
         self.progress_bar = sys.stdout.isatty()
+        self.started, self.steps_done, self.steps_per_epoch = time.monotonic(), 0, None  # for the ETAs
+        self.clock, self.last_plain = None, time.monotonic()  # (start, first step) of this epoch; last plain line
         print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
 
     def progress(self, step_in_epoch, steps, loss):
-        """In a terminal, the loss every 20 steps and at the epoch's last: loss.item() waits for the GPU to
-        finish the step, so reading it at every step would stall the GPU once per step."""
-        shown = (step_in_epoch + 1) % 20 == 0 or step_in_epoch + 1 == steps
-        if self.progress_bar and shown:
-            print(f"\r  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f}", end="", flush=True)
+        """The progress line: step, loss, steps per second and the epoch's ETA. In a terminal it is
+        redrawn every 20 steps; otherwise (a log file) printed as a plain line at most once a minute.
+        Only a shown line reads the loss: loss.item() waits for the GPU to finish the step, so reading it
+        at every step would stall the GPU once per step."""
+        now = time.monotonic()
+        if self.clock is None or step_in_epoch < self.clock[1]:  # the first step seen in this epoch
+            self.clock = (now, step_in_epoch)
+        self.steps_per_epoch, self.steps_done = steps, self.steps_done + 1
+        started, first = self.clock
+        rate = (step_in_epoch + 1 - first) / max(now - started, 1e-9)
+        if self.progress_bar:
+            shown = (step_in_epoch + 1) % 20 == 0 or step_in_epoch + 1 == steps
+        else:
+            shown = now - self.last_plain >= 60 and step_in_epoch + 1 < steps
+        if not shown:
+            return
+        line = (
+            f"  step {step_in_epoch + 1}/{steps} loss {loss.item():.4f} | {rate:.2f} steps/s | "
+            f"epoch ETA {format_duration((steps - step_in_epoch - 1) / rate)}"
+        )
+        if self.progress_bar:
+            print(f"\r{line}", end="", flush=True)
+        else:
+            self.last_plain = now
+            print(line, flush=True)
+
+    def run_eta(self, step):
+        """The time left to the end of the run at this process's pace so far (evaluations included)."""
+        if self.steps_per_epoch is None or self.steps_done == 0:
+            return "-"
+        total = self.args.epochs * self.steps_per_epoch
+        left = min(total, self.args.max_steps or total) - step
+        return format_duration(left * (time.monotonic() - self.started) / self.steps_done)
 
     def log_epoch(self, metrics, history, provisional=False):
         """Rewrite metrics.jsonl from the history and print the epoch line. An epoch cut short by
@@ -1845,13 +2031,23 @@ class RunLogger:
             f"beta {metrics['beta']:.5f} | probe top-1 {fmt(metrics['linear_top1'])} | "
             f"kNN top-1 {fmt(metrics['knn_top1'])} | spread {metrics['output_spread']:.2f} "
             f"rank {metrics['feature_rank']:.1f} | {metrics['epoch_seconds']:.1f} s/epoch | "
-            f"{metrics['images_per_second']:.0f} img/s",
+            f"{metrics['images_per_second']:.0f} img/s | run ETA {self.run_eta(metrics['step'])}",
             flush=True,
         )
 
     def write_metrics(self, lines):
         text = "".join(json.dumps(m) + "\n" for m in lines)
         atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+def format_duration(seconds):
+    """'45s', '12m05s', '3h07m': for the ETAs of the progress and epoch lines."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def summary_line(args, metrics):

@@ -164,8 +164,9 @@ def main(argv=None):
             logger.progress(i, steps_per_epoch, loss)
             if run.step >= last_step:
                 break
-            if args.checkpoint_every and run.step % args.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+            if common.checkpoint_due(args, run.step) and i + 1 < steps_per_epoch:  # --checkpoint-every, SIGTERM
                 common.save_checkpoint(args, run, models, optimizer, views, instruments)  # inside the epoch
+                common.exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
 
         # End of the epoch (or of --max-steps): evaluate, save last.pt, log.
         steps_this_epoch = run.step - epoch * steps_per_epoch  # including those before a resume
@@ -189,6 +190,8 @@ def main(argv=None):
             run.history.append(metrics)
         common.save_checkpoint(args, run, models, optimizer, views, instruments)  # refuses a NaN loss
         logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
+        if run.step < last_step:
+            common.exit_if_stopped(args, run)
 
     print(common.summary_line(args, logger.last))
 

@@ -7,11 +7,13 @@ named-stage EMA's invariants, each augmentation primitive against torchvision's 
 real CIFAR-10 images (../shared/data/cifar10-mini; those tests skip when it is absent).
 """
 
+import argparse
 import copy
 import functools
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -171,7 +173,7 @@ def test_backbone_forwards_per_image(smoke_runs, method, stages):
 
 @pytest.mark.parametrize("method, stages", SMOKE)
 def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, method, stages):
-    state = torch.load(smoke_runs[method, stages][0] / "last.pt", weights_only=False)
+    state = torch.load(smoke_runs[method, stages][0] / "last.pt", weights_only=True)
     listed = common.parse_ema_stages(stages)
     target, online = state["models"]["target"], state["models"]["online"]
     assert {k.split(".")[1] for k in target} == set(listed)  # keys look like ema.<stage>.<param>
@@ -225,8 +227,8 @@ def resume_args(method, epochs):
 
 def assert_same_run(a_dir, b_dir):
     """Bit-identical models (weights, EMA target, queues, centre, probe) and equal metrics but for timings."""
-    a = torch.load(a_dir / "last.pt", weights_only=False)
-    b = torch.load(b_dir / "last.pt", weights_only=False)
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
     assert a["run"]["step"] == b["run"]["step"] and a["models"].keys() == b["models"].keys()
     for name in a["models"]:
         for key, value in a["models"][name].items():
@@ -268,7 +270,7 @@ def test_resume_mid_epoch_after_max_steps(tmp_path):
 def checkpoint_step(run_dir):
     """The step last.pt holds, or None while there is none (it is replaced atomically: never half-written)."""
     path = run_dir / "last.pt"
-    return torch.load(path, weights_only=False)["run"]["step"] if path.exists() else None
+    return torch.load(path, weights_only=True)["run"]["step"] if path.exists() else None
 
 
 def last_pt_version(run_dir):
@@ -307,6 +309,143 @@ def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_pat
         json.loads(line)  # whole lines only
     run(f"{method}.py", *args, "--resume", tmp_path / "killed")  # --resume RUN_DIR
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety: a checkpoint is data, one live run per directory, failed writes, SIGTERM
+# ---------------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """A pickle payload: unpickling it calls os.system, which writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_on_every_path_that_loads_one(smoke_runs, tmp_path):
+    marker = tmp_path / "the-payload-ran"
+    good = torch.load(smoke_runs["byol", "all"][0] / "last.pt", weights_only=True)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({**good, "models": {**good["models"], "extra": RunsCode(marker)}}, evil / "last.pt")
+    before = (evil / "last.pt").read_bytes()
+    for script, argv in [
+        ("linear_eval.py", [evil / "last.pt", "--epochs", "1", "--device", "cpu"]),
+        ("linear_eval.py", [evil, "--epochs", "1", "--device", "cpu"]),
+        ("byol.py", [*TINY, "--resume", evil]),
+        ("byol.py", [*TINY, "--out-dir", evil, "--resume"]),
+    ]:
+        result = run(script, *argv, check=False)
+        assert result.returncode == 2 and "refused to load" in result.stderr, result.stderr
+        assert str(evil / "last.pt") in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not marker.exists(), f"{script} ran the checkpoint's code"
+    assert (evil / "last.pt").read_bytes() == before
+    with pytest.raises(common.ConfigError, match="refused to load"):  # and in-process, through load_checkpoint
+        common.load_checkpoint(evil)
+    assert not marker.exists()
+    # A checkpoint without a field these scripts need: one line, not a KeyError.
+    for broken, lacks in [({k: v for k, v in good.items() if k != "args"}, "args"), ({**good, "run": {}}, "run.step")]:
+        torch.save(broken, evil / "last.pt")
+        result = run("linear_eval.py", evil, "--epochs", "1", "--device", "cpu", check=False)
+        assert result.returncode == 2 and f"lacks {lacks}" in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # two live processes
+def test_one_live_run_per_directory_and_a_dead_runs_lock_is_no_obstacle(tmp_path):
+    args = [*resume_args("byol", 50), "--checkpoint-every", "1", "--out-dir", str(tmp_path)]
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "byol.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
+    try:
+        deadline = time.time() + 120
+        while checkpoint_step(tmp_path) is None:  # alive, locked, and past its first checkpoint
+            assert first.poll() is None and time.time() < deadline, "the first run ended or never saved"
+            time.sleep(0.05)
+        assert (tmp_path / ".lock").read_text().strip() == str(first.pid)
+        for extra in ([], ["--resume"]):  # a second start, and a --resume of the live run
+            second = run("byol.py", *args, *extra, check=False)
+            assert second.returncode == 2 and f"in use by a live run (pid {first.pid})" in second.stderr, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1
+        first.kill()
+        first.wait()
+        resumed = run("byol.py", *args, "--resume", "--max-steps", str(checkpoint_step(tmp_path) + 1), check=False)
+        assert resumed.returncode == 0, resumed.stderr  # at once: the OS dropped the dead run's lock
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow  # a run, stopped and resumed
+def test_sigterm_saves_at_the_end_of_the_step_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = [*resume_args("mocov2", 2), "--batch-size", "8"]  # 8 steps per epoch, no --checkpoint-every
+    run("mocov2.py", *args, "--out-dir", tmp_path / "straight")
+    stopped = subprocess.Popen(
+        [sys.executable, str(ROOT / "mocov2.py"), *args, "--out-dir", str(tmp_path / "stopped")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    while not (tmp_path / "stopped" / "last.pt").exists():  # the end of epoch 1: well inside the run
+        assert stopped.poll() is None, "the run ended before the signal"
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few steps into epoch 2
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143 and "SIGTERM: last.pt" in err and "--resume" in err, err
+    assert len(err.strip().splitlines()) == 1
+    step = checkpoint_step(tmp_path / "stopped")
+    assert step > 8 or step == 16, step  # saved at a step of epoch 2 (or the run had ended)
+    run("mocov2.py", *args, "--out-dir", tmp_path / "stopped", "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    common.atomic_write(path, lambda f: f.write(b"good"))
+
+    def full_disk(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(common.ConfigError, match=r"No space left on device\); the previous last.pt is intact"):
+        common.atomic_write(path, full_disk)
+    assert path.read_bytes() == b"good" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow  # mounts a small file system
+def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tmp_path):
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        out = disk / "run"
+        args = [*SYNTHETIC, *SMALL_HEADS["byol"], "--width", "8", "--epochs", "3", "--out-dir", str(out)]
+        first = run("byol.py", *args, "--max-steps", "2", check=False)  # fits: a checkpoint of about 1 MB
+        assert first.returncode == 0, first.stderr
+        good, lines = (out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - len(good) // 2))  # room for half a checkpoint
+        result = run("byol.py", *args, "--resume", check=False)
+        assert result.returncode == 2 and "No space left on device" in result.stderr, result.stderr
+        assert "the previous last.pt is intact" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert (out / "last.pt").read_bytes() == good and (out / "metrics.jsonl").read_text() == lines
+        assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
+        (disk / "filler").unlink()
+        assert run("byol.py", *args, "--resume", check=False).returncode == 0  # space freed: it goes on
+    finally:
+        shutil.rmtree(disk / "run", ignore_errors=True)
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 @pytest.mark.slow  # the default run checks the loss every epoch; test_bad_input_... checks exit 2
@@ -378,6 +517,14 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
         pytest.param(["--train-subset", "40"], "which has only 3", marks=pytest.mark.slow),
         (["--resume"], "no checkpoint"),
         (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
+        (["--ema-stages", "none,projector"], "combines 'none' with other stages"),
+        pytest.param(["--ema-stages", "all,projector"], "combines 'all'", marks=pytest.mark.slow),
+        pytest.param(["--ema-stages", "projector,,block4"], "has an empty item", marks=pytest.mark.slow),
+        (["--batch-size", "1"], "BatchNorm needs at least 2 images per step"),
+        (["--dataset", "imagefolder", "--data-dir", "{tmp}/corrupt"], "cannot read the image {tmp}/corrupt/train"),
+        pytest.param(["--out-dir", ""], "--out-dir is empty", marks=pytest.mark.slow),
+        pytest.param(["--seed", str(2**64)], "--seed must be at most", marks=pytest.mark.slow),
+        pytest.param(["--width", "100000"], "--width must be at most 1024", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
@@ -386,7 +533,11 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     for split in ("train", "val"):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True)  # the layout, but no images
     (tmp_path / "a-file").write_text("not a folder")
+    for split in ("train", "val"):  # a folder with one image that is not an image
+        (tmp_path / "corrupt" / split / "cat").mkdir(parents=True)
+        (tmp_path / "corrupt" / split / "cat" / "0.jpg").write_bytes(b"not a JPEG")
     bad = [arg.replace("{tmp}", str(tmp_path)) for arg in bad]
+    message = message.replace("{tmp}", str(tmp_path))
     result = run("byol.py", *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -443,6 +594,81 @@ def test_every_numeric_flag_refuses_nan_inf_and_out_of_range_values(method):
                 parse_args(["--dataset", "synthetic", f"{flag}={value}"])  # = : argparse would read -1 as a flag
 
 
+def test_progress_line_shows_steps_per_second_and_the_epoch_eta(monkeypatch, capsys):
+    clock = iter([100.0, 110.0, 170.0])  # at steps 1, 11 and 21
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    logger = common.RunLogger.__new__(common.RunLogger)  # the progress state only, no run directory
+    logger.progress_bar, logger.args = False, argparse.Namespace(epochs=2, max_steps=None)
+    logger.started, logger.steps_done, logger.steps_per_epoch = 100.0, 0, None
+    logger.clock, logger.last_plain = None, 100.0
+    loss = torch.tensor(1.5)
+    for step in (0, 10, 20):  # not a terminal: a plain line at most once a minute
+        logger.progress(step, 100, loss)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  step 21/100 loss 1.5000 | 0.30 steps/s | epoch ETA 4m23s"], lines  # 21 steps in 70 s; 79 left
+    assert [common.format_duration(s) for s in (5, 65, 3 * 3600 + 7 * 60 + 5)] == ["5s", "1m05s", "3h07m"]
+
+
+def test_the_epoch_line_ends_with_the_runs_eta(smoke_runs):
+    assert re.search(r"img/s \| run ETA (\d+s|\d+m\d\ds)$", smoke_runs["byol", "all"][1].splitlines()[-2]), smoke_runs[
+        "byol", "all"
+    ][1]
+
+
+EXTREMES = {int: ["0", "-1", str(10**30)], float: ["0", "-1", "1e300", "nan"]}
+
+
+def extreme_values(method):
+    """(flag, value) for every flag of a method file at its extremes: numbers at 0, -1, huge and NaN, strings empty."""
+    defaults = vars(METHOD_MODULES[method].parse_args(["--dataset", "synthetic"]))
+    kinds = {name: type(value) for name, value in defaults.items()}
+    kinds.update(max_steps=int, train_subset=int, image_size=int, checkpoint_every=int, aug_chunk=int, out_dir=str)
+    for name, kind in sorted(kinds.items()):
+        flag = "--" + name.replace("_", "-")
+        if kind in EXTREMES:
+            yield from ((flag, value) for value in EXTREMES[kind])
+        elif kind is str and name not in ("method",):
+            yield flag, ""
+
+
+@pytest.mark.parametrize("method", METHOD_MODULES)
+def test_every_flag_at_its_extremes_is_refused_in_one_line_or_accepted(method):
+    """0, -1, a huge number and NaN for every numeric flag, an empty string for every string flag: each is a
+    ConfigError (one line), argparse's own usage error, or a value the run takes (test_..._accepted_extremes_run)."""
+    for flag, value in extreme_values(method):
+        try:
+            METHOD_MODULES[method].parse_args(["--dataset", "synthetic", f"{flag}={value}"])
+        except common.ConfigError as error:
+            assert len(str(error).splitlines()) == 1 and "\n" not in str(error), (flag, value)
+        except SystemExit as usage:  # argparse: an int flag given "nan", or a value outside its choices
+            assert usage.code == 2, (flag, value)
+
+
+@pytest.mark.slow  # one tiny run per accepted extreme value
+def test_accepted_extremes_run_or_end_in_one_line(tmp_path, capsys):
+    """Each extreme value that parses (above) runs: a tiny run either finishes or ends in a ConfigError or
+    DivergedError (one line), never another exception. Common flags on BYOL, each method's own on it."""
+    common_flags = {flag for flag, _ in extreme_values("byol")}
+    cases = [("byol", flag, value) for flag, value in extreme_values("byol")]
+    for method in METHOD_MODULES:
+        cases += [(method, f, v) for f, v in extreme_values(method) if f not in common_flags]
+    ran = 0
+    for k, (method, flag, value) in enumerate(cases):
+        argv = [*tiny_args(method), "--out-dir", str(tmp_path / str(k)), f"{flag}={value}"]
+        try:
+            METHOD_MODULES[method].parse_args(argv)
+        except (common.ConfigError, SystemExit):
+            continue  # refused before any work (the test above)
+        if flag in ("--out-dir", "--resume"):
+            continue  # where the run lives: test_bad_input_... covers them
+        try:
+            METHOD_MODULES[method].main(argv)
+            ran += 1
+        except (common.ConfigError, common.DivergedError) as error:
+            assert len(str(error).splitlines()) == 1, (method, flag, value, error)
+    assert ran > 10
+
+
 def test_defaults_that_depend_on_the_run():
     """--warmup-epochs: the paper's 10 of 200 epochs, scaled; --aug-chunk: 16 batches per call on a GPU."""
     warmup = lambda *argv: byol.parse_args(["--device", "cpu", *argv]).warmup_epochs
@@ -478,7 +704,7 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--ema-stages", "projector", check=False)
     assert result.returncode == 2 and "trained with --ema-stages" in result.stderr
     assert (out / "last.pt").read_bytes() == (smoke_runs["byol", "all"][0] / "last.pt").read_bytes()  # untouched
-    old = torch.load(out / "last.pt", weights_only=False)
+    old = torch.load(out / "last.pt", weights_only=True)
     old["step"] = old.pop("run")["step"]  # the layout before common.RunState
     torch.save(old, out / "last.pt")
     result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
@@ -1189,8 +1415,8 @@ def test_cuda_compile_runs_and_keeps_the_checkpoint_keys(tmp_path):
     args = [*CUDA_RUN, *SMALL_HEADS["byol"], "--max-steps", "2", "--ema-stages", "projector"]
     run("byol.py", *args, "--compile", "--out-dir", tmp_path / "compiled")
     run("byol.py", *args, "--out-dir", tmp_path / "eager")
-    compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["models"]
-    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["models"]
+    compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["models"]
+    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)["models"]
     assert {k: v.keys() for k, v in compiled.items()} == {k: v.keys() for k, v in eager.items()}
     assert math.isfinite(metrics(tmp_path / "compiled")[0]["loss"])
 
@@ -1378,7 +1604,7 @@ def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, me
         "--out-dir",
         out,
     )
-    models = torch.load(out / "last.pt", weights_only=False)["models"]
+    models = torch.load(out / "last.pt", weights_only=True)["models"]
     online, target = models["online"], models["target"]
     assert online["backbone.block4.2.running_mean"].shape == (512,)  # BN1: after block4's two BasicBlocks
     last = max(int(k.split(".")[1]) for k in online if k.startswith("projector."))
