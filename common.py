@@ -1572,6 +1572,10 @@ FLAG_RANGES = {
     "blur_p": FRACTION,
     "num_local_crops": NON_NEGATIVE,
     "local_crop_size": POSITIVE,
+    # the tools' (tools/bench.py, tools/plot.py)
+    "steps": POSITIVE,
+    "aug_images": POSITIVE,
+    "filters": POSITIVE,
 }
 
 

@@ -615,6 +615,69 @@ def test_the_epoch_line_ends_with_the_runs_eta(smoke_runs):
     ][1]
 
 
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        ("tools/reproduce.py", ["table1", "--epochs", "-1", "--table"], "--epochs must be a positive number"),
+        pytest.param(
+            "tools/reproduce.py",
+            ["table1", "--batch-size", "0", "--table"],
+            "--batch-size must be a positive",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "tools/reproduce.py",
+            ["table1", "--warmup-epochs", "-1", "--table"],
+            "--warmup-epochs must be zero or more",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "tools/reproduce.py",
+            ["table1", "--extra", '--x "', "--table"],
+            "cannot be split into flags",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "tools/reproduce.py",
+            ["laptop", "--seeds", "0,x", "--table"],
+            "give a comma list of seeds",
+            marks=pytest.mark.slow,
+        ),
+        ("tools/bench.py", ["--steps", "-1"], "--steps must be a positive number"),
+        pytest.param(
+            "tools/bench.py", ["--batch-size", "0"], "--batch-size must be a positive number", marks=pytest.mark.slow
+        ),
+        pytest.param("tools/bench.py", ["--methods", "byol,foo"], "unknown foo", marks=pytest.mark.slow),
+        pytest.param(
+            "tools/plot.py",
+            ["--filters", "0", "--out", "{tmp}/figures", "{tmp}"],
+            "--filters must be a positive",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "tools/plot.py", ["--out", "{tmp}/figures", "{tmp}"], "is not a run directory", marks=pytest.mark.slow
+        ),
+        ("tools/plot.py", ["--out", "{tmp}/figures", "{tmp}/edited"], "is not readable JSON lines"),
+        pytest.param(
+            "linear_eval.py",
+            ["--random-init", "--dataset", "synthetic", "--batch-size", "0"],
+            "--batch-size must be",
+            marks=pytest.mark.slow,
+        ),
+        ("linear_eval.py", ["{tmp}/edited"], "no checkpoint at"),
+    ],
+)
+def test_tools_answer_bad_input_in_one_line(tmp_path, tool, argv, message):
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "args.json").write_text("{}")
+    (tmp_path / "edited" / "metrics.jsonl").write_text('{"epoch": 1, \n')  # a line cut in half by hand
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, str(ROOT / tool), *argv], capture_output=True, text=True, cwd=ROOT)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "figures").exists()
+
+
 EXTREMES = {int: ["0", "-1", str(10**30)], float: ["0", "-1", "1e300", "nan"]}
 
 

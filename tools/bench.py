@@ -74,6 +74,11 @@ def parse_args(argv=None):
         "flags against a lean step of the same modules, and print the overhead (nothing else is timed)",
     )
     args = p.parse_args(argv)
+    common.check_ranges(args, p)  # one line for a value out of its range (common.FLAG_RANGES)
+    common.check_device(args.device)
+    unknown = [m for m in args.methods.split(",") if m not in CLASSIC]
+    if unknown:
+        raise common.ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIC)}")
     if args.aug_chunk < 1 or args.aug_chunk * args.batch_size > args.aug_images:
         p.error(
             f"--aug-chunk {args.aug_chunk} must be at least 1 and its batches fit in --aug-images {args.aug_images}; "
@@ -355,4 +360,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

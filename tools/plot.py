@@ -34,11 +34,17 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="run directories (each with args.json and metrics.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--filters", type=int, default=8, help="tracked rows to draw in the weight figures")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.filters < 1:
+        raise SystemExit(f"error: --filters must be a positive number (got {args.filters}); the default is 8")
+    return args
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise SystemExit(f"error: {path} is not readable JSON lines ({error.__class__.__name__}); was it edited?")
 
 
 def load_run(directory):

@@ -458,6 +458,12 @@ CLAIMS = [
 ]
 
 
+def refuse(message):
+    """Bad input: one line on stderr, exit code 2 (argparse's own usage errors keep their form)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -528,15 +534,24 @@ def parse_args(argv=None):
     if not args.list and args.experiment not in [*EXPERIMENTS, "claims"]:
         p.error(f"name an experiment ({', '.join(EXPERIMENTS)}, claims) or pass --list")
     if args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: run at least 1 at a time")
+        refuse(f"--jobs {args.jobs}: run at least 1 at a time")
+    for name, least in [("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("queue_size", 1), ("warmup_epochs", 0)]:
+        value = getattr(args, name)
+        if value is not None and value < least:
+            kind = "a positive number" if least else "zero or more"
+            refuse(f"--{name.replace('_', '-')} must be {kind} (got {value}); leave it out for the experiment's")
+    try:
+        shlex.split(args.extra)
+    except ValueError as error:
+        refuse(f"--extra {args.extra!r} cannot be split into flags ({error}); quote it as one string of flags")
     if args.seeds is None:
         args.seeds = "0,1,2" if args.experiment == "claims" else "0"
     try:
         args.seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
-        p.error(f"--seeds {args.seeds!r}: give a comma list of seeds, e.g. 0,1,2")
+        refuse(f"--seeds {args.seeds!r}: give a comma list of seeds, e.g. 0,1,2")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        p.error(f"--seeds {args.seeds}: give each seed once, and none below 0")
+        refuse(f"--seeds {args.seeds}: give each seed once, and none below 0")
     return args
 
 
