@@ -910,12 +910,12 @@ def row_results(args, name, experiment, run):
         if metrics is None:
             continue
         provenance = directory / "provenance.json"
-        found[seed] = (
-            metrics,
-            read_metrics(directory),
-            json.loads(provenance.read_text()) if provenance.exists() else {},
-            directory,
-        )
+        if provenance.exists():
+            where = json.loads(provenance.read_text())
+        else:  # a run still going (or stopped): what its args.json says
+            trained = json.loads((directory / "args.json").read_text()) if (directory / "args.json").exists() else {}
+            where = {"git_revision": trained.get("git_revision", "?"), "device": trained.get("device_name", "?")}
+        found[seed] = (metrics, read_metrics(directory), where, directory)
     return found
 
 
