@@ -1284,10 +1284,17 @@ class Instruments:
                 lines = [{"step": s, **dict(zip(STAGES, v))} for s, v in zip(steps, values)]
             else:
                 lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
-            with open(self.out_dir / self.FILES[key], "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
+            path = self.out_dir / self.FILES[key]
+            try:
+                with open(path, "a") as f:
+                    f.write("".join(json.dumps(line) + "\n" for line in lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as error:  # a full disk: a cut last line is dropped on --resume (open, above)
+                raise ConfigError(
+                    f"could not write {path} ({error.strerror}); the previous last.pt is intact; free some space, "
+                    f"then --resume"
+                ) from None
             self.pending[key] = []
 
 

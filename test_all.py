@@ -419,6 +419,15 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp
     assert path.read_bytes() == b"good" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def test_a_failed_instrument_write_ends_in_one_line(tmp_path):
+    instruments = common.Instruments(argparse.Namespace(log_grad_norms=False, track_weights=0), None, None)
+    instruments.log_grad_norms, instruments.out_dir = True, tmp_path  # as if --log-grad-norms had run a step
+    instruments.pending["grad_norms"] = [(1, torch.ones(len(common.STAGES)))]
+    (tmp_path / "grad_norms.jsonl").mkdir()  # a path that cannot be appended to
+    with pytest.raises(common.ConfigError, match="could not write .*grad_norms.jsonl .*the previous last.pt is intact"):
+        instruments.write()
+
+
 @pytest.mark.slow  # mounts a small file system
 def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tmp_path):
     import shutil
