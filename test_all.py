@@ -1546,6 +1546,28 @@ def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
     assert "| real (byol.py, the second epoch, kNN aside) |" in result.stdout and "(4 steps of 16)" in result.stdout
 
 
+@pytest.mark.slow
+def test_bench_efficiency_counts_the_steps_flops_against_the_matmul_peak():
+    flags = f"--preset laptop --width 8 --batch-size 16 --train-subset 100 {' '.join(SMALL_HEADS['byol'])}"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--efficiency", flags, "--steps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # The count, against the closed form for the projector's first layer alone: 2 views x (forward 2 + backward 4)
+    # x batch x 64 features x 64 hidden FLOPs is a lower bound of the whole step.
+    assert summary["step_gflop"] * 1e9 > 2 * 6 * 16 * 64 * 64
+    for row in summary["rows"]:
+        assert row["gflops"] == pytest.approx(summary["step_gflop"] / row["seconds"])
+        peak = summary["peak_gflops"][row["config"].split()[0]]
+        assert row["share_of_peak"] == pytest.approx(row["gflops"] / peak)
+    assert summary["eval_seconds_knn"] > 0 and summary["eval_seconds_probe_only"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's instruments: gradient norms (Fig. 5), weight paths (Fig. 2), BN1/BN2 (Table C.8),
 # figures and reproduction drivers

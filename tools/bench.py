@@ -24,6 +24,15 @@ The ratio real / lean is what the project's loop, augmentation and bookkeeping c
 
     python tools/bench.py --real-epoch "--preset laptop --dataset imagefolder --data-dir DIR"
 
+With --efficiency FLAGS, instead: how much of the CPU a laptop step uses. The float32 peak as torch
+reaches it (2048 x 2048 matrix products, on 1 thread and on all), the FLOPs of one lean BYOL step built
+from byol.py's FLAGS (torch's counter: convolutions and matrix products, forward and backward), its
+time and share of the peak on all threads, with channels_last, and on 1 thread, and the time of the
+end-of-epoch evaluation at the run's sizes (the probe's test features every epoch; kNN's training
+features too every --eval-every epochs), all in one run.
+
+    python tools/bench.py --efficiency "--preset laptop" --steps 10
+
 Prints a Markdown table, then one JSON line with the headline ratios `aug_speedup` and
 `byol_projector_over_all_step_time`. Nothing here is a test: numbers depend on the machine,
 and on what else runs on it -- the header gives the load average before the run; on a machine
@@ -72,6 +81,14 @@ def parse_args(argv=None):
         metavar="FLAGS",
         help="time two real epochs of byol.py with these "
         "flags against a lean step of the same modules, and print the overhead (nothing else is timed)",
+    )
+    p.add_argument(
+        "--efficiency",
+        default=None,
+        metavar="FLAGS",
+        help="on the CPU: the float32 matmul peak, the FLOPs and time of a lean BYOL step built from byol.py's "
+        "FLAGS (e.g. '--preset laptop'), its share of the peak with and without channels_last and with 1 thread, "
+        "and the end-of-epoch evaluation's time at the run's sizes (nothing else is timed)",
     )
     args = p.parse_args(argv)
     common.check_ranges(args, p)  # one line for a value out of its range (common.FLAG_RANGES)
@@ -202,8 +219,10 @@ def time_method(method, stages, args, out_dir):
 # ---- 3. a real epoch against a lean step -----------------------------------------------
 
 
-def lean_byol_step_seconds(run_args, device, steps=10, warmup=3):
-    """Seconds per step of BYOL built as byol.py builds it from `run_args`, on one fixed batch."""
+def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=False, count_flops=False):
+    """Seconds per step of BYOL built as byol.py builds it from `run_args`, on one fixed batch. With
+    count_flops, instead: the FLOPs of one step's forward and backward passes (torch's counter: matrix
+    products and convolutions; the optimiser and the EMA update are element-wise and not counted)."""
     import byol
 
     backbone = common.ResNetCIFAR(run_args.arch, width=run_args.width, bn_block4=run_args.bn_block4)
@@ -225,11 +244,14 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3):
     size = run_args.image_size or 32
     x_1, x_2 = torch.randn(2, run_args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 10, (run_args.batch_size,), device=device)
+    if channels_last:
+        x_1, x_2 = (x.contiguous(memory_format=torch.channels_last) for x in (x_1, x_2))
+        for model in (online, target):
+            model.to(memory_format=torch.channels_last)
     for model in (online, predictor, target, probe):
         model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = common.timer(device)
+
+    def step():
         with common.autocast(device):
             f_1, z_1, acts_1 = online(x_1)
             f_2, z_2, acts_2 = online(x_2)
@@ -239,7 +261,99 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3):
         loss.backward()
         optimizer.step()
         target.update(run_args.beta)
+
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        return counter.get_total_flops()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = common.timer(device)
+        step()
     return (common.timer(device) - start) / steps
+
+
+def matmul_gflops(threads, n=2048, repeats=10):
+    """The machine's float32 peak as torch reaches it: GFLOP/s of n x n matrix products (2 n^3 FLOPs each)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(before)
+    return 2 * n**3 * repeats / seconds / 1e9
+
+
+def bench_efficiency(args):
+    """What share of the CPU's float32 peak a laptop step reaches, and what channels_last, the thread count and
+    the end-of-epoch evaluation change; every number from this one run."""
+    import shlex
+
+    import byol
+
+    run_args = byol.parse_args(shlex.split(args.efficiency))
+    device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    loads = [os.getloadavg()[0]]
+    peak = {t: matmul_gflops(t) for t in sorted({1, threads})}
+    flops = lean_byol_step_seconds(run_args, device, count_flops=True)
+    rows = []
+    for name, t, channels_last in [
+        (f"{threads} threads", threads, False),
+        (f"{threads} threads, channels_last", threads, True),
+        ("1 thread", 1, False),
+    ]:
+        torch.set_num_threads(t)
+        seconds = lean_byol_step_seconds(run_args, device, steps=args.steps, channels_last=channels_last)
+        rows.append((name, seconds, flops / seconds / 1e9, flops / seconds / 1e9 / peak[t]))
+    torch.set_num_threads(threads)
+    # the end-of-epoch evaluation at the run's sizes: features of the training and test images, kNN, the probe
+    images = run_args.train_subset or 50000
+    data = common.Data(
+        torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(images) % 10,
+        torch.randint(0, 256, (10000, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(10000) % 10,
+        10,
+        torch.full((3,), 0.5),
+        torch.full((3,), 0.25),
+    )
+    backbone = common.ResNetCIFAR(run_args.arch, width=run_args.width)
+    probe = torch.nn.Linear(backbone.feature_dim, 10)
+    start = time.perf_counter()
+    common.evaluate(backbone, probe, data, knn=True)
+    with_knn = time.perf_counter() - start
+    start = time.perf_counter()
+    common.evaluate(backbone, probe, data, knn=False)
+    probe_only = time.perf_counter() - start
+    loads.append(os.getloadavg()[0])
+    steps_per_epoch = images // run_args.batch_size
+    print(f"\nCPU, torch {torch.__version__}: byol.py {args.efficiency}; load average before, after: {loads}")
+    print(f"float32 peak (2048 x 2048 matmul): {', '.join(f'{t} threads {g:.1f} GFLOP/s' for t, g in peak.items())}")
+    print(f"one step: {flops / 1e9:.2f} GFLOP (forward and backward, matrix products and convolutions)\n")
+    print("| step | s / step | GFLOP/s | share of the peak at that thread count |\n|---|---|---|---|")
+    for name, seconds, gflops, share in rows:
+        print(f"| {name} | {seconds:.3f} | {gflops:.1f} | {100 * share:.0f} % |")
+    print(
+        f"\nend of an epoch ({steps_per_epoch} steps, {rows[0][1] * steps_per_epoch:.1f} s of lean steps): "
+        f"evaluation with kNN {with_knn:.1f} s, the probe only {probe_only:.1f} s"
+    )
+    summary = {
+        "peak_gflops": peak,
+        "step_gflop": flops / 1e9,
+        "rows": [dict(zip(("config", "seconds", "gflops", "share_of_peak"), row)) for row in rows],
+        "eval_seconds_knn": with_knn,
+        "eval_seconds_probe_only": probe_only,
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 def bench_real_epoch(args):
@@ -297,6 +411,9 @@ def main():
     args = parse_args()
     if args.real_epoch is not None:
         bench_real_epoch(args)
+        return
+    if args.efficiency is not None:
+        bench_efficiency(args)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
