@@ -491,16 +491,21 @@ def _torchvision_dataset(name, root, download):
     )
 
 
+def images_per_class(size, num_classes, flag):
+    """size / num_classes, for a flag that takes the same number of images of every class."""
+    if size % num_classes or size < num_classes:
+        raise ConfigError(
+            f"{flag} {size} is not a positive multiple of the {num_classes} classes; "
+            f"choose e.g. {num_classes * max(size // num_classes, 1)}"
+        )
+    return size // num_classes
+
+
 def first_per_class(labels, subset, num_classes):
     """Indices of the first subset / num_classes images of each class, in dataset order (--train-subset).
     Unlabelled images (label -1) are never chosen."""
     labels = torch.as_tensor(labels)
-    per_class = subset // num_classes
-    if subset % num_classes or per_class == 0:
-        raise ConfigError(
-            f"--train-subset {subset} is not a positive multiple of the {num_classes} classes; "
-            f"choose e.g. {num_classes * max(per_class, 1)}"
-        )
+    per_class = images_per_class(subset, num_classes, "--train-subset")
     chosen = []
     for c in range(num_classes):
         of_class = (labels == c).nonzero().flatten()
@@ -524,12 +529,7 @@ def split_train_val(labels, num_classes, train_subset=None, val_size=None):
     if val_size is None:
         train = first_per_class(labels, train_subset, num_classes) if train_subset else torch.arange(len(labels))
         return train, None
-    per_class = val_size // num_classes
-    if val_size % num_classes or per_class == 0:
-        raise ConfigError(
-            f"--val-size {val_size} is not a positive multiple of the {num_classes} classes; "
-            f"choose e.g. {num_classes * max(per_class, 1)}"
-        )
+    per_class = images_per_class(val_size, num_classes, "--val-size")
     val = []
     for c in range(num_classes):
         of_class = (labels == c).nonzero().flatten()
