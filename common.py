@@ -1999,11 +1999,13 @@ class RunLogger:
         Only a shown line reads the loss: loss.item() waits for the GPU to finish the step, so reading it
         at every step would stall the GPU once per step."""
         now = time.monotonic()
-        if self.clock is None or step_in_epoch < self.clock[1]:  # the first step seen in this epoch
+        if self.clock is None or step_in_epoch <= self.clock[1]:  # the first step seen in this epoch
             self.clock = (now, step_in_epoch)
         self.steps_per_epoch, self.steps_done = steps, self.steps_done + 1
         started, first = self.clock
-        rate = (step_in_epoch + 1 - first) / max(now - started, 1e-9)
+        if step_in_epoch == first:  # the rate needs a step timed from end to end
+            return
+        rate = (step_in_epoch - first) / max(now - started, 1e-9)
         if self.progress_bar:
             shown = (step_in_epoch + 1) % 20 == 0 or step_in_epoch + 1 == steps
         else:

@@ -604,17 +604,19 @@ def test_every_numeric_flag_refuses_nan_inf_and_out_of_range_values(method):
 
 
 def test_progress_line_shows_steps_per_second_and_the_epoch_eta(monkeypatch, capsys):
-    clock = iter([100.0, 110.0, 170.0])  # at steps 1, 11 and 21
+    clock = iter([100.0, 110.0, 170.0, 200.0, 210.0, 290.0])  # steps 1, 11, 21; then a new epoch: 1, 2, 12
     monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
     logger = common.RunLogger.__new__(common.RunLogger)  # the progress state only, no run directory
     logger.progress_bar, logger.args = False, argparse.Namespace(epochs=2, max_steps=None)
     logger.started, logger.steps_done, logger.steps_per_epoch = 100.0, 0, None
     logger.clock, logger.last_plain = None, 100.0
     loss = torch.tensor(1.5)
-    for step in (0, 10, 20):  # not a terminal: a plain line at most once a minute
+    for step in (0, 10, 20, 0, 1, 11):  # not a terminal: a plain line at most once a minute
         logger.progress(step, 100, loss)
     lines = capsys.readouterr().out.splitlines()
-    assert lines == ["  step 21/100 loss 1.5000 | 0.30 steps/s | epoch ETA 4m23s"], lines  # 21 steps in 70 s; 79 left
+    first_epoch = "  step 21/100 loss 1.5000 | 0.29 steps/s | epoch ETA 4m36s"  # 20 steps in 70 s; 79 left
+    second_epoch = "  step 12/100 loss 1.5000 | 0.12 steps/s | epoch ETA 12m00s"  # its own clock: 11 steps in 90 s
+    assert lines == [first_epoch, second_epoch], lines
     assert [common.format_duration(s) for s in (5, 65, 3 * 3600 + 7 * 60 + 5)] == ["5s", "1m05s", "3h07m"]
 
 
