@@ -1748,7 +1748,7 @@ def load_checkpoint(path, method=None, arch=None):
         # the pickle -- which could run code as it loads -- is refused before it is built.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
+        if "GLOBAL" in str(error):  # torch names the class or function the pickle would have called
             raise ConfigError(
                 f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
                 f"code when loaded; use a last.pt written by these scripts"
