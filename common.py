@@ -1291,10 +1291,7 @@ class Instruments:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as error:  # a full disk: a cut last line is dropped on --resume (open, above)
-                raise ConfigError(
-                    f"could not write {path} ({error.strerror}); the previous last.pt is intact; free some space, "
-                    f"then --resume"
-                ) from None
+                raise write_failed(path, error, "last.pt") from None
             self.pending[key] = []
 
 
@@ -1711,13 +1708,16 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a short write as a RuntimeError
+    except OSError as error:  # (save_checkpoint serialises first, so torch.save's errors never land here)
         tmp.unlink(missing_ok=True)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise ConfigError(
-            f"could not write {path} ({reason}); {kept}; free some space (or fix the disk), then --resume"
-        ) from None
+        raise write_failed(path, error, path.name) from None
+
+
+def write_failed(path, error, kept):
+    """The one line for a failed write: what failed, that `kept` (a file beside it) is intact, what to do."""
+    intact = f"the previous {kept} is intact" if (Path(path).parent / kept).exists() else f"no {kept} was written"
+    reason = error.strerror or str(error)
+    return ConfigError(f"could not write {path} ({reason}); {intact}; free some space (or fix the disk), then --resume")
 
 
 @dataclass

@@ -424,6 +424,7 @@ def test_a_failed_instrument_write_ends_in_one_line(tmp_path):
     instruments.log_grad_norms, instruments.out_dir = True, tmp_path  # as if --log-grad-norms had run a step
     instruments.pending["grad_norms"] = [(1, torch.ones(len(common.STAGES)))]
     (tmp_path / "grad_norms.jsonl").mkdir()  # a path that cannot be appended to
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
     with pytest.raises(common.ConfigError, match="could not write .*grad_norms.jsonl .*the previous last.pt is intact"):
         instruments.write()
 

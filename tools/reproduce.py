@@ -703,7 +703,7 @@ def mark_done(args, name, experiment, run, seed, threads, started):
     provenance = {
         "command": shown,
         "git_revision": trained.get("git_revision", git_revision()),
-        "torch": torch_version(),
+        "torch": trained.get("torch") or torch_version(),  # (linear_eval.py writes no args.json)
         "device": trained.get("device_name", "cpu") if run.script != "linear_eval.py" else "cpu",
         "machine": machine(threads),
         "jobs_at_once": args.jobs,
