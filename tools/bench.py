@@ -219,7 +219,7 @@ def time_method(method, stages, args, out_dir):
 # ---- 3. a real epoch against a lean step -----------------------------------------------
 
 
-def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=False, count_flops=False):
+def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=False, compile=False, count_flops=False):
     """Seconds per step of BYOL built as byol.py builds it from `run_args`, on one fixed batch. With
     count_flops, instead: the FLOPs of one step's forward and backward passes (torch's counter: matrix
     products and convolutions; the optimiser and the EMA update are element-wise and not counted)."""
@@ -250,11 +250,13 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
             model.to(memory_format=torch.channels_last)
     for model in (online, predictor, target, probe):
         model.train()
+    # torch.compile (inductor): the online encoder, which does most of the work; the first steps compile
+    forward = torch.compile(online) if compile else online
 
     def step():
         with common.autocast(device):
-            f_1, z_1, acts_1 = online(x_1)
-            f_2, z_2, acts_2 = online(x_2)
+            f_1, z_1, acts_1 = forward(x_1)
+            f_2, z_2, acts_2 = forward(x_2)
             loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(acts_1), target(acts_2))
             loss = loss + common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
@@ -305,13 +307,17 @@ def bench_efficiency(args):
     peak = {t: matmul_gflops(t) for t in sorted({1, threads})}
     flops = lean_byol_step_seconds(run_args, device, count_flops=True)
     rows = []
-    for name, t, channels_last in [
-        (f"{threads} threads", threads, False),
-        (f"{threads} threads, channels_last", threads, True),
-        ("1 thread", 1, False),
+    for name, t, channels_last, compile in [
+        (f"{threads} threads", threads, False, False),
+        (f"{threads} threads, channels_last", threads, True, False),
+        (f"{threads} threads, channels_last, torch.compile", threads, True, True),
+        ("1 thread", 1, False, False),
+        ("1 thread, channels_last", 1, True, False),
     ]:
         torch.set_num_threads(t)
-        seconds = lean_byol_step_seconds(run_args, device, steps=args.steps, channels_last=channels_last)
+        seconds = lean_byol_step_seconds(
+            run_args, device, steps=args.steps, channels_last=channels_last, compile=compile
+        )
         rows.append((name, seconds, flops / seconds / 1e9, flops / seconds / 1e9 / peak[t]))
     torch.set_num_threads(threads)
     # the end-of-epoch evaluation at the run's sizes: features of the training and test images, kNN, the probe
