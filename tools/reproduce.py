@@ -661,13 +661,18 @@ def read_metrics(directory):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def pending(args, experiment, run, seed):
-    """The command that runs or resumes one row, or None (printed as [done]) if it finished with this command."""
+def pending(args, name, experiment, run, seed):
+    """The command that runs or resumes one row, or None (printed as [done] or [kept]) if it finished with this
+    command: in its run directory, or in the kept results (--results: a fresh clone does not redo them)."""
     directory = run_dir(args, experiment, run, seed)
     cmd = command(args, experiment, run, seed)
     done = directory / "reproduce-done.json"
     if done.exists() and json.loads(done.read_text()).get("command") == show(cmd):
         print(f"[done]    {run.label}, seed {seed}: {directory}", flush=True)
+        return None
+    kept = results_dir(args, name, experiment, run, seed) / "provenance.json"
+    if kept.exists() and json.loads(kept.read_text()).get("command") == show(cmd):
+        print(f"[kept]    {run.label}, seed {seed}: {kept.parent}", flush=True)
         return None
     if (directory / "last.pt").exists():
         cmd.append("--resume")
@@ -735,7 +740,7 @@ def threads_for(args):
 
 def run_one(args, name, experiment, run, seed):
     """Run (or resume, or skip) one row with one seed. Returns True if the run is complete."""
-    cmd = pending(args, experiment, run, seed)
+    cmd = pending(args, name, experiment, run, seed)
     if cmd is None:
         return True
     print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}, seed {seed}: {show(cmd)}", flush=True)
@@ -755,7 +760,7 @@ def run_one(args, name, experiment, run, seed):
 def run_many(args, name, experiment, jobs):
     """Run the (row, seed) jobs --jobs at a time, each as its own process whose output goes to reproduce.log
     in its run directory. A failed one does not stop the others. Returns the failed ones' log files."""
-    todo = [(run, seed, cmd) for run, seed in jobs if (cmd := pending(args, experiment, run, seed)) is not None]
+    todo = [(run, seed, cmd) for run, seed in jobs if (cmd := pending(args, name, experiment, run, seed)) is not None]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads_for(args))  # logs as they happen
     if todo:
         print(
