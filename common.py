@@ -2083,3 +2083,127 @@ def summary_line(args, metrics):
     )
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
     return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"
+
+
+# ----------------------------------------------------------------------------------------
+# The run around Algorithm 1: what every method file's loop needs and a reader of the paper does not
+# ----------------------------------------------------------------------------------------
+
+
+def load_data(args, device):
+    """The dataset the flags name (--dataset, --data-dir, --train-subset, --eval-split, ...): load_dataset."""
+    return load_dataset(
+        args.dataset,
+        args.data_dir,
+        device,
+        image_size=args.image_size,
+        train_subset=args.train_subset,
+        eval_split=args.eval_split,
+        val_size=args.val_size,
+        download=not args.no_download,
+        synthetic_size=args.synthetic_size,
+        seed=args.seed,
+    )
+
+
+class Run:
+    """Everything around a method's training step: a method file writes
+
+        run = common.Run(args, data, view_recipes, models, optimizer)
+        for (x_1, x_2), y in run.batches():
+            ...                       # the method's step: forward, loss, backward, optimizer.step()
+            target.update(run.beta)   # Eq. (6)
+            run.end_step(loss)
+
+    and Run does the rest, in this order: it counts backbone forwards (Table 4's #Fwd), takes the run
+    directory and resumes from last.pt (--resume); batches() draws each epoch's image order from one
+    generator, sets the learning rate of each step (warm-up, cosine) and the step's beta (run.beta, the
+    --beta-schedule), yields the step's views; end_step() adds the loss to the epoch's tally, records the
+    instruments and draws the progress line; between steps it writes mid-epoch checkpoints
+    (--checkpoint-every, SIGTERM); at each epoch's end it evaluates (probe, kNN every --eval-every
+    epochs), saves last.pt and logs metrics.jsonl and the epoch line; at the end it prints the summary.
+    run.epoch is the current epoch (from 0), for methods whose step depends on it (DINO)."""
+
+    def __init__(self, args, data, view_recipes, models, optimizer):
+        self.args, self.data, self.models, self.optimizer = args, data, models, optimizer
+        self.online, self.target, self.probe = models["online"], models["target"], models["probe"]
+        self.device = data.train_images.device
+        self.counter = ForwardCounter(self.online, self.target, data.image_size)  # measures "#Fwd" of Table 4
+        compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
+        # the step, this epoch's image order and loss sum, the metrics history; with --resume from last.pt.
+        # One generator draws all randomness: the epoch's order and every augmentation.
+        self.generator = torch.Generator(self.device).manual_seed(args.seed)
+        self.state = start_or_resume(args, models, optimizer, self.generator, self.device)
+        # batch i's views, augmented --aug-chunk batches at a time
+        self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.generator)
+        self.instruments = Instruments(args, self.online, self.target)  # --log-grad-norms, --track-weights
+        self.logger = RunLogger(args, self.state, self.instruments)
+        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
+        self.epoch = self.state.step // self.steps_per_epoch
+        self.lr = self.beta = None
+
+    def batches(self):
+        """Yield (views, labels) for every step left in the run: the views as the recipes list them."""
+        run, args = self.state, self.args
+        while run.step < self.last_step:
+            self.epoch, first_batch = divmod(run.step, self.steps_per_epoch)
+            if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+                run.order = torch.randperm(len(self.data.train_images), generator=self.generator, device=self.device)
+                run.loss_sum.zero_()
+            for model in self.models.values():
+                model.train()
+            self.counter.reset()
+            start = timer(self.device)
+            for i in range(first_batch, self.steps_per_epoch):
+                self.batch = i
+                views, labels = self.views.batch(run.order, self.epoch, i)
+                self.lr = set_learning_rate(self.optimizer, run.step, self.total_steps, self.warmup_steps)
+                self.beta = beta_at(run.step, self.total_steps, args.beta, args.beta_final, args.beta_schedule)
+                yield views, labels
+                if run.step >= self.last_step:
+                    break
+                if checkpoint_due(args, run.step) and i + 1 < self.steps_per_epoch:  # --checkpoint-every, SIGTERM
+                    self.save()  # inside the epoch
+                    exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
+            self.end_epoch(first_batch, start)
+        print(summary_line(args, self.logger.last))
+
+    def end_step(self, loss):
+        """After the method's step: the loss into the epoch's tally, the instruments, the progress line."""
+        self.state.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+        self.state.step += 1
+        self.instruments.record(self.state.step)  # does nothing unless an instrument is on
+        self.logger.progress(self.batch, self.steps_per_epoch, loss)
+
+    def end_epoch(self, first_batch, start):
+        """End of the epoch (or of --max-steps): evaluate, save last.pt, log."""
+        run, epoch = self.state, self.epoch
+        steps_this_epoch = run.step - epoch * self.steps_per_epoch  # including those before a resume
+        metrics = epoch_metrics(
+            epoch=epoch + 1,
+            step=run.step,
+            loss=(run.loss_sum / steps_this_epoch).item(),
+            lr=self.lr,
+            beta=self.beta,
+            seconds=timer(self.device) - start,
+            images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
+            online=self.online,
+            target=self.target,
+            probe=self.probe,
+            data=self.data,
+            counter=self.counter,
+            run_knn=(epoch + 1) % self.args.eval_every == 0 or run.step == self.last_step,
+        )
+        epoch_complete = run.step % self.steps_per_epoch == 0  # False when --max-steps stopped the run inside it
+        if epoch_complete:
+            run.history.append(metrics)
+        self.save()  # refuses a NaN loss
+        self.logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
+        if run.step < self.last_step:
+            exit_if_stopped(self.args, run)
+
+    def save(self):
+        save_checkpoint(self.args, self.state, self.models, self.optimizer, self.views, self.instruments)

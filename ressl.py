@@ -96,19 +96,7 @@ def ressl_loss(q, k, queue, student_temp, teacher_temp):
 def main(argv=None):
     args = parse_args(argv)
     device = common.setup(args.device, args.seed, args.deterministic)
-    data = common.load_dataset(
-        args.dataset,
-        args.data_dir,
-        device,
-        image_size=args.image_size,
-        train_subset=args.train_subset,
-        eval_split=args.eval_split,
-        val_size=args.val_size,
-        download=not args.no_download,
-        synthetic_size=args.synthetic_size,
-        seed=args.seed,
-    )
-    steps_per_epoch = common.steps_per_epoch(data, args.batch_size)
+    data = common.load_data(args, device)
 
     # Views: a strong one for the student and a weak one (crop, flip, grayscale) for the teacher.
     strong = common.ViewRecipe(size=data.image_size)
@@ -126,8 +114,6 @@ def main(argv=None):
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "target": target, "queue": queue, "probe": probe}
     common.to_device(models.values(), device)
-    counter = common.ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
-    common.compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
     optimizer = torch.optim.SGD(
         [{"params": online.parameters()}, {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
         lr=args.lr,
@@ -135,80 +121,20 @@ def main(argv=None):
         weight_decay=args.weight_decay,
     )
 
-    # Run state (common.RunState): the step, this epoch's image order and loss sum, the metrics history;
-    # with --resume it comes back from last.pt. One generator draws all randomness.
-    generator = torch.Generator(device).manual_seed(args.seed)
-    run = common.start_or_resume(args, models, optimizer, generator, device)
-    # batch i's views, augmented --aug-chunk batches at a time
-    views = common.Views(data, view_recipes, args.batch_size, args.aug_chunk, generator)
-    instruments = common.Instruments(args, online, target)  # --log-grad-norms (Fig. 5), --track-weights (Fig. 2)
-    logger = common.RunLogger(args, run, instruments)
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-
-    while run.step < last_step:
-        epoch, first_batch = divmod(run.step, steps_per_epoch)
-        if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
-            run.order = torch.randperm(len(data.train_images), generator=generator, device=device)
-            run.loss_sum.zero_()
-        for model in models.values():
-            model.train()
-        counter.reset()
-        start = common.timer(device)
-        for i in range(first_batch, steps_per_epoch):
-            # batch i's strong view (student), weak view (teacher), labels
-            (x_s, x_w), y = views.batch(run.order, epoch, i)
-            lr = common.set_learning_rate(optimizer, run.step, total_steps, warmup_steps)
-
-            with common.autocast(device):
-                f_s, q, _ = online(x_s)  # f = b(x); q = g(f)
-                k = target.from_image(x_w)  # the teacher runs from the weak image: nothing to reuse
-                loss = ressl_loss(q, k, queue.keys, args.student_temp, args.teacher_temp)  # the queue as it was
-                loss_probe = common.probe_loss(probe, (f_s,), y)  # trained on sg(f): no gradient reaches b
-            optimizer.zero_grad(set_to_none=True)
-            (loss + loss_probe).backward()
-            optimizer.step()
-            beta = common.beta_at(run.step, total_steps, args.beta, args.beta_final, args.beta_schedule)
-            target.update(beta)  # Eq. (6) on the listed stages
-            queue.push(k)  # only now do this batch's keys join the queue
-
-            run.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
-            run.step += 1
-            instruments.record(run.step)  # does nothing unless an instrument is on
-            logger.progress(i, steps_per_epoch, loss)
-            if run.step >= last_step:
-                break
-            if common.checkpoint_due(args, run.step) and i + 1 < steps_per_epoch:  # --checkpoint-every, SIGTERM
-                common.save_checkpoint(args, run, models, optimizer, views, instruments)  # inside the epoch
-                common.exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
-
-        # End of the epoch (or of --max-steps): evaluate, save last.pt, log.
-        steps_this_epoch = run.step - epoch * steps_per_epoch  # including those before a resume
-        metrics = common.epoch_metrics(
-            epoch=epoch + 1,
-            step=run.step,
-            loss=(run.loss_sum / steps_this_epoch).item(),
-            lr=lr,
-            beta=beta,
-            seconds=common.timer(device) - start,
-            images_seen=(steps_this_epoch - first_batch) * args.batch_size,
-            online=online,
-            target=target,
-            probe=probe,
-            data=data,
-            counter=counter,
-            run_knn=(epoch + 1) % args.eval_every == 0 or run.step == last_step,
-        )
-        epoch_complete = run.step % steps_per_epoch == 0  # False when --max-steps stopped the run inside it
-        if epoch_complete:
-            run.history.append(metrics)
-        common.save_checkpoint(args, run, models, optimizer, views, instruments)  # refuses a NaN loss
-        logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
-        if run.step < last_step:
-            common.exit_if_stopped(args, run)
-
-    print(common.summary_line(args, logger.last))
+    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
+    run = common.Run(args, data, view_recipes, models, optimizer)
+    for (x_s, x_w), y in run.batches():
+        with common.autocast(device):
+            f_s, q, _ = online(x_s)  # f = b(x); q = g(f)
+            k = target.from_image(x_w)  # the teacher runs from the weak image: nothing to reuse
+            loss = ressl_loss(q, k, queue.keys, args.student_temp, args.teacher_temp)  # the queue as it was
+            loss_probe = common.probe_loss(probe, (f_s,), y)  # trained on sg(f): no gradient reaches b
+        optimizer.zero_grad(set_to_none=True)
+        (loss + loss_probe).backward()
+        optimizer.step()
+        target.update(run.beta)  # Eq. (6) on the listed stages
+        queue.push(k)  # only now do this batch's keys join the queue
+        run.end_step(loss)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -877,22 +878,46 @@ def test_byol_loss_stops_the_gradient_at_the_target():
     assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None
 
 
-def test_method_files_share_their_skeleton_verbatim():
-    """STYLE: shared scaffolding is identical in every method file, so `diff a.py b.py` shows the method."""
+# The loop's frame: the lines every method file writes around its own step (common.Run does the rest).
+FRAME = (
+    "    common.to_device(models.values(), device)",
+    "    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.",
+    "    run = common.Run(args, data, view_recipes, models, optimizer)",
+    "        target.update(run.beta)",
+    "        run.end_step(loss)",
+)
 
-    def block(text, start, end):
-        return text[text.index(start) : text.index(end, text.index(start))]
 
-    texts = {m: (ROOT / f"{m}.py").read_text() for m in METHODS}
-    for start, end in [
-        ("    # Run state", "    while run.step < last_step:"),
-        ("    while run.step < last_step:", "        for i in range(first_batch, steps_per_epoch):"),
-        ("            run.loss_sum += loss.detach()", "if __name__"),
-    ]:
-        blocks = {m: block(text, start, end) for m, text in texts.items()}
-        assert len(set(blocks.values())) == 1, f"the block starting {start.strip()!r} differs between method files"
+def longest_shared_run(a, b):
+    """The length of the longest run of identical consecutive lines in the line lists a and b."""
+    best, previous = 0, [0] * (len(b) + 1)
+    for line in a:
+        current = [0] * (len(b) + 1)
+        for j, other in enumerate(b):
+            if line == other:
+                current[j + 1] = previous[j] + 1
+                best = max(best, current[j + 1])
+        previous = current
+    return best
+
+
+def test_method_files_are_the_method_in_a_shared_frame():
+    """STYLE: each method file's loop is its step inside the frame of FRAME, and the files share no run of 10 or
+    more identical lines besides the frame, so `diff a.py b.py` shows the methods."""
+    assert longest_shared_run(list("abcde"), list("xbcdy")) == 3
+    texts = {m: (ROOT / f"{m}.py").read_text().replace("[view_1, view_2]", "view_recipes") for m in METHODS}
+    bodies = {}
     for m, text in texts.items():
+        for line in FRAME:
+            assert any(have.startswith(line) for have in text.splitlines()), f"{m}.py lacks {line.strip()!r}"
+        assert re.search(r"^    for .+ in run\.batches\(\):", text, re.M), m
+        main = text[text.index("def main(") : text.index('if __name__ == "__main__":')]
+        assert main.rstrip().endswith("run.end_step(loss)"), f"{m}.py: main does not end with the step's end"
+        assert len([line for line in main.splitlines() if line.strip()]) <= 60, f"{m}.py: main is over 60 lines"
+        bodies[m] = [line for line in text.splitlines() if line.strip() and not line.startswith(FRAME)]
         assert "import common" in text and not any(f"import {other}" in text for other in METHODS if other != m)
+    for a, b in itertools.combinations(METHODS, 2):
+        assert longest_shared_run(bodies[a], bodies[b]) < 10, f"{a}.py and {b}.py share 10 or more lines"
 
 
 def test_simsiam_loss_closed_forms():
