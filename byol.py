@@ -107,10 +107,10 @@ def main(argv=None):
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
         with common.autocast(device):
-            f_1, z_1, acts_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); acts: each stage's input
-            f_2, z_2, acts_2 = online(x_2)
+            f_1, z_1, inputs_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); inputs: each stage's input
+            f_2, z_2, inputs_2 = online(x_2)
             # momentum projections: Eq. (2)-(3), or Eq. (7) if only g has EMA
-            z_1m, z_2m = target(acts_1), target(acts_2)
+            z_1m, z_2m = target(inputs_1), target(inputs_2)
             p_1, p_2 = predictor(z_1), predictor(z_2)  # Eq. (4)
             loss = byol_loss(p_1, p_2, z_1m, z_2m)  # Eq. (5)
             loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b

@@ -1,17 +1,23 @@
-"""Infrastructure shared by the six method files -- and nothing that is a method.
+"""What the six method files share -- and nothing that is a method.
 
-Read a method file (byol.py first) next to the paper; come here when it calls something.
+Read a method file (byol.py first) next to the paper; come here when it calls something. The file has
+two parts. Part I is the paper, written to be read:
 
-    1. setup           ConfigError, DivergedError, the device, seeding, autocast, --compile, the timer
-    2. encoder         CIFAR ResNet-18/50 whose stages carry the paper's names, MLP heads
-    3. EMA             --ema-stages, the target network (activation reuse), Eq. (6), the beta schedule
-    4. data            datasets held in memory as uint8 tensors on the run device
-    5. augmentation    batched, per-sample random augmentations in plain torch
-    6. optimisation    LARS, parameter groups, warm-up + cosine learning rate
-    7. evaluation      online linear probe, weighted kNN
-    8. measurement     backbone forwards per image (Table 4), instruments (Fig. 2, 5), collapse, metrics
-    9. arguments       the shared flags, --preset laptop, range checks
-   10. checkpoints     RunState, last.pt and exact resume, metrics.jsonl, the epoch line
+    1. the encoder      CIFAR ResNet-18/50 whose stages carry the paper's names (Fig. 1), MLP heads
+    2. the EMA          --ema-stages, the target network with activation reuse (Eq. 7, Algorithm 1),
+                        Eq. (6), the beta schedule
+    3. evaluation       the online linear probe, weighted kNN, backbone forwards per image (Table 4)
+
+Part II is machinery, not needed to follow the paper:
+
+    4. setup            errors, the device, seeding, autocast, --compile, the timer
+    5. the run          common.Run: everything around a method's step (resume, schedules, checkpoints, logs)
+    6. data             datasets held in memory as uint8 tensors on the run device
+    7. augmentation     batched, per-sample random augmentations in plain torch
+    8. optimisation     LARS, parameter groups, warm-up + cosine learning rate
+    9. measurement      the instruments (Fig. 2, 5), the collapse monitor, an epoch's metrics
+   10. arguments        the shared flags, --preset laptop, range checks
+   11. checkpoints      RunState, last.pt and exact resume, metrics.jsonl, the epoch line
 
 The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
 Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are used throughout.
@@ -37,11 +43,438 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# ========================================================================================
+# Part I: the paper
+# ========================================================================================
+
 # ----------------------------------------------------------------------------------------
-# 1. Setup: errors, the device, seeding
+# 1. The encoder: CIFAR ResNet with named stages, MLP heads
 # ----------------------------------------------------------------------------------------
+BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
+STAGES = BACKBONE_STAGES + ("projector",)  # the paper's names, input to output (Fig. 1)
 
 
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes * 4:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNetCIFAR(nn.Module):
+    """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool.
+
+    Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
+    follows block4 (in `run_stages`); it has no parameters and is not a stage. bn_block4 adds
+    Table C.8's BN1, a BatchNorm on block4's output (before pooling), to the block4 stage.
+    `width` (--width) narrows every stage alike: 16 gives a quarter-width ResNet for CPUs (a
+    teaching setting; the paper's is 64).
+    Deviation: solo-learn, which the paper ran, pads conv1 by 2 (34x34 maps); we pad by 1 as
+    the MoCo CIFAR demo and the original ResNet do.
+    """
+
+    def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False):
+        super().__init__()
+        block, depths = ARCHS[arch]  # (checked by check_arch when the arguments were parsed)
+        # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        in_planes, stages = width, []
+        for planes, depth, stride in zip((width, 2 * width, 4 * width, 8 * width), depths, (1, 2, 2, 2)):
+            layers = []
+            for s in [stride] + [1] * (depth - 1):
+                layers.append(block(in_planes, planes, s))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3, self.block4 = stages
+        self.feature_dim = in_planes  # 8W for ResNet-18, 32W for ResNet-50: 512 and 2048 at the paper's W = 64
+        if bn_block4:  # BN1 of Table C.8: BatchNorm on block4's output, part of the block4 stage
+            self.block4.append(nn.BatchNorm2d(in_planes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:  # each residual branch starts as the identity (SimSiam's setting)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+
+    def forward(self, x):
+        """f = b(x), Eq. (1): the pooled features."""
+        inputs = run_stages({s: getattr(self, s) for s in BACKBONE_STAGES}, x, "conv1")
+        return inputs["output"]  # the stages end at block4 and its pooling: the output is f
+
+
+def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_bn_affine=True, bias=True):
+    """Linear -> [BN] -> ReLU, repeated, then Linear [-> BN]: the projector g and predictor h."""
+    layers, dim = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=bias or not bn)]
+        layers += [nn.BatchNorm1d(hidden_dim)] if bn else []
+        layers += [nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=bias or not last_bn))  # a bias before BN would be cancelled
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
+    return nn.Sequential(*layers)
+
+
+def run_stages(modules, h, start):
+    """Run the encoder from stage `start` to its end with the given {stage name: module}.
+
+    Returns `inputs`, the activation entering each stage that ran, plus "output": inputs["projector"]
+    is the pooled backbone feature f, inputs["output"] the projection z (or f when no projector ran).
+    """
+    inputs = {}
+    for name in STAGES[STAGES.index(start) :]:
+        if name not in modules:
+            break
+        inputs[name] = h
+        h = modules[name](h)
+        if name == "block4":
+            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
+    inputs["output"] = h
+    return inputs
+
+
+class Encoder(nn.Module):
+    """The online encoder E = g o b: backbone stages conv1..block4, pooling, projector g.
+
+    forward(x) returns (f, z, inputs): f = b(x) (Eq. 1), z = g(f) (Eq. 3), and inputs, the
+    activation entering each stage -- what the target branch starts from (activation reuse).
+    """
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def stages(self):
+        """{stage name: module}, input to output."""
+        return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
+
+    def forward(self, x):
+        inputs = run_stages(self.stages(), x, "conv1")
+        f = inputs["projector"]  # what enters the projector: the pooled backbone feature
+        return f, inputs["output"], inputs
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The EMA: --ema-stages, the target network, Eq. (6), the beta schedule
+# ----------------------------------------------------------------------------------------
+STAGE_ALIASES = {"all": STAGES, "backbone": BACKBONE_STAGES, "none": ()}
+
+
+def parse_ema_stages(text):
+    """'all' | 'backbone' | 'projector' | 'none' | a comma list such as 'block4,projector'.
+
+    Returns the stage names in input-to-output order.
+    """
+    names = [t.strip() for t in str(text).split(",")]
+    if not any(names):
+        raise ConfigError(
+            "--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector"
+        )
+    if not all(names):
+        raise ConfigError(f"--ema-stages {text!r} has an empty item; write the stages with single commas, no spaces")
+    for whole in ("none", "all"):
+        if whole in names and len(names) > 1:
+            raise ConfigError(f"--ema-stages {text!r} combines '{whole}' with other stages; give '{whole}' alone")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--ema-stages {text!r} names a stage twice; name each once")
+    chosen = set()
+    for name in names:
+        if name in STAGE_ALIASES:
+            chosen.update(STAGE_ALIASES[name])
+        elif name in STAGES:
+            chosen.add(name)
+        else:
+            raise ConfigError(
+                f"unknown stage '{name}' in --ema-stages; choose from {', '.join(STAGES)} or all, backbone, none"
+            )
+    return [s for s in STAGES if s in chosen]
+
+
+def beta_at(step, total_steps, base, final, schedule):
+    """The EMA coefficient for optimiser step `step` (0-based).
+
+    'constant': beta = base.  'cosine' (solo-learn, which the paper ran, and the BYOL paper):
+    beta rises from base to final, beta = final - (final - base) * (cos(pi * step / total) + 1) / 2.
+    beta = 0 (no momentum) and beta = 1 (frozen target) stay what they say whatever the schedule.
+    """
+    if schedule == "constant" or base in (0.0, 1.0):
+        return base
+    return final - (final - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+@contextmanager
+def running_stats_frozen(modules):
+    """BatchNorm in these modules uses batch statistics but leaves its running statistics alone.
+
+    Used when the target branch runs a *shared* stage: the online network's running mean and
+    variance (used by evaluation) should describe the online network's own forward passes only.
+    """
+    bns = [
+        m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+class NamedStageEMA(nn.Module):
+    """The target network: EMA copies of the listed stages, the online modules for the rest.
+
+    * A stage not listed is *shared*: the target uses the online network's very module, under
+      stop-gradient (Fig. 1b). Only EMA copies are parameters of this module (and of its
+      state_dict); they never receive gradients.
+    * forward(inputs) -- activation reuse. Shared stages in front of the first EMA stage would
+      compute exactly what the online network computed on the same view, so the target branch
+      starts from the online activation entering the first EMA stage (detached) and runs only
+      the stages from there on. With --ema-stages projector this is Eq. (7), z_m = g_m(f), and
+      the backbone runs once per view (Algorithm 1); with all it is Eq. (2)-(3), twice.
+      from_image(x) runs the target from an image the online network did not see (ReSSL).
+    * update(beta) -- Eq. (6), xi <- beta * xi + (1 - beta) * theta, on the EMA stages' parameters
+      only, called after the optimiser step. BatchNorm running statistics are buffers, not
+      parameters: they are not averaged; each EMA copy keeps its own, from its own train-mode
+      forward passes (as in solo-learn and BYOL).
+    """
+
+    def __init__(self, online: Encoder, ema_stages):
+        super().__init__()
+        self.ema_stages = list(ema_stages)
+        # The online stages, by reference: a plain dict, so they are not submodules of the target
+        # (not saved twice, not moved twice); nn.ModuleDict below registers the EMA copies.
+        self.online_stages = online.stages()
+        self.ema = nn.ModuleDict({s: copy.deepcopy(self.online_stages[s]) for s in self.ema_stages})
+        self.ema.requires_grad_(False)
+
+    def stages(self):
+        """{stage name: module} as the target sees it: the EMA copy if listed, else the online module."""
+        return {s: self.ema[s] if s in self.ema else m for s, m in self.online_stages.items()}
+
+    @torch.no_grad()
+    def forward(self, inputs):
+        """The target's output for one view, from `inputs`, the online network's activations on that
+        view (the third value `Encoder.forward` returns)."""
+        if not self.ema_stages:  # --ema-stages none: the target is the online output under stop-gradient
+            return inputs["output"].detach()
+        start = self.ema_stages[0]  # every stage before the first EMA stage is shared: reuse its input
+        return self._run_from(start, inputs[start].detach())
+
+    @torch.no_grad()
+    def from_image(self, x):
+        """The target's output for an image the online network did not see: every stage runs."""
+        return self._run_from("conv1", x)
+
+    def _run_from(self, start, h):
+        stages = self.stages()
+        shared = [m for s, m in stages.items() if s not in self.ema and STAGES.index(s) >= STAGES.index(start)]
+        with running_stats_frozen(shared):  # the target's passes leave the online BatchNorm statistics alone
+            return run_stages(stages, h, start)["output"]
+
+    def parameter_pairs(self):
+        """(xi, theta) for every parameter of every EMA stage: two lists, in the same order."""
+        xi = [p for s in self.ema_stages for p in self.ema[s].parameters()]
+        theta = [p for s in self.ema_stages for p in self.online_stages[s].parameters()]
+        return xi, theta
+
+    @torch.no_grad()
+    def update(self, beta):
+        """Eq. (6): xi <- beta * xi + (1 - beta) * theta, for the listed stages only."""
+        if beta == 1.0:  # a frozen target, left bit-identical
+            return
+        xi, theta = self.parameter_pairs()  # empty with --ema-stages none: nothing to average
+        for xi_p, theta_p in zip(xi, theta):
+            xi_p.mul_(beta).add_(theta_p, alpha=1.0 - beta)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.ema.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Evaluation: the online linear probe, weighted kNN, backbone forwards per image (Table 4)
+# ----------------------------------------------------------------------------------------
+def probe_loss(probe, features, labels):
+    """Cross-entropy of the online linear probe on *detached* backbone features of each view,
+    averaged over views (solo-learn). Unlabelled images (label -1) are skipped."""
+    labelled = labels >= 0
+    losses = [F.cross_entropy(probe(f.detach().float()), labels.clamp(min=0), reduction="none") for f in features]
+    return sum((loss * labelled).sum() for loss in losses) / (len(features) * labelled.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def extract_features(backbone, images, mean, std, batch_size=1024):
+    """Backbone features of un-augmented images, backbone in eval mode. N x D float32."""
+    was_training = backbone.training
+    backbone.eval()
+    device = images.device
+    features = []
+    for chunk in images.split(batch_size):
+        x = normalize(chunk.float() / 255, mean, std).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            features.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
+    train_features = F.normalize(train_features, dim=1)
+    k = min(k, len(train_features))
+    predictions = []
+    for test in F.normalize(test_features, dim=1).split(chunk):
+        sim, idx = (test @ train_features.T).topk(k, dim=1)  # B x k
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+@torch.no_grad()
+def evaluate(backbone, probe, data, knn=True, projector=None):
+    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
+    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
+    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
+    was_training = probe.training
+    probe.eval()
+    logits = probe(test_features)
+    probe.train(was_training)
+    result = {
+        "linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
+        "knn_top1": None,
+        "knn1_top1": None,
+    }
+    if projector is not None:
+        was_training = projector.training
+        projector.eval()
+        with autocast(data.test_images.device):
+            z = torch.cat([projector(f) for f in test_features.split(1024)])
+        projector.train(was_training)
+        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
+        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
+    if knn:
+        labelled = data.train_labels >= 0
+        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
+        result.update(
+            knn_accuracies(
+                train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
+            )
+        )
+    return result
+
+
+def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes):
+    """Test top-1 (%) of weighted kNN (k = 200, T = 0.1) and of 1-NN, with the training features as memory bank."""
+    result = {}
+    for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
+        predicted = knn_predict(train_features, train_labels, test_features, num_classes, k=k)
+        result[key] = 100.0 * (predicted == test_labels).float().mean().item()
+    return result
+
+
+class ForwardCounter:
+    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
+
+    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
+    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
+    are measured once with torch's counter and scaled by the size of its input, so a stage
+    run on a smaller crop or a part of the network counts for what it costs. A forward hook on
+    every backbone stage, online and EMA copy, counts the passes made in training mode.
+    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
+    """
+
+    def __init__(self, online, target, image_size):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        backbone = online.backbone
+        device = next(backbone.parameters()).device
+        was_training = backbone.training
+        backbone.eval()
+        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
+        h = torch.zeros(1, 3, image_size, image_size, device=device)
+        with torch.no_grad():
+            for name in BACKBONE_STAGES:
+                self.input_numel[name] = h.numel()
+                with FlopCounterMode(display=False) as counter:
+                    h = getattr(backbone, name)(h)
+                self.flops[name] = counter.get_total_flops()
+        backbone.train(was_training)
+        for name in BACKBONE_STAGES:
+            modules = [getattr(backbone, name)] + ([target.ema[name]] if name in target.ema else [])
+            for module in modules:
+                module.register_forward_pre_hook(functools.partial(self._ran, name))
+        self.reset()
+
+    def reset(self):
+        self.flops_run, self.flops_with_grad = 0.0, 0.0
+
+    def _ran(self, stage, module, inputs):
+        if not module.training:  # evaluation passes are not training work
+            return
+        flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
+        self.flops_run += flops
+        if torch.is_grad_enabled():
+            self.flops_with_grad += flops
+
+    def forwards_per_image(self):
+        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
+
+
+# ========================================================================================
+# Part II: machinery, not needed to follow the paper
+# ========================================================================================
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Setup: errors, the device, seeding
+# ----------------------------------------------------------------------------------------
 class ConfigError(Exception):
     """Bad input: the message names the problem and the fix, on one line."""
 
@@ -142,301 +575,130 @@ def timer(device):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. The encoder: CIFAR ResNet with named stages, MLP heads
+# 5. The run: what every method file's loop needs and a reader of the paper does not
 # ----------------------------------------------------------------------------------------
-
-BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
-STAGES = BACKBONE_STAGES + ("projector",)  # the paper's names, input to output (Fig. 1)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def load_data(args, device):
+    """The dataset the flags name (--dataset, --data-dir, --train-subset, --eval-split, ...): load_dataset."""
+    return load_dataset(
+        args.dataset,
+        args.data_dir,
+        device,
+        image_size=args.image_size,
+        train_subset=args.train_subset,
+        eval_split=args.eval_split,
+        val_size=args.val_size,
+        download=not args.no_download,
+        synthetic_size=args.synthetic_size,
+        seed=args.seed,
+    )
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
+class Run:
+    """Everything around a method's training step: a method file writes
 
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * 4:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
-            )
+        run = common.Run(args, data, view_recipes, models, optimizer)
+        for (x_1, x_2), y in run.batches():
+            ...                       # the method's step: forward, loss, backward, optimizer.step()
+            target.update(run.beta)   # Eq. (6)
+            run.end_step(loss)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+    and Run does the rest, in this order: it counts backbone forwards (Table 4's #Fwd), takes the run
+    directory and resumes from last.pt (--resume); batches() draws each epoch's image order from one
+    generator, sets the learning rate of each step (warm-up, cosine) and the step's beta (run.beta, the
+    --beta-schedule), yields the step's views; end_step() adds the loss to the epoch's tally, records the
+    instruments and draws the progress line; between steps it writes mid-epoch checkpoints
+    (--checkpoint-every, SIGTERM); at each epoch's end it evaluates (probe, kNN every --eval-every
+    epochs), saves last.pt and logs metrics.jsonl and the epoch line; at the end it prints the summary.
+    run.epoch is the current epoch (from 0), for methods whose step depends on it (DINO)."""
 
+    def __init__(self, args, data, view_recipes, models, optimizer):
+        self.args, self.data, self.models, self.optimizer = args, data, models, optimizer
+        self.online, self.target, self.probe = models["online"], models["target"], models["probe"]
+        self.device = data.train_images.device
+        self.counter = ForwardCounter(self.online, self.target, data.image_size)  # measures "#Fwd" of Table 4
+        compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
+        # the step, this epoch's image order and loss sum, the metrics history; with --resume from last.pt.
+        # One generator draws all randomness: the epoch's order and every augmentation.
+        self.generator = torch.Generator(self.device).manual_seed(args.seed)
+        self.state = start_or_resume(args, models, optimizer, self.generator, self.device)
+        # batch i's views, augmented --aug-chunk batches at a time
+        self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.generator)
+        self.instruments = Instruments(args, self.online, self.target)  # --log-grad-norms, --track-weights
+        self.logger = RunLogger(args, self.state, self.instruments)
+        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
+        self.epoch = self.state.step // self.steps_per_epoch
+        self.lr = self.beta = None
 
-ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+    def batches(self):
+        """Yield (views, labels) for every step left in the run: the views as the recipes list them."""
+        run, args = self.state, self.args
+        while run.step < self.last_step:
+            self.epoch, first_batch = divmod(run.step, self.steps_per_epoch)
+            if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+                run.order = torch.randperm(len(self.data.train_images), generator=self.generator, device=self.device)
+                run.loss_sum.zero_()
+            for model in self.models.values():
+                model.train()
+            self.counter.reset()
+            start = timer(self.device)
+            for i in range(first_batch, self.steps_per_epoch):
+                self.batch = i
+                views, labels = self.views.batch(run.order, self.epoch, i)
+                self.lr = set_learning_rate(self.optimizer, run.step, self.total_steps, self.warmup_steps)
+                self.beta = beta_at(run.step, self.total_steps, args.beta, args.beta_final, args.beta_schedule)
+                yield views, labels
+                if run.step >= self.last_step:
+                    break
+                if checkpoint_due(args, run.step) and i + 1 < self.steps_per_epoch:  # --checkpoint-every, SIGTERM
+                    self.save()  # inside the epoch
+                    exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
+            self.end_epoch(first_batch, start)
+        print(summary_line(args, self.logger.last))
 
+    def end_step(self, loss):
+        """After the method's step: the loss into the epoch's tally, the instruments, the progress line."""
+        self.state.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+        self.state.step += 1
+        self.instruments.record(self.state.step)  # does nothing unless an instrument is on
+        self.logger.progress(self.batch, self.steps_per_epoch, loss)
 
-class ResNetCIFAR(nn.Module):
-    """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool.
-
-    Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
-    follows block4 (in `run_stages`); it has no parameters and is not a stage. bn_block4 adds
-    Table C.8's BN1, a BatchNorm on block4's output (before pooling), to the block4 stage.
-    `width` (--width) narrows every stage alike: 16 gives a quarter-width ResNet for CPUs (a
-    teaching setting; the paper's is 64).
-    Deviation: solo-learn, which the paper ran, pads conv1 by 2 (34x34 maps); we pad by 1 as
-    the MoCo CIFAR demo and the original ResNet do.
-    """
-
-    def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False):
-        super().__init__()
-        block, depths = ARCHS[arch]  # (checked by check_arch when the arguments were parsed)
-        # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+    def end_epoch(self, first_batch, start):
+        """End of the epoch (or of --max-steps): evaluate, save last.pt, log."""
+        run, epoch = self.state, self.epoch
+        steps_this_epoch = run.step - epoch * self.steps_per_epoch  # including those before a resume
+        metrics = epoch_metrics(
+            epoch=epoch + 1,
+            step=run.step,
+            loss=(run.loss_sum / steps_this_epoch).item(),
+            lr=self.lr,
+            beta=self.beta,
+            seconds=timer(self.device) - start,
+            images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
+            online=self.online,
+            target=self.target,
+            probe=self.probe,
+            data=self.data,
+            counter=self.counter,
+            run_knn=(epoch + 1) % self.args.eval_every == 0 or run.step == self.last_step,
         )
-        in_planes, stages = width, []
-        for planes, depth, stride in zip((width, 2 * width, 4 * width, 8 * width), depths, (1, 2, 2, 2)):
-            layers = []
-            for s in [stride] + [1] * (depth - 1):
-                layers.append(block(in_planes, planes, s))
-                in_planes = planes * block.expansion
-            stages.append(nn.Sequential(*layers))
-        self.block1, self.block2, self.block3, self.block4 = stages
-        self.feature_dim = in_planes  # 8W for ResNet-18, 32W for ResNet-50: 512 and 2048 at the paper's W = 64
-        if bn_block4:  # BN1 of Table C.8: BatchNorm on block4's output, part of the block4 stage
-            self.block4.append(nn.BatchNorm2d(in_planes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual:  # each residual branch starts as the identity (SimSiam's setting)
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+        epoch_complete = run.step % self.steps_per_epoch == 0  # False when --max-steps stopped the run inside it
+        if epoch_complete:
+            run.history.append(metrics)
+        self.save()  # refuses a NaN loss
+        self.logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
+        if run.step < self.last_step:
+            exit_if_stopped(self.args, run)
 
-    def forward(self, x):
-        """f = b(x), Eq. (1): the pooled features."""
-        acts = run_stages({s: getattr(self, s) for s in BACKBONE_STAGES}, x, "conv1")
-        return acts["output"]  # the stages end at block4 and its pooling: the output is f
-
-
-def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_bn_affine=True, bias=True):
-    """Linear -> [BN] -> ReLU, repeated, then Linear [-> BN]: the projector g and predictor h."""
-    layers, dim = [], in_dim
-    for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=bias or not bn)]
-        layers += [nn.BatchNorm1d(hidden_dim)] if bn else []
-        layers += [nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=bias or not last_bn))  # a bias before BN would be cancelled
-    if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
-    return nn.Sequential(*layers)
-
-
-def run_stages(modules, h, start):
-    """Run the encoder from stage `start` to its end with the given {stage name: module}.
-
-    Returns `acts`, the activation entering each stage that ran, plus "output": acts["projector"]
-    is the pooled backbone feature f, acts["output"] the projection z (or f when no projector ran).
-    """
-    acts = {}
-    for name in STAGES[STAGES.index(start) :]:
-        if name not in modules:
-            break
-        acts[name] = h
-        h = modules[name](h)
-        if name == "block4":
-            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
-    acts["output"] = h
-    return acts
-
-
-class Encoder(nn.Module):
-    """The online encoder E = g o b: backbone stages conv1..block4, pooling, projector g.
-
-    forward(x) returns (f, z, acts): f = b(x) (Eq. 1), z = g(f) (Eq. 3), and acts, the
-    activation entering each stage -- what the target branch starts from (activation reuse).
-    """
-
-    def __init__(self, backbone, projector):
-        super().__init__()
-        self.backbone, self.projector = backbone, projector
-
-    def stages(self):
-        """{stage name: module}, input to output."""
-        return {**{s: getattr(self.backbone, s) for s in BACKBONE_STAGES}, "projector": self.projector}
-
-    def forward(self, x):
-        acts = run_stages(self.stages(), x, "conv1")
-        f = acts["projector"]  # what enters the projector: the pooled backbone feature
-        return f, acts["output"], acts
+    def save(self):
+        save_checkpoint(self.args, self.state, self.models, self.optimizer, self.views, self.instruments)
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The EMA: --ema-stages, the target network, Eq. (6), the beta schedule
+# 6. Data: whole datasets as uint8 tensors (N, 3, H, W) on the run device
 # ----------------------------------------------------------------------------------------
-
-STAGE_ALIASES = {"all": STAGES, "backbone": BACKBONE_STAGES, "none": ()}
-
-
-def parse_ema_stages(text):
-    """'all' | 'backbone' | 'projector' | 'none' | a comma list such as 'block4,projector'.
-
-    Returns the stage names in input-to-output order.
-    """
-    names = [t.strip() for t in str(text).split(",")]
-    if not any(names):
-        raise ConfigError(
-            "--ema-stages is empty; give all, backbone, projector, none or a comma list such as block4,projector"
-        )
-    if not all(names):
-        raise ConfigError(f"--ema-stages {text!r} has an empty item; write the stages with single commas, no spaces")
-    for whole in ("none", "all"):
-        if whole in names and len(names) > 1:
-            raise ConfigError(f"--ema-stages {text!r} combines '{whole}' with other stages; give '{whole}' alone")
-    if len(set(names)) < len(names):
-        raise ConfigError(f"--ema-stages {text!r} names a stage twice; name each once")
-    chosen = set()
-    for name in names:
-        if name in STAGE_ALIASES:
-            chosen.update(STAGE_ALIASES[name])
-        elif name in STAGES:
-            chosen.add(name)
-        else:
-            raise ConfigError(
-                f"unknown stage '{name}' in --ema-stages; choose from {', '.join(STAGES)} or all, backbone, none"
-            )
-    return [s for s in STAGES if s in chosen]
-
-
-def beta_at(step, total_steps, base, final, schedule):
-    """The EMA coefficient for optimiser step `step` (0-based).
-
-    'constant': beta = base.  'cosine' (solo-learn, which the paper ran, and the BYOL paper):
-    beta rises from base to final, beta = final - (final - base) * (cos(pi * step / total) + 1) / 2.
-    beta = 0 (no momentum) and beta = 1 (frozen target) stay what they say whatever the schedule.
-    """
-    if schedule == "constant" or base in (0.0, 1.0):
-        return base
-    return final - (final - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
-
-
-@contextmanager
-def running_stats_frozen(modules):
-    """BatchNorm in these modules uses batch statistics but leaves its running statistics alone.
-
-    Used when the target branch runs a *shared* stage: the online network's running mean and
-    variance (used by evaluation) should describe the online network's own forward passes only.
-    """
-    bns = [
-        m
-        for module in modules
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-
-
-class NamedStageEMA(nn.Module):
-    """The target network: EMA copies of the listed stages, the online modules for the rest.
-
-    * A stage not listed is *shared*: the target uses the online network's very module, under
-      stop-gradient (Fig. 1b). Only EMA copies are parameters of this module (and of its
-      state_dict); they never receive gradients.
-    * forward(acts) -- activation reuse. Shared stages in front of the first EMA stage would
-      compute exactly what the online network computed on the same view, so the target branch
-      starts from the online activation entering the first EMA stage (detached) and runs only
-      the stages from there on. With --ema-stages projector this is Eq. (7), z_m = g_m(f), and
-      the backbone runs once per view (Algorithm 1); with all it is Eq. (2)-(3), twice.
-      from_image(x) runs the target from an image the online network did not see (ReSSL).
-    * update(beta) -- Eq. (6), xi <- beta * xi + (1 - beta) * theta, on the EMA stages' parameters
-      only, called after the optimiser step. BatchNorm running statistics are buffers, not
-      parameters: they are not averaged; each EMA copy keeps its own, from its own train-mode
-      forward passes (as in solo-learn and BYOL).
-    """
-
-    def __init__(self, online: Encoder, ema_stages):
-        super().__init__()
-        self.ema_stages = list(ema_stages)
-        # The online stages, by reference: a plain dict, so they are not submodules of the target
-        # (not saved twice, not moved twice); nn.ModuleDict below registers the EMA copies.
-        self.online_stages = online.stages()
-        self.ema = nn.ModuleDict({s: copy.deepcopy(self.online_stages[s]) for s in self.ema_stages})
-        self.ema.requires_grad_(False)
-
-    def stages(self):
-        """{stage name: module} as the target sees it: the EMA copy if listed, else the online module."""
-        return {s: self.ema[s] if s in self.ema else m for s, m in self.online_stages.items()}
-
-    @torch.no_grad()
-    def forward(self, acts):
-        """The target's output for one view, from `acts`, the online network's activations on that
-        view (the third value `Encoder.forward` returns)."""
-        if not self.ema_stages:  # --ema-stages none: the target is the online output under stop-gradient
-            return acts["output"].detach()
-        start = self.ema_stages[0]  # every stage before the first EMA stage is shared: reuse its input
-        return self._run_from(start, acts[start].detach())
-
-    @torch.no_grad()
-    def from_image(self, x):
-        """The target's output for an image the online network did not see: every stage runs."""
-        return self._run_from("conv1", x)
-
-    def _run_from(self, start, h):
-        stages = self.stages()
-        shared = [m for s, m in stages.items() if s not in self.ema and STAGES.index(s) >= STAGES.index(start)]
-        with running_stats_frozen(shared):  # the target's passes leave the online BatchNorm statistics alone
-            return run_stages(stages, h, start)["output"]
-
-    def parameter_pairs(self):
-        """(xi, theta) for every parameter of every EMA stage: two lists, in the same order."""
-        xi = [p for s in self.ema_stages for p in self.ema[s].parameters()]
-        theta = [p for s in self.ema_stages for p in self.online_stages[s].parameters()]
-        return xi, theta
-
-    @torch.no_grad()
-    def update(self, beta):
-        """Eq. (6): xi <- beta * xi + (1 - beta) * theta, for the listed stages only."""
-        if beta == 1.0:  # a frozen target, left bit-identical
-            return
-        xi, theta = self.parameter_pairs()  # empty with --ema-stages none: nothing to average
-        for xi_p, theta_p in zip(xi, theta):
-            xi_p.mul_(beta).add_(theta_p, alpha=1.0 - beta)
-
-    def num_parameters(self):
-        return sum(p.numel() for p in self.ema.parameters())
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Data: whole datasets as uint8 tensors (N, 3, H, W) on the run device
-# ----------------------------------------------------------------------------------------
-
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 
 
@@ -689,9 +951,8 @@ def steps_per_epoch(data, batch_size):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Augmentation: batched, with per-sample random parameters, in plain torch
+# 7. Augmentation: batched, with per-sample random parameters, in plain torch
 # ----------------------------------------------------------------------------------------
-
 # torchvision.transforms.v2 draws one set of parameters per call, so it cannot augment a
 # batch of SSL views. Each primitive below takes per-sample parameters and is tested against
 # torchvision's per-image op with the same parameters (test_all.py). Images are floats in [0, 1].
@@ -978,10 +1239,8 @@ class Views:
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Optimisation: LARS, parameter groups, warm-up + cosine learning rate
+# 8. Optimisation: LARS, parameter groups, warm-up + cosine learning rate
 # ----------------------------------------------------------------------------------------
-
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), configured as solo-learn's CIFAR runs.
 
@@ -1055,142 +1314,8 @@ def set_learning_rate(optimizer, step, total_steps, warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Evaluation: online linear probe, weighted kNN
+# 9. Measurement: the instruments (Fig. 2, 5), collapse, the epoch's metrics
 # ----------------------------------------------------------------------------------------
-
-
-def probe_loss(probe, features, labels):
-    """Cross-entropy of the online linear probe on *detached* backbone features of each view,
-    averaged over views (solo-learn). Unlabelled images (label -1) are skipped."""
-    labelled = labels >= 0
-    losses = [F.cross_entropy(probe(f.detach().float()), labels.clamp(min=0), reduction="none") for f in features]
-    return sum((loss * labelled).sum() for loss in losses) / (len(features) * labelled.sum().clamp(min=1))
-
-
-@torch.no_grad()
-def extract_features(backbone, images, mean, std, batch_size=1024):
-    """Backbone features of un-augmented images, backbone in eval mode. N x D float32."""
-    was_training = backbone.training
-    backbone.eval()
-    device = images.device
-    features = []
-    for chunk in images.split(batch_size):
-        x = normalize(chunk.float() / 255, mean, std).contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            features.append(backbone(x).float())
-    backbone.train(was_training)
-    return torch.cat(features)
-
-
-@torch.no_grad()
-def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1, chunk=1024):
-    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
-    train_features = F.normalize(train_features, dim=1)
-    k = min(k, len(train_features))
-    predictions = []
-    for test in F.normalize(test_features, dim=1).split(chunk):
-        sim, idx = (test @ train_features.T).topk(k, dim=1)  # B x k
-        votes = torch.zeros(len(test), num_classes, device=test.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
-
-
-@torch.no_grad()
-def evaluate(backbone, probe, data, knn=True, projector=None):
-    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
-    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
-    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
-    was_training = probe.training
-    probe.eval()
-    logits = probe(test_features)
-    probe.train(was_training)
-    result = {
-        "linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
-        "knn_top1": None,
-        "knn1_top1": None,
-    }
-    if projector is not None:
-        was_training = projector.training
-        projector.eval()
-        with autocast(data.test_images.device):
-            z = torch.cat([projector(f) for f in test_features.split(1024)])
-        projector.train(was_training)
-        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
-        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
-    if knn:
-        labelled = data.train_labels >= 0
-        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
-        result.update(
-            knn_accuracies(
-                train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
-            )
-        )
-    return result
-
-
-def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes):
-    """Test top-1 (%) of weighted kNN (k = 200, T = 0.1) and of 1-NN, with the training features as memory bank."""
-    result = {}
-    for key, k in (("knn_top1", 200), ("knn1_top1", 1)):
-        predicted = knn_predict(train_features, train_labels, test_features, num_classes, k=k)
-        result[key] = 100.0 * (predicted == test_labels).float().mean().item()
-    return result
-
-
-# ----------------------------------------------------------------------------------------
-# 8. Measurement: backbone forwards (Table 4), the instruments (Fig. 2, 5), collapse, the epoch's metrics
-# ----------------------------------------------------------------------------------------
-
-
-class ForwardCounter:
-    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
-
-    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
-    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
-    are measured once with torch's counter and scaled by the size of its input, so a stage
-    run on a smaller crop or a part of the network counts for what it costs. A forward hook on
-    every backbone stage, online and EMA copy, counts the passes made in training mode.
-    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
-    """
-
-    def __init__(self, online, target, image_size):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        backbone = online.backbone
-        device = next(backbone.parameters()).device
-        was_training = backbone.training
-        backbone.eval()
-        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
-        h = torch.zeros(1, 3, image_size, image_size, device=device)
-        with torch.no_grad():
-            for name in BACKBONE_STAGES:
-                self.input_numel[name] = h.numel()
-                with FlopCounterMode(display=False) as counter:
-                    h = getattr(backbone, name)(h)
-                self.flops[name] = counter.get_total_flops()
-        backbone.train(was_training)
-        for name in BACKBONE_STAGES:
-            modules = [getattr(backbone, name)] + ([target.ema[name]] if name in target.ema else [])
-            for module in modules:
-                module.register_forward_pre_hook(functools.partial(self._ran, name))
-        self.reset()
-
-    def reset(self):
-        self.flops_run, self.flops_with_grad = 0.0, 0.0
-
-    def _ran(self, stage, module, inputs):
-        if not module.training:  # evaluation passes are not training work
-            return
-        flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
-        self.flops_run += flops
-        if torch.is_grad_enabled():
-            self.flops_with_grad += flops
-
-    def forwards_per_image(self):
-        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
-
-
 class Instruments:
     """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
 
@@ -1344,10 +1469,8 @@ def epoch_metrics(*, epoch, step, loss, lr, beta, seconds, images_seen, online, 
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Arguments: the shared flags, --preset laptop, range checks
+# 10. Arguments: the shared flags, --preset laptop, range checks
 # ----------------------------------------------------------------------------------------
-
-
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
     """The flags every method file shares; each method passes its defaults."""
     a = parser.add_argument
@@ -1675,10 +1798,8 @@ def check_arch(name):
 
 
 # ----------------------------------------------------------------------------------------
-# 10. Checkpoints and logging: last.pt, exact resume, metrics.jsonl, the epoch line
+# 11. Checkpoints and logging: last.pt, exact resume, metrics.jsonl, the epoch line
 # ----------------------------------------------------------------------------------------
-
-
 def git_revision():
     try:
         out = subprocess.run(
@@ -2083,127 +2204,3 @@ def summary_line(args, metrics):
     )
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
     return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"
-
-
-# ----------------------------------------------------------------------------------------
-# The run around Algorithm 1: what every method file's loop needs and a reader of the paper does not
-# ----------------------------------------------------------------------------------------
-
-
-def load_data(args, device):
-    """The dataset the flags name (--dataset, --data-dir, --train-subset, --eval-split, ...): load_dataset."""
-    return load_dataset(
-        args.dataset,
-        args.data_dir,
-        device,
-        image_size=args.image_size,
-        train_subset=args.train_subset,
-        eval_split=args.eval_split,
-        val_size=args.val_size,
-        download=not args.no_download,
-        synthetic_size=args.synthetic_size,
-        seed=args.seed,
-    )
-
-
-class Run:
-    """Everything around a method's training step: a method file writes
-
-        run = common.Run(args, data, view_recipes, models, optimizer)
-        for (x_1, x_2), y in run.batches():
-            ...                       # the method's step: forward, loss, backward, optimizer.step()
-            target.update(run.beta)   # Eq. (6)
-            run.end_step(loss)
-
-    and Run does the rest, in this order: it counts backbone forwards (Table 4's #Fwd), takes the run
-    directory and resumes from last.pt (--resume); batches() draws each epoch's image order from one
-    generator, sets the learning rate of each step (warm-up, cosine) and the step's beta (run.beta, the
-    --beta-schedule), yields the step's views; end_step() adds the loss to the epoch's tally, records the
-    instruments and draws the progress line; between steps it writes mid-epoch checkpoints
-    (--checkpoint-every, SIGTERM); at each epoch's end it evaluates (probe, kNN every --eval-every
-    epochs), saves last.pt and logs metrics.jsonl and the epoch line; at the end it prints the summary.
-    run.epoch is the current epoch (from 0), for methods whose step depends on it (DINO)."""
-
-    def __init__(self, args, data, view_recipes, models, optimizer):
-        self.args, self.data, self.models, self.optimizer = args, data, models, optimizer
-        self.online, self.target, self.probe = models["online"], models["target"], models["probe"]
-        self.device = data.train_images.device
-        self.counter = ForwardCounter(self.online, self.target, data.image_size)  # measures "#Fwd" of Table 4
-        compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
-        # the step, this epoch's image order and loss sum, the metrics history; with --resume from last.pt.
-        # One generator draws all randomness: the epoch's order and every augmentation.
-        self.generator = torch.Generator(self.device).manual_seed(args.seed)
-        self.state = start_or_resume(args, models, optimizer, self.generator, self.device)
-        # batch i's views, augmented --aug-chunk batches at a time
-        self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.generator)
-        self.instruments = Instruments(args, self.online, self.target)  # --log-grad-norms, --track-weights
-        self.logger = RunLogger(args, self.state, self.instruments)
-        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
-        self.total_steps = args.epochs * self.steps_per_epoch
-        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
-        self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
-        self.epoch = self.state.step // self.steps_per_epoch
-        self.lr = self.beta = None
-
-    def batches(self):
-        """Yield (views, labels) for every step left in the run: the views as the recipes list them."""
-        run, args = self.state, self.args
-        while run.step < self.last_step:
-            self.epoch, first_batch = divmod(run.step, self.steps_per_epoch)
-            if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
-                run.order = torch.randperm(len(self.data.train_images), generator=self.generator, device=self.device)
-                run.loss_sum.zero_()
-            for model in self.models.values():
-                model.train()
-            self.counter.reset()
-            start = timer(self.device)
-            for i in range(first_batch, self.steps_per_epoch):
-                self.batch = i
-                views, labels = self.views.batch(run.order, self.epoch, i)
-                self.lr = set_learning_rate(self.optimizer, run.step, self.total_steps, self.warmup_steps)
-                self.beta = beta_at(run.step, self.total_steps, args.beta, args.beta_final, args.beta_schedule)
-                yield views, labels
-                if run.step >= self.last_step:
-                    break
-                if checkpoint_due(args, run.step) and i + 1 < self.steps_per_epoch:  # --checkpoint-every, SIGTERM
-                    self.save()  # inside the epoch
-                    exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
-            self.end_epoch(first_batch, start)
-        print(summary_line(args, self.logger.last))
-
-    def end_step(self, loss):
-        """After the method's step: the loss into the epoch's tally, the instruments, the progress line."""
-        self.state.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
-        self.state.step += 1
-        self.instruments.record(self.state.step)  # does nothing unless an instrument is on
-        self.logger.progress(self.batch, self.steps_per_epoch, loss)
-
-    def end_epoch(self, first_batch, start):
-        """End of the epoch (or of --max-steps): evaluate, save last.pt, log."""
-        run, epoch = self.state, self.epoch
-        steps_this_epoch = run.step - epoch * self.steps_per_epoch  # including those before a resume
-        metrics = epoch_metrics(
-            epoch=epoch + 1,
-            step=run.step,
-            loss=(run.loss_sum / steps_this_epoch).item(),
-            lr=self.lr,
-            beta=self.beta,
-            seconds=timer(self.device) - start,
-            images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
-            online=self.online,
-            target=self.target,
-            probe=self.probe,
-            data=self.data,
-            counter=self.counter,
-            run_knn=(epoch + 1) % self.args.eval_every == 0 or run.step == self.last_step,
-        )
-        epoch_complete = run.step % self.steps_per_epoch == 0  # False when --max-steps stopped the run inside it
-        if epoch_complete:
-            run.history.append(metrics)
-        self.save()  # refuses a NaN loss
-        self.logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
-        if run.step < self.last_step:
-            exit_if_stopped(self.args, run)
-
-    def save(self):
-        save_checkpoint(self.args, self.state, self.models, self.optimizer, self.views, self.instruments)

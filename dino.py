@@ -168,10 +168,10 @@ def main(argv=None):
     run = common.Run(args, data, view_recipes, models, optimizer)
     for (x_1, x_2, *local), y in run.batches():  # two global views, the local crops, the labels
         with common.autocast(device):
-            f_1, s_1, acts_1 = online(x_1)  # f = b(x); student logits s = g(f); acts: each stage's input
-            f_2, s_2, acts_2 = online(x_2)
+            f_1, s_1, inputs_1 = online(x_1)  # f = b(x); student logits s = g(f); inputs: each stage's input
+            f_2, s_2, inputs_2 = online(x_2)
             s_local = [online(v)[1] for v in local]  # local crops: student only
-            t_1, t_2 = target(acts_1), target(acts_2)  # teacher logits, global views only (sg(s) without EMA)
+            t_1, t_2 = target(inputs_1), target(inputs_2)  # teacher logits, global views only (sg(s) without EMA)
             loss = dino_loss(
                 [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(run.epoch, args)
             )

@@ -130,9 +130,9 @@ def main(argv=None):
     run = common.Run(args, data, view_recipes, models, optimizer)
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
-            f_1, q_1, acts_1 = online(x_1)  # f = b(x); queries q = g(f); acts: each stage's input
-            f_2, q_2, acts_2 = online(x_2)
-            k_1, k_2 = target(acts_1), target(acts_2)  # keys from the momentum encoder (sg(q) without EMA)
+            f_1, q_1, inputs_1 = online(x_1)  # f = b(x); queries q = g(f); inputs: each stage's input
+            f_2, q_2, inputs_2 = online(x_2)
+            k_1, k_2 = target(inputs_1), target(inputs_2)  # keys from the momentum encoder (sg(q) without EMA)
             loss = moco_loss(q_1, q_2, k_1, k_2, queues, args.temperature)  # negatives: the queues as they were
             loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
         optimizer.zero_grad(set_to_none=True)

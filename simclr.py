@@ -112,11 +112,11 @@ def main(argv=None):
     run = common.Run(args, data, view_recipes, models, optimizer)
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
-            f_1, z_1, acts_1 = online(x_1)  # f = b(x), z = g(f); acts: each stage's input
-            f_2, z_2, acts_2 = online(x_2)
+            f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input
+            f_2, z_2, inputs_2 = online(x_2)
             anchors = torch.cat([z_1, z_2])  # 2N x d
             if target.ema_stages:  # positives and negatives from the momentum target, under stop-gradient
-                candidates = torch.cat([target(acts_1), target(acts_2)])
+                candidates = torch.cat([target(inputs_1), target(inputs_2)])
             else:  # plain SimCLR: the online projections themselves, with gradient
                 candidates = anchors
             loss = nt_xent(anchors, candidates, args.temperature)

@@ -110,9 +110,9 @@ def main(argv=None):
     run = common.Run(args, data, view_recipes, models, optimizer)
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
-            f_1, z_1, acts_1 = online(x_1)  # f = b(x), z = g(f); acts: each stage's input
-            f_2, z_2, acts_2 = online(x_2)
-            z_1m, z_2m = target(acts_1), target(acts_2)  # sg(z) without EMA; momentum projections with it
+            f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input
+            f_2, z_2, inputs_2 = online(x_2)
+            z_1m, z_2m = target(inputs_1), target(inputs_2)  # sg(z) without EMA; momentum projections with it
             p_1, p_2 = predictor(z_1), predictor(z_2)
             loss = simsiam_loss(p_1, p_2, z_1m, z_2m)
             loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b

@@ -1149,8 +1149,8 @@ def test_target_branch_reuses_the_online_activation():
     """With EMA on the projector only, the backbone runs once per view: the target starts from f."""
     online, _, target, _ = small_setup("projector")
     counter = common.ForwardCounter(online, target, 16)
-    f, z, acts = online(torch.randn(4, 3, 16, 16))
-    z_m = target(acts)
+    f, z, inputs = online(torch.randn(4, 3, 16, 16))
+    z_m = target(inputs)
     assert torch.allclose(z_m, z.detach(), atol=1e-5)  # the copy still equals the online projector
     assert counter.forwards_per_image() == pytest.approx(1.0)
     online.eval()  # evaluation passes are not counted
@@ -1160,9 +1160,9 @@ def test_target_branch_reuses_the_online_activation():
 
 def test_shared_stages_in_the_target_branch_leave_online_running_stats_alone():
     online, _, target, _ = small_setup("conv1")
-    _, _, acts = online(torch.randn(4, 3, 16, 16))
+    _, _, inputs = online(torch.randn(4, 3, 16, 16))
     stats = copy.deepcopy(online.backbone.block1.state_dict())
-    target(acts)
+    target(inputs)
     for key, value in online.backbone.block1.state_dict().items():
         assert torch.equal(value, stats[key]), key
 
@@ -1207,8 +1207,8 @@ def test_compile_keeps_the_stages_their_outputs_and_the_checkpoint_keys():
     outputs = []
     for online_, predictor_, target_ in ((online, predictor, target), eager):
         with torch.no_grad():  # forward graphs only: compiling the backward too would double the test's time
-            f, z, acts = online_(x)
-            outputs.append((f, predictor_(z), target_(acts)))
+            f, z, inputs = online_(x)
+            outputs.append((f, predictor_(z), target_(inputs)))
     for compiled, reference in zip(*outputs):
         assert torch.allclose(compiled, reference, rtol=1e-4, atol=1e-4)  # inductor reorders float sums
 
@@ -1738,8 +1738,8 @@ def test_grad_norm_hooks_equal_autograd_on_each_stage_output():
     off = type("Args", (), {"log_grad_norms": False, "track_weights": 0})
     common.Instruments(off, fresh, common.NamedStageEMA(fresh, ["projector"]))
     assert not any(module._forward_hooks for module in fresh.stages().values())
-    _, z, acts = fresh(x_1)
-    assert z._backward_hooks is None and all(a._backward_hooks is None for a in acts.values())
+    _, z, inputs = fresh(x_1)
+    assert z._backward_hooks is None and all(a._backward_hooks is None for a in inputs.values())
 
 
 def test_tracked_target_rows_freeze_at_beta_1_and_follow_equation_6_below(instrumented_runs):

@@ -162,10 +162,10 @@ EXERCISES = [
         40,
         "Eq. (7) and Algorithm 1: activation reuse, the target starts where the first EMA stage starts (Fig. 1b)",
         "activation reuse, Eq. (7) and Algorithm 1: the target's output for one view. Start from the "
-        "online activation entering the first EMA stage, acts[self.ema_stages[0]] (detached), and run the "
+        "online activation entering the first EMA stage, inputs[self.ema_stages[0]] (detached), and run the "
         "stages from there: self._run_from(start, h) runs them (EMA copies where listed, shared stages "
-        "with their BatchNorm statistics frozen). No EMA stage: acts['output'] under stop-gradient. "
-        "acts: {stage: the N x ... activation entering it, 'output': N x d}; returns N x d.",
+        "with their BatchNorm statistics frozen). No EMA stage: inputs['output'] under stop-gradient. "
+        "inputs: {stage: the N x ... activation entering it, 'output': N x d}; returns N x d.",
     ),
 ]
 
@@ -324,8 +324,8 @@ MUTATIONS = [
         "no activation reuse: the target always runs from the image",
         """
         if not self.ema_stages:
-            return acts["output"].detach()
-        return self._run_from("conv1", acts["conv1"].detach())
+            return inputs["output"].detach()
+        return self._run_from("conv1", inputs["conv1"].detach())
     """,
     ),
     Mutation(
@@ -333,9 +333,9 @@ MUTATIONS = [
         "starts at the last EMA stage instead of the first",
         """
         if not self.ema_stages:
-            return acts["output"].detach()
+            return inputs["output"].detach()
         start = self.ema_stages[-1]
-        return self._run_from(start, acts[start].detach())
+        return self._run_from(start, inputs[start].detach())
     """,
     ),
 ]
@@ -1344,9 +1344,9 @@ def test_exercise_12_target_runs_the_ema_stages_from_the_first_ones_input():
     target.eval()
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
-        f, z, acts = online(x)
-        expected = target.ema["projector"](pooled(target.ema["block4"](acts["block4"])))
-        got = target(acts)
+        f, z, inputs = online(x)
+        expected = target.ema["projector"](pooled(target.ema["block4"](inputs["block4"])))
+        got = target(inputs)
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         fail(12, "the target returns one N x d output", "EMA on block4,projector, 4 images", tuple(expected.shape),
              getattr(got, "shape", got))
@@ -1354,8 +1354,8 @@ def test_exercise_12_target_runs_the_ema_stages_from_the_first_ones_input():
         hint = ("this is the EMA projector on the online f: the target started at the LAST EMA stage, not the "
                 "first" if torch.allclose(got, target.ema["projector"](f), atol=1e-5) else
                 "this is the online output: the EMA copies did not run" if torch.allclose(got, z, atol=1e-5) else
-                "start from acts[first EMA stage] and run that stage and every later one, EMA copies where listed")
-        fail(12, "Eq. (6)-(7) for EMA on block4,projector: z_m = g_m(pool(block4_m(acts['block4'])))",
+                "start from inputs[first EMA stage] and run that stage and every later one, EMA copies where listed")
+        fail(12, "Eq. (6)-(7) for EMA on block4,projector: z_m = g_m(pool(block4_m(inputs['block4'])))",
              "EMA copies moved away from the online stages, 4 images 8 x 8, eval mode", "that output",
              f"max difference {float((got - expected).abs().max()):.3g}", hint)
 
@@ -1368,12 +1368,12 @@ def test_exercise_12_activation_reuse_runs_the_backbone_once_per_view(stages, lo
     counter = common.ForwardCounter(online, target, 8)
     online.train()
     target.train()
-    _, _, acts = online(torch.randn(4, 3, 8, 8))
-    target(acts)
+    _, _, inputs = online(torch.randn(4, 3, 8, 8))
+    target(inputs)
     got = counter.forwards_per_image()
     if not low - 1e-6 <= got <= high + 1e-6:
         expected = f"{low:.2f}" if low == high else f"between {low:.2f} and {high:.2f}"
-        hint = ("start from acts[first EMA stage]; with EMA on the projector only, the target reuses the online f "
+        hint = ("start from inputs[first EMA stage]; with EMA on the projector only, the target reuses the online f "
                 "and runs no backbone stage (Eq. 7)" if got > high else "the target ran fewer stages than it "
                 "should: run every stage from the first EMA stage on")
         fail(12, "activation reuse (Algorithm 1): stages before the first EMA stage are not run again",
@@ -1384,14 +1384,14 @@ def test_exercise_12_activation_reuse_runs_the_backbone_once_per_view(stages, lo
 @exercise(12)
 def test_exercise_12_without_ema_the_target_is_the_online_output_under_stop_gradient():
     online, target = small_encoder("none")
-    _, z, acts = online(torch.randn(4, 3, 8, 8))
-    got = target(acts)
+    _, z, inputs = online(torch.randn(4, 3, 8, 8))
+    got = target(inputs)
     if not isinstance(got, torch.Tensor) or not torch.allclose(got, z.detach()):
         fail(12, "no EMA stage (beta = 0, Table 1's 'Remove'): the target is the online output", "--ema-stages none",
-             "acts['output']", "something else")
+             "inputs['output']", "something else")
     if got.requires_grad:
         fail(12, "stop-gradient: the target output carries no gradient", "--ema-stages none, online output with grad",
-             "requires_grad False", "True", "return acts['output'].detach()")
+             "requires_grad False", "True", "return inputs['output'].detach()")
 
 
 @exercise(12)
@@ -1399,9 +1399,9 @@ def test_exercise_12_shared_stages_leave_the_online_running_statistics_alone():
     online, target = small_encoder("conv1")
     online.train()
     target.train()
-    _, _, acts = online(torch.randn(4, 3, 8, 8))
+    _, _, inputs = online(torch.randn(4, 3, 8, 8))
     stats = {k: v.clone() for k, v in online.backbone.block1.state_dict().items()}
-    out = target(acts)
+    out = target(inputs)
     if out.requires_grad:
         fail(12, "the target output carries no gradient", "--ema-stages conv1", "requires_grad False", "True")
     for key, value in online.backbone.block1.state_dict().items():

@@ -255,9 +255,9 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
 
     def step():
         with common.autocast(device):
-            f_1, z_1, acts_1 = forward(x_1)
-            f_2, z_2, acts_2 = forward(x_2)
-            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(acts_1), target(acts_2))
+            f_1, z_1, inputs_1 = forward(x_1)
+            f_2, z_2, inputs_2 = forward(x_2)
+            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(inputs_1), target(inputs_2))
             loss = loss + common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
