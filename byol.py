@@ -19,7 +19,7 @@ Recipe: solo-learn's CIFAR BYOL, which the paper ran (its Appendix A): projector
 
 Deviations from the paper's runs, this method's own (those common to every method file --
 CIFAR stem, batched augmentation, schedules, BatchNorm in shared stages -- are listed in
-README.md, "Deviations from the paper"):
+docs/deviations.md):
   * loss: 2 - 2cos per direction, averaged over the two directions (solo-learn's form when the
     paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
@@ -39,9 +39,7 @@ LAPTOP = {"lr": 0.3}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="BYOL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="BYOL with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )

@@ -23,6 +23,7 @@ The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual
 Representation Learning" (Pham et al.). Its stage names (Fig. 1, Sec. 4) are used throughout.
 """
 
+import argparse
 import copy
 import functools
 import io
@@ -1471,6 +1472,16 @@ def epoch_metrics(*, epoch, step, loss, lr, beta, seconds, images_seen, online, 
 # ----------------------------------------------------------------------------------------
 # 10. Arguments: the shared flags, --preset laptop, range checks
 # ----------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, said once: not where the help already says it, nor for a flag
+    without one (default None: 'none', or a value that depends on the run)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
     """The flags every method file shares; each method passes its defaults."""
     a = parser.add_argument

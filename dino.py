@@ -20,7 +20,7 @@ teacher; optional local crops (--num-local-crops, default 0 as in solo-learn's C
 to the student only.
 
 Deviations from the paper's runs, this method's own (those common to every method file are in
-README.md): local crops, when asked for, are --local-crop-size pixels (16) from scale
+docs/deviations.md): local crops, when asked for, are --local-crop-size pixels (16) from scale
 (0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
@@ -41,9 +41,7 @@ LAPTOP = {"warmup_teacher_temp_epochs": 3}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="DINO with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="DINO with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser, lr=0.3, weight_decay=1e-6, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )

@@ -26,9 +26,7 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a run directory or a last.pt written by byol.py, simsiam.py, ...")
     p.add_argument(
         "--random-init",

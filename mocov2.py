@@ -17,7 +17,7 @@ Negatives come from the queue *before* this batch's keys are added; keys are enq
 the optimiser step.
 
 Deviations from the paper's runs, this method's own: none (those common to every method file
-are in README.md). Like solo-learn, and unlike the official MoCo, there is no shuffled BN.
+are in docs/deviations.md). Like solo-learn, and unlike the official MoCo, there is no shuffled BN.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
 
@@ -37,9 +37,7 @@ LAPTOP = {"lr": 0.06, "temperature": 0.1, "weight_decay": 5e-4, "queue_size": 40
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="MoCo v2 with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="MoCo v2 with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser,
         lr=0.3,

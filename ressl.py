@@ -22,7 +22,7 @@ online backbone still runs on the weak view (without gradients, so without stori
 activations) before the EMA projector. backbone_forwards_per_image is 2 for every stage set.
 
 Deviations from the paper's runs, this method's own (those common to every method file are in
-README.md): the online probe trains on the strong view's features only (solo-learn also fed
+docs/deviations.md): the online probe trains on the strong view's features only (solo-learn also fed
 it the weak view, which only the teacher sees here).
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
@@ -42,9 +42,7 @@ LAPTOP = {"lr": 0.06, "weight_decay": 5e-4, "queue_size": 4096}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="ReSSL with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="ReSSL with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser, lr=0.05, weight_decay=1e-4, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )

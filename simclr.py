@@ -22,7 +22,7 @@ view's target projection z_1m^i is left out, as the anchor itself is in plain Si
 The paper does not say how it paired them.
 
 Deviations from the paper's runs, this method's own: none beyond the pairing above, which the
-paper leaves open (those common to every method file are in README.md).
+paper leaves open (those common to every method file are in docs/deviations.md).
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
 
@@ -41,9 +41,7 @@ LAPTOP = {"blur_p": 0.0}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="SimCLR with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="SimCLR with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser, lr=0.4, weight_decay=1e-5, ema_stages="none", beta=0.9, beta_schedule="constant", beta_final=1.0
     )

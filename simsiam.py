@@ -16,7 +16,7 @@ With EMA added, beta is constant at --beta: the paper states 0.99 and solo-learn
 schedule for SimSiam.
 
 Deviations from the paper's runs, this method's own (those common to every method file are
-listed in README.md, "Deviations from the paper"):
+listed in docs/deviations.md):
   * the projector's last linear layer has no bias; solo-learn's has one but freezes it, and a
     bias in front of BatchNorm is cancelled anyway.
 Expected result: see README.md ("Measured results") -- only numbers we measured are there.
@@ -38,9 +38,7 @@ LAPTOP = {"lr": 0.06, "weight_decay": 5e-4, "blur_p": 0.0}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="SimSiam with named-stage EMA", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description="SimSiam with named-stage EMA", formatter_class=common.HelpFormatter)
     common.add_common_args(
         parser, lr=0.5, weight_decay=1e-5, ema_stages="none", beta=0.99, beta_schedule="constant", beta_final=1.0
     )

@@ -813,6 +813,16 @@ def test_accepted_extremes_run_or_end_in_one_line(tmp_path, capsys):
     assert ran > 10
 
 
+@pytest.mark.parametrize("module", [*METHOD_MODULES.values(), linear_eval])
+def test_help_says_each_default_once(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "(default: None)" not in text and "(default: False)" in text
+    for flag_help in re.split(r" (?=--?[a-z])", text):
+        assert flag_help.count("default") <= 1 or "(default:" not in flag_help, flag_help
+
+
 def test_defaults_that_depend_on_the_run():
     """--warmup-epochs: the paper's 10 of 200 epochs, scaled; --aug-chunk: 16 batches per call on a GPU."""
     warmup = lambda *argv: byol.parse_args(["--device", "cpu", *argv]).warmup_epochs

@@ -23,7 +23,7 @@ probe's top-1 (solo-learn's protocol) -> our `linear_top1`; its "KNN-1" -> our `
 Our weighted kNN (k = 200) is shown too. The paper's numbers come from 200-epoch runs; a
 scaled-down run is a different experiment, and the table says how it was scaled.
 
-Deviations in how an experiment is set up (each also in README.md):
+Deviations in how an experiment is set up (each also in docs/deviations.md):
   * Table 2 / Fig. 2: the paper puts EMA on FC2 only; our smallest EMA stage is the whole
     projector (FC1(512, 2), BN, ReLU, FC2(2, 256)), so EMA covers FC1 as well. beta is kept
     constant (no cosine schedule) so the target's weights follow beta as the figure shows.
@@ -464,10 +464,17 @@ def refuse(message):
     sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """As common.HelpFormatter (this tool imports nothing of the project, so that --table needs no torch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}, or claims (see --list)")
     p.add_argument("--list", action="store_true", help="print every experiment and its commands, run nothing")
     p.add_argument("--dataset", default=None, help="override the paper's dataset (e.g. imagefolder for a small folder)")
