@@ -44,14 +44,24 @@ def parse_args(argv=None):
         parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )
     parser.add_argument(
-        "--proj-hidden-dim", type=int, default=4096, help="hidden width of the projector g (Table 2 uses 2)"
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=4096,
+        help="hidden width of the projector g (Table 2 uses 2)",
     )
-    parser.add_argument("--proj-dim", type=int, default=256, help="output width of g and h")
+    parser.add_argument(
+        "--proj-dim", type=common.positive(int, at_most=2**16), default=256, help="output width of g and h"
+    )
     parser.add_argument(
         "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
     )
-    parser.add_argument("--pred-hidden-dim", type=int, default=4096, help="hidden width of the predictor h")
-    parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    parser.add_argument(
+        "--pred-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=4096,
+        help="hidden width of the predictor h",
+    )
+    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
     return common.parse_method_args(parser, argv, "byol", laptop=LAPTOP)
 
 

@@ -1472,6 +1472,9 @@ def epoch_metrics(*, epoch, step, loss, lr, beta, seconds, images_seen, online, 
 # ----------------------------------------------------------------------------------------
 # 10. Arguments: the shared flags, --preset laptop, range checks
 # ----------------------------------------------------------------------------------------
+MAY_CHANGE_ON_RESUME = set()  # the dests of the flags defined with resume_may_change=True
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, said once: not where the help already says it, nor for a flag
     without one (default None: 'none', or a value that depends on the run)."""
@@ -1484,39 +1487,59 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule, beta_final, probe_lr=0.1):
     """The flags every method file shares; each method passes its defaults."""
-    a = parser.add_argument
+
+    def a(*flags, resume_may_change=False, **options):
+        """parser.add_argument; resume_may_change: a flag that --resume may change (where the run lives and
+        runs, how often it evaluates, saves and measures, and --lr: lowering it is the way on after a
+        diverged loss). Every other flag changes the training, so a resume must repeat it."""
+        action = parser.add_argument(*flags, **options)
+        if resume_may_change:
+            MAY_CHANGE_ON_RESUME.add(action.dest)
+
     a(
         "--preset",
         choices=("paper", "laptop"),
         default="paper",
         help="paper: the paper's recipe (the defaults shown "
         "here); laptop: a 10-minute CPU run that learns (quarter width, 10,000 images, 10 epochs, short-run values)",
+        resume_may_change=True,
     )
     a("--dataset", default="cifar100", help=f"one of {', '.join(DATASETS)}")
     a(
         "--data-dir",
         default="./data",
         help="where datasets live; torchvision downloads here (imagefolder: a folder with train/ and val/ or test/)",
+        resume_may_change=True,
     )
-    a("--no-download", action="store_true", help="never download; fail with a message if the data is absent")
+    a(
+        "--no-download",
+        action="store_true",
+        help="never download; fail with a message if the data is absent",
+        resume_may_change=True,
+    )
     a(
         "--image-size",
-        type=int,
+        type=positive(int, at_most=2**10),
         default=None,
         help="imagefolder and synthetic only: image side in pixels; None means 32",
     )
-    a("--synthetic-size", type=int, default=512, help="number of synthetic training images (smoke runs, benchmarks)")
+    a(
+        "--synthetic-size",
+        type=positive(int, at_most=10**6),
+        default=512,
+        help="number of synthetic training images (smoke runs, benchmarks)",
+    )
     a("--arch", default="resnet18", help=f"backbone: {', '.join(ARCHS)} (paper Table 5 uses resnet50)")
     a(
         "--width",
-        type=int,
+        type=positive(int, at_most=2**10),
         default=64,
         help="channels of conv1 and block1; block k has width * 2^(k-1). 64 is the "
         "paper's ResNet; 16 is the quarter-width CPU and teaching setting",
     )
     a(
         "--train-subset",
-        type=int,
+        type=positive(int),
         default=None,
         metavar="N",
         help="train on the first N / classes images of each class, in the dataset's order (the test split stays whole)",
@@ -1530,54 +1553,72 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
     )
     a(
         "--val-size",
-        type=int,
+        type=positive(int),
         default=10000,
         metavar="N",
         help="images in the validation split of --eval-split val (N / classes of each class)",
     )
-    a("--epochs", type=int, default=200, help="the paper trains 200 epochs")
+    a("--epochs", type=positive(int, at_most=10**5), default=200, help="the paper trains 200 epochs")
     a(
         "--warmup-epochs",
-        type=int,
+        type=non_negative(int, at_most=10**5),
         default=None,
         help="linear learning-rate warm-up, then cosine decay per step; None "
         "means the paper's 10 of 200 epochs scaled to --epochs: 5%%, at least 1, at most 10",
     )
-    a("--batch-size", type=int, default=256, help="images per step; each gives two views (the paper: 256)")
-    a("--lr", type=float, default=lr, help="base learning rate (batch 256, one GPU)")
+    a(
+        "--batch-size",
+        type=positive(int, at_most=2**16),
+        default=256,
+        help="images per step; each gives two views (the paper: 256)",
+    )
+    a("--lr", type=positive(float), default=lr, help="base learning rate (batch 256, one GPU)", resume_may_change=True)
     a(
         "--weight-decay",
-        type=float,
+        type=non_negative(float),
         default=weight_decay,
         help="LARS methods skip biases and BatchNorm; SGD methods decay every parameter (as solo-learn)",
     )
-    a("--probe-lr", type=float, default=probe_lr, help="learning rate of the online linear probe")
+    a("--probe-lr", type=positive(float), default=probe_lr, help="learning rate of the online linear probe")
     a(
         "--max-steps",
-        type=int,
+        type=positive(int),
         default=None,
         help="stop after this many optimiser steps in all (smoke tests, "
         "time-boxed runs); schedules still span --epochs",
+        resume_may_change=True,
     )
     a(
         "--checkpoint-every",
-        type=int,
+        type=positive(int),
         default=None,
         metavar="STEPS",
         help="also save last.pt every STEPS optimiser "
         "steps inside an epoch (long epochs: ResNet-50, STL-10, ImageFolder); None means at the end of each epoch only",
+        resume_may_change=True,
     )
     a(
         "--eval-every",
-        type=int,
+        type=positive(int),
         default=10,
         help="kNN evaluation every N epochs and at the end (the linear probe is evaluated every epoch)",
+        resume_may_change=True,
     )
-    a("--seed", type=int, default=0, help="seeds model initialisation, epoch order and augmentations")
-    a("--deterministic", action="store_true", help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)")
+    a(
+        "--seed",
+        type=non_negative(int, at_most=2**63 - 1),
+        default=0,
+        help="seeds model initialisation, epoch order and augmentations",
+    )
+    a(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (bit-exact reruns on CPU; slower on GPU)",
+        resume_may_change=True,
+    )
     a(
         "--aug-chunk",
-        type=int,
+        type=positive(int, at_most=2**10),
         default=None,
         metavar="N",
         help="augment N batches at a time: fewer, larger kernel "
@@ -1588,17 +1629,20 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         action="store_true",
         help="torch.compile each stage module and head in place: meant for GPUs, where it speeds up "
         "steps after a warm-up of a minute or more spent compiling; rarely worth it on a CPU",
+        resume_may_change=True,
     )
     a(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda (bf16 autocast, channels_last) or cpu (float32)",
+        resume_may_change=True,
     )
     a(
         "--out-dir",
         default=None,
         help="run directory for args.json, metrics.jsonl, last.pt; "
         "None means runs/<method>-<stages>-b<beta>-s<seed>[-laptop]",
+        resume_may_change=True,
     )
     a(
         "--resume",
@@ -1607,6 +1651,7 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         default=None,
         metavar="RUN_DIR",
         help="continue a run from its last.pt: the run in RUN_DIR, or in --out-dir if no RUN_DIR is given",
+        resume_may_change=True,
     )
     a(
         "--ema-stages",
@@ -1615,29 +1660,31 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         "projector, none, or a comma list of conv1,block1,block2,block3,block4,"
         "projector (the rest share the online weights)",
     )
-    a("--beta", type=float, default=beta, help="EMA coefficient of Eq. (6); 0 = no momentum, 1 = frozen target")
+    a("--beta", type=fraction(), default=beta, help="EMA coefficient of Eq. (6); 0 = no momentum, 1 = frozen target")
     a(
         "--beta-schedule",
         choices=("constant", "cosine"),
         default=beta_schedule,
         help="constant, or cosine from --beta up to --beta-final over training (solo-learn)",
     )
-    a("--beta-final", type=float, default=beta_final, help="final beta of the cosine schedule")
+    a("--beta-final", type=fraction(), default=beta_final, help="final beta of the cosine schedule")
     a("--bn-block4", action="store_true", help="BN1 of Table C.8: a BatchNorm on block4's output")
     a(
         "--log-grad-norms",
         action="store_true",
         help="Fig. 5: write grad_norms.jsonl, the l-inf norm of the loss's "
         "gradient w.r.t. each stage's output, every step",
+        resume_may_change=True,
     )
     a(
         "--track-weights",
-        type=int,
+        type=non_negative(int, at_most=2**16),
         default=0,
         metavar="K",
         help="Fig. 2: write weights.jsonl, K rows of the "
         "projector's last linear layer (online and target) every "
         "step; use with --proj-hidden-dim 2",
+        resume_may_change=True,
     )
 
 
@@ -1666,101 +1713,61 @@ def parse_method_args(parser, argv, method, laptop):
     return check_args(args, method)
 
 
-# The valid range of every numeric flag of every script, by its argparse name. check_ranges refuses NaN,
-# inf and anything outside the range, in one line; a test checks that every numeric flag is listed here.
+# Each numeric flag's range travels with its definition: its argparse type is a Range (positive(int),
+# non_negative(float), fraction(), ...), which parses the text and knows the values allowed. check_ranges
+# then refuses NaN, inf and anything outside the range, in one line naming the flag, the range and the
+# default; a test checks that every numeric flag of every script has one.
 POSITIVE, NON_NEGATIVE, FRACTION = "a positive number", "zero or more", "between 0 and 1"
-FLAG_RANGES = {
-    # the common flags (add_common_args) and linear_eval.py's
-    "lr": POSITIVE,
-    "probe_lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE,
-    "epochs": POSITIVE,
-    "warmup_epochs": NON_NEGATIVE,
-    "batch_size": POSITIVE,
-    "eval_every": POSITIVE,
-    "synthetic_size": POSITIVE,
-    "image_size": POSITIVE,
-    "aug_chunk": POSITIVE,
-    "width": POSITIVE,
-    "train_subset": POSITIVE,
-    "val_size": POSITIVE,
-    "max_steps": POSITIVE,
-    "checkpoint_every": POSITIVE,
-    "seed": NON_NEGATIVE,
-    "track_weights": NON_NEGATIVE,
-    "beta": FRACTION,
-    "beta_final": FRACTION,  # 0 removes momentum, 1 freezes the target
-    # the methods' heads and losses
-    "proj_hidden_dim": POSITIVE,
-    "proj_dim": POSITIVE,
-    "pred_hidden_dim": POSITIVE,
-    "bottleneck_dim": POSITIVE,
-    "num_prototypes": POSITIVE,
-    "queue_size": POSITIVE,
-    "lars_eta": POSITIVE,
-    "temperature": POSITIVE,
-    "student_temp": POSITIVE,
-    "teacher_temp": POSITIVE,
-    "warmup_teacher_temp": POSITIVE,
-    "warmup_teacher_temp_epochs": NON_NEGATIVE,
-    "freeze_last_layer_epochs": NON_NEGATIVE,
-    "center_momentum": FRACTION,
-    "blur_p": FRACTION,
-    "num_local_crops": NON_NEGATIVE,
-    "local_crop_size": POSITIVE,
-    # the tools' (tools/bench.py, tools/plot.py)
-    "steps": POSITIVE,
-    "aug_images": POSITIVE,
-    "filters": POSITIVE,
-}
 
 
-# Upper limits, for the values that would exhaust memory or overflow a random generator before a run
-# could say so: far above any setting of the paper (width 64, heads 4,096 wide, queue 65,536, batch 256).
-FLAG_MAXIMA = {
-    "seed": 2**63 - 1,  # torch's generators take a 64-bit seed
-    "width": 1024,
-    "image_size": 1024,
-    "local_crop_size": 1024,
-    "synthetic_size": 10**6,
-    "batch_size": 2**16,
-    "aug_chunk": 1024,
-    "epochs": 10**5,
-    "warmup_epochs": 10**5,
-    "proj_hidden_dim": 2**16,
-    "proj_dim": 2**16,
-    "pred_hidden_dim": 2**16,
-    "bottleneck_dim": 2**16,
-    "num_prototypes": 2**17,
-    "queue_size": 2**21,
-    "num_local_crops": 32,
-    "track_weights": 2**16,
-}
+class Range:
+    """The argparse type of a numeric flag: `kind` (int or float) parses the text; `allowed` (POSITIVE,
+    NON_NEGATIVE, FRACTION) and `at_most` are the values check_ranges accepts. An upper limit guards the sizes
+    that would exhaust memory or overflow a random generator before a run could say so."""
+
+    def __init__(self, kind, allowed, at_most=None):
+        self.kind, self.allowed, self.at_most = kind, allowed, at_most
+        self.__name__ = kind.__name__  # argparse's message for text that does not parse: "invalid int value"
+
+    def __call__(self, text):
+        return self.kind(text)
+
+    def contains(self, value):
+        if self.allowed == POSITIVE:
+            return value > 0
+        if self.allowed == NON_NEGATIVE:
+            return value >= 0
+        return 0 <= value <= 1
+
+
+def positive(kind, at_most=None):
+    return Range(kind, POSITIVE, at_most)
+
+
+def non_negative(kind, at_most=None):
+    return Range(kind, NON_NEGATIVE, at_most)
+
+
+def fraction():
+    return Range(float, FRACTION)
 
 
 def check_ranges(args, parser):
-    """One line for a numeric flag that is NaN, infinite, outside its FLAG_RANGES range or above its
-    FLAG_MAXIMA limit, with its default."""
-    for name, allowed in FLAG_RANGES.items():
-        value = getattr(args, name, None)
-        if value is None:  # not a flag of this script, or left at "none" (--max-steps, --train-subset, ...)
+    """One line for a numeric flag that is NaN, infinite, or outside the range its type (a Range) allows,
+    with its default."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not isinstance(action.type, Range) or value is None:  # None: left at "none" (--max-steps, ...)
             continue
-        if allowed == POSITIVE:
-            in_range = value > 0
-        elif allowed == NON_NEGATIVE:
-            in_range = value >= 0
-        else:
-            in_range = 0 <= value <= 1
-        default = parser.get_default(name)
+        flag = max(action.option_strings, key=len)
+        default = parser.get_default(action.dest)
         fix = "leave it out" if default is None else f"the default is {default}"
-        if not (math.isfinite(value) and in_range):
-            raise ConfigError(f"--{name.replace('_', '-')} must be {allowed} (got {value}); {fix}")
+        if not (math.isfinite(value) and action.type.contains(value)):
+            raise ConfigError(f"{flag} must be {action.type.allowed} (got {value}); {fix}")
         if isinstance(value, float) and abs(value) > torch.finfo(torch.float32).max:  # the tensors are float32
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be at most 3.4e38, float32's largest (got {value}); {fix}"
-            )
-        if name in FLAG_MAXIMA and value > FLAG_MAXIMA[name]:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at most {FLAG_MAXIMA[name]} (got {value}); {fix}")
+            raise ConfigError(f"{flag} must be at most 3.4e38, float32's largest (got {value}); {fix}")
+        if action.type.at_most is not None and value > action.type.at_most:
+            raise ConfigError(f"{flag} must be at most {action.type.at_most} (got {value}); {fix}")
 
 
 def check_queue_size(args):
@@ -1913,27 +1920,6 @@ def load_checkpoint(path, method=None, arch=None):
     return state
 
 
-# Flags that may differ on --resume: where the run lives and runs, how often it evaluates, saves and
-# measures, and --lr (lowering it is the way on after a diverged loss). Every other flag changes the
-# training, so a resume must repeat it. (--preset and --ema-stages are compared by the values they set.)
-RESUME_MAY_CHANGE = {
-    "out_dir",
-    "resume",
-    "data_dir",
-    "no_download",
-    "device",
-    "eval_every",
-    "checkpoint_every",
-    "max_steps",
-    "compile",
-    "deterministic",
-    "log_grad_norms",
-    "track_weights",
-    "lr",
-    "preset",
-}
-
-
 def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
     saved = state["args"]
@@ -1943,7 +1929,7 @@ def restore(state, models, optimizer, generator, args):
             same = parse_ema_stages(was) == parse_ema_stages(now)
         else:
             same = was == now
-        if same or key in RESUME_MAY_CHANGE:
+        if same or key in MAY_CHANGE_ON_RESUME:
             continue
         flag = "--" + key.replace("_", "-")
         raise ConfigError(

@@ -45,22 +45,47 @@ def parse_args(argv=None):
     common.add_common_args(
         parser, lr=0.3, weight_decay=1e-6, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )
-    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the head's MLP")
     parser.add_argument(
-        "--bottleneck-dim", type=int, default=256, help="output width of the MLP, before the prototypes"
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=2048,
+        help="hidden width of the head's MLP",
     )
-    parser.add_argument("--num-prototypes", type=int, default=4096, help="K, the number of prototypes (outputs)")
-    parser.add_argument("--student-temp", type=float, default=0.1)
-    parser.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
-    parser.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
-    parser.add_argument("--warmup-teacher-temp-epochs", type=int, default=50)
-    parser.add_argument("--center-momentum", type=float, default=0.9)
     parser.add_argument(
-        "--freeze-last-layer-epochs", type=int, default=1, help="epochs without updates to the prototypes"
+        "--bottleneck-dim",
+        type=common.positive(int, at_most=2**16),
+        default=256,
+        help="output width of the MLP, before the prototypes",
     )
-    parser.add_argument("--num-local-crops", type=int, default=0, help="small crops for the student only")
-    parser.add_argument("--local-crop-size", type=int, default=16)
-    parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    parser.add_argument(
+        "--num-prototypes",
+        type=common.positive(int, at_most=2**17),
+        default=4096,
+        help="K, the number of prototypes (outputs)",
+    )
+    parser.add_argument("--student-temp", type=common.positive(float), default=0.1)
+    parser.add_argument(
+        "--teacher-temp", type=common.positive(float), default=0.07, help="teacher temperature after the warm-up"
+    )
+    parser.add_argument(
+        "--warmup-teacher-temp", type=common.positive(float), default=0.04, help="teacher temperature at epoch 0"
+    )
+    parser.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative(int), default=50)
+    parser.add_argument("--center-momentum", type=common.fraction(), default=0.9)
+    parser.add_argument(
+        "--freeze-last-layer-epochs",
+        type=common.non_negative(int),
+        default=1,
+        help="epochs without updates to the prototypes",
+    )
+    parser.add_argument(
+        "--num-local-crops",
+        type=common.non_negative(int, at_most=2**5),
+        default=0,
+        help="small crops for the student only",
+    )
+    parser.add_argument("--local-crop-size", type=common.positive(int, at_most=2**10), default=16)
+    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
     return common.parse_method_args(parser, argv, "dino", laptop=LAPTOP)
 
 

@@ -35,13 +35,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--arch", default="resnet18", help="backbone for --random-init")
     p.add_argument(
-        "--width", type=int, default=64, help="backbone width for --random-init (a checkpoint's own is read from it)"
+        "--width",
+        type=common.positive(int, at_most=2**10),
+        default=64,
+        help="backbone width for --random-init (a checkpoint's own is read from it)",
     )
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
     p.add_argument(
         "--train-subset",
-        type=int,
+        type=common.positive(int),
         default=None,
         metavar="N",
         help="train the classifier (and kNN) on "
@@ -54,14 +57,16 @@ def parse_args(argv=None):
         help="score on the test split or on val (held-out training images, see the method files' --eval-split); "
         "default: the checkpoint's (test for --random-init)",
     )
-    p.add_argument("--val-size", type=int, default=None, metavar="N", help="default: the checkpoint's (10000)")
+    p.add_argument(
+        "--val-size", type=common.positive(int), default=None, metavar="N", help="default: the checkpoint's (10000)"
+    )
     p.add_argument("--no-download", action="store_true")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--epochs", type=common.positive(int, at_most=10**5), default=100)
+    p.add_argument("--batch-size", type=common.positive(int, at_most=2**16), default=256)
+    p.add_argument("--lr", type=common.positive(float), default=0.1)
+    p.add_argument("--weight-decay", type=common.non_negative(float), default=0.0)
     p.add_argument("--no-augment", action="store_true", help="train on fixed features of un-augmented images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.non_negative(int, at_most=2**63 - 1), default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="result JSON (default: linear_eval.json beside the checkpoint)")
     args = p.parse_args(argv)

@@ -32,8 +32,16 @@ import common
 
 # --preset laptop (common.LAPTOP adds the scale): the values of MoCo's own CIFAR-10 demo (lr 0.06,
 # temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000 training images, and
-# no blur, which at 32 pixels smears most of an image away).
-LAPTOP = {"lr": 0.06, "temperature": 0.1, "weight_decay": 5e-4, "queue_size": 4096, "blur_p": 0.0}
+# no blur, which at 32 pixels smears most of an image away), and a projector 512 wide (lightly's CIFAR
+# width; chosen on the validation split, docs/small-scale.md: +3.0 kNN over 2,048 in 10 epochs).
+LAPTOP = {
+    "lr": 0.06,
+    "temperature": 0.1,
+    "weight_decay": 5e-4,
+    "queue_size": 4096,
+    "blur_p": 0.0,
+    "proj_hidden_dim": 512,
+}
 
 
 def parse_args(argv=None):
@@ -48,14 +56,31 @@ def parse_args(argv=None):
         beta_final=0.999,
         probe_lr=0.3,
     )
-    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
-    parser.add_argument("--proj-dim", type=int, default=128, help="output width of g (the key dimension)")
+    parser.add_argument(
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=2048,
+        help="hidden width of the projector g",
+    )
+    parser.add_argument(
+        "--proj-dim",
+        type=common.positive(int, at_most=2**16),
+        default=128,
+        help="output width of g (the key dimension)",
+    )
     parser.add_argument(
         "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
     )
-    parser.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
-    parser.add_argument("--queue-size", type=int, default=32768, help="keys per queue; a multiple of --batch-size")
-    parser.add_argument("--blur-p", type=float, default=0.5, help="probability of a Gaussian blur on each view")
+    parser.add_argument("--temperature", type=common.positive(float), default=0.2, help="InfoNCE temperature")
+    parser.add_argument(
+        "--queue-size",
+        type=common.positive(int, at_most=2**21),
+        default=32768,
+        help="keys per queue; a multiple of --batch-size",
+    )
+    parser.add_argument(
+        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
+    )
     args = common.parse_method_args(parser, argv, "mocov2", laptop=LAPTOP)
     common.check_queue_size(args)
     return args

@@ -46,14 +46,24 @@ def parse_args(argv=None):
     common.add_common_args(
         parser, lr=0.05, weight_decay=1e-4, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
     )
-    parser.add_argument("--proj-hidden-dim", type=int, default=4096, help="hidden width of the projector g")
-    parser.add_argument("--proj-dim", type=int, default=256, help="output width of g")
+    parser.add_argument(
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=4096,
+        help="hidden width of the projector g",
+    )
+    parser.add_argument("--proj-dim", type=common.positive(int, at_most=2**16), default=256, help="output width of g")
     parser.add_argument(
         "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
     )
-    parser.add_argument("--student-temp", type=float, default=0.1)
-    parser.add_argument("--teacher-temp", type=float, default=0.04)
-    parser.add_argument("--queue-size", type=int, default=65536, help="keys in the queue; a multiple of --batch-size")
+    parser.add_argument("--student-temp", type=common.positive(float), default=0.1)
+    parser.add_argument("--teacher-temp", type=common.positive(float), default=0.04)
+    parser.add_argument(
+        "--queue-size",
+        type=common.positive(int, at_most=2**21),
+        default=65536,
+        help="keys in the queue; a multiple of --batch-size",
+    )
     args = common.parse_method_args(parser, argv, "ressl", laptop=LAPTOP)
     common.check_queue_size(args)
     return args

@@ -45,14 +45,21 @@ def parse_args(argv=None):
     common.add_common_args(
         parser, lr=0.4, weight_decay=1e-5, ema_stages="none", beta=0.9, beta_schedule="constant", beta_final=1.0
     )
-    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
-    parser.add_argument("--proj-dim", type=int, default=256, help="output width of g")
+    parser.add_argument(
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=2048,
+        help="hidden width of the projector g",
+    )
+    parser.add_argument("--proj-dim", type=common.positive(int, at_most=2**16), default=256, help="output width of g")
     parser.add_argument(
         "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
     )
-    parser.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
-    parser.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
-    parser.add_argument("--blur-p", type=float, default=0.5, help="probability of a Gaussian blur on each view")
+    parser.add_argument("--temperature", type=common.positive(float), default=0.2, help="NT-Xent temperature")
+    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
+    parser.add_argument(
+        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
+    )
     return common.parse_method_args(parser, argv, "simclr", laptop=LAPTOP)
 
 

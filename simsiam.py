@@ -42,10 +42,24 @@ def parse_args(argv=None):
     common.add_common_args(
         parser, lr=0.5, weight_decay=1e-5, ema_stages="none", beta=0.99, beta_schedule="constant", beta_final=1.0
     )
-    parser.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projector g")
-    parser.add_argument("--proj-dim", type=int, default=2048, help="output width of g and h")
-    parser.add_argument("--pred-hidden-dim", type=int, default=512, help="hidden (bottleneck) width of the predictor h")
-    parser.add_argument("--blur-p", type=float, default=0.5, help="probability of a Gaussian blur on each view")
+    parser.add_argument(
+        "--proj-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=2048,
+        help="hidden width of the projector g",
+    )
+    parser.add_argument(
+        "--proj-dim", type=common.positive(int, at_most=2**16), default=2048, help="output width of g and h"
+    )
+    parser.add_argument(
+        "--pred-hidden-dim",
+        type=common.positive(int, at_most=2**16),
+        default=512,
+        help="hidden (bottleneck) width of the predictor h",
+    )
+    parser.add_argument(
+        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
+    )
     return common.parse_method_args(parser, argv, "simsiam", laptop=LAPTOP)
 
 

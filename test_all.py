@@ -656,21 +656,48 @@ OUT_OF_RANGE = {  # (flag type, range): values that must be refused. argparse it
 }
 
 
+def flag_types(module, monkeypatch):
+    """dest -> argparse type of every flag of a method file, read from the parser its parse_args builds."""
+
+    class Built(Exception):  # stops parse_args once its parser is built, before it parses anything
+        pass
+
+    def stop(parser, *args, **kwargs):
+        raise Built(parser)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "parse_method_args", stop)
+        with pytest.raises(Built) as built:
+            module.parse_args(["--dataset", "synthetic"])
+    return {action.dest: action.type for action in built.value.args[0]._actions}
+
+
 @pytest.mark.parametrize("method", METHOD_MODULES)
-def test_every_numeric_flag_refuses_nan_inf_and_out_of_range_values(method):
-    """Every int or float flag of every method file has a range in common.FLAG_RANGES, and each value
+def test_every_numeric_flag_refuses_nan_inf_and_out_of_range_values(method, monkeypatch):
+    """Every int or float flag of every method file has a range in its type (a common.Range), and each value
     outside it (NaN, inf, negative, 0 where it must be positive) is one ConfigError naming the flag."""
     parse_args = METHOD_MODULES[method].parse_args
     defaults = vars(parse_args(["--dataset", "synthetic"]))
     flag_type = {name: type(value) for name, value in defaults.items() if type(value) in (int, float)}
     flag_type.update(max_steps=int, train_subset=int, image_size=int)  # their default None means "no limit"
-    missing = set(flag_type) - set(common.FLAG_RANGES)
-    assert not missing, f"give these flags a range in common.FLAG_RANGES: {missing}"
+    types = flag_types(METHOD_MODULES[method], monkeypatch)
+    missing = {name for name in flag_type if not isinstance(types.get(name), common.Range)}
+    assert not missing, f"give these flags a range in their type (common.positive, ...): {missing}"
     for name, kind in sorted(flag_type.items()):
         flag = "--" + name.replace("_", "-")
-        for value in OUT_OF_RANGE[kind, common.FLAG_RANGES[name]]:
+        assert types[name].kind is kind, flag
+        for value in OUT_OF_RANGE[kind, types[name].allowed]:
             with pytest.raises(common.ConfigError, match=f"^{flag} must be"):
                 parse_args(["--dataset", "synthetic", f"{flag}={value}"])  # = : argparse would read -1 as a flag
+        if types[name].at_most is not None:
+            with pytest.raises(common.ConfigError, match=f"^{flag} must be at most {types[name].at_most} "):
+                parse_args(["--dataset", "synthetic", f"{flag}={types[name].at_most + 1}"])
+
+
+def test_flags_that_may_change_on_resume_come_from_their_definitions():
+    byol.parse_args(["--dataset", "synthetic"])
+    assert {"out_dir", "resume", "device", "lr", "max_steps"} <= common.MAY_CHANGE_ON_RESUME
+    assert not {"beta", "ema_stages", "batch_size", "seed", "proj_dim"} & common.MAY_CHANGE_ON_RESUME
 
 
 def test_progress_line_shows_steps_per_second_and_the_epoch_eta(monkeypatch, capsys):
@@ -2129,6 +2156,7 @@ def test_preset_laptop_changes_defaults_and_flags_given_still_win():
     assert (paper.width, paper.train_subset, paper.epochs, paper.lr, paper.queue_size) == (64, None, 200, 0.3, 32768)
     assert (laptop.width, laptop.train_subset, laptop.epochs, laptop.warmup_epochs) == (16, 10000, 10, 1)
     assert (laptop.lr, laptop.temperature, laptop.queue_size, laptop.beta_schedule) == (0.06, 0.1, 4096, "constant")
+    assert (paper.proj_hidden_dim, laptop.proj_hidden_dim) == (2048, 512)  # chosen on the validation split
     assert (paper.blur_p, laptop.blur_p) == (
         0.5,
         0.0,

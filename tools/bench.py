@@ -61,13 +61,13 @@ CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    p.add_argument("--batch-size", type=common.positive(int, at_most=2**16), default=32)
+    p.add_argument("--steps", type=common.positive(int), default=3, help="timed training steps per configuration")
     p.add_argument("--methods", default="byol", help="comma list of method files to time")
-    p.add_argument("--aug-images", type=int, default=2048, help="images augmented per pipeline")
+    p.add_argument("--aug-images", type=common.positive(int), default=2048, help="images augmented per pipeline")
     p.add_argument(
         "--aug-chunk",
-        type=int,
+        type=common.positive(int, at_most=2**10),
         default=1,
         help="--aug-chunk of the timed training runs, and of the augmentation speed-up in the final JSON line",
     )
@@ -89,7 +89,7 @@ def parse_args(argv=None):
         "and the end-of-epoch evaluation's time at the run's sizes (nothing else is timed)",
     )
     args = p.parse_args(argv)
-    common.check_ranges(args, p)  # one line for a value out of its range (common.FLAG_RANGES)
+    common.check_ranges(args, p)  # one line for a value out of its range (its type: common.Range)
     common.check_device(args.device)
     unknown = [m for m in args.methods.split(",") if m not in CLASSIC]
     if unknown:

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (each with args.json and metrics.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNG files")
-    p.add_argument("--filters", type=int, default=8, help="tracked rows to draw in the weight figures")
+    p.add_argument("--filters", type=common.positive(int), default=8, help="tracked rows to draw in the weight figures")
     args = p.parse_args(argv)
     if args.filters < 1:
         raise SystemExit(f"error: --filters must be a positive number (got {args.filters}); the default is 8")
