@@ -71,7 +71,13 @@ def parse_args(argv=None):
         "--warmup-teacher-temp", type=common.positive(float), default=0.04, help="teacher temperature at epoch 0"
     )
     parser.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative(int), default=50)
-    parser.add_argument("--center-momentum", type=common.fraction(), default=0.9)
+    parser.add_argument(
+        "--centre-momentum",
+        "--center-momentum",  # the spelling of DINO's own code (center_momentum): both work
+        type=common.fraction(),
+        default=0.9,
+        help="momentum of the centre of the teacher's outputs",
+    )
     parser.add_argument(
         "--freeze-last-layer-epochs",
         type=common.non_negative(int),
@@ -175,7 +181,7 @@ def main(argv=None):
     online = common.Encoder(backbone, head)
     ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
     target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    centre = Centre(args.num_prototypes, args.center_momentum)  # part of the checkpoint
+    centre = Centre(args.num_prototypes, args.centre_momentum)  # part of the checkpoint
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "target": target, "centre": centre, "probe": probe}
     common.to_device(models.values(), device)

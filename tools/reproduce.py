@@ -948,6 +948,12 @@ def provenance_of(found):
     return f"git {', '.join(revisions)}; {', '.join(devices)}{mixed}"
 
 
+def seeds_of_both(found_a, found_b):
+    """The runs of two rows for the seeds that both have, keyed (row, seed): what a paired difference is made of."""
+    both = [seed for seed in found_a if seed in found_b]
+    return {**{("a", s): found_a[s] for s in both}, **{("b", s): found_b[s] for s in both}}
+
+
 def scale_line(args, experiment, with_data_dir=False):
     folder = f" (`--data-dir {data_dir(args, experiment)}`)" if with_data_dir else ""
     return (
@@ -1114,7 +1120,7 @@ def write_claims(args, experiment):
         rows.append(
             f"| {claim} | {paper} | {a} | {b} | {direction} | {0 if difference is None else difference.n} | "
             f"{show_mean(difference, sign=True)} | {show_interval(difference, sign=True)} | "
-            f"{verdict(difference, kind)} | {provenance_of(found)} |"
+            f"{verdict(difference, kind)} | {provenance_of(seeds_of_both(found, results[b]))} |"
         )
     path = Path(args.claims_out)
     path.parent.mkdir(parents=True, exist_ok=True)
