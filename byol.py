@@ -82,6 +82,27 @@ def byol_loss(p_1, p_2, z_1m, z_2m):
     return D(p_1, z_2m) / 2 + D(p_2, z_1m) / 2
 
 
+def build(args, num_classes):
+    """The networks and their optimiser (tools/bench.py times a step of these): the online encoder E = g o b,
+    the predictor h (online only, Eq. 4), the target with EMA stages, the online probe; LARS."""
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    # the projector g (--bn-proj: Table C.8's BN2 on its output)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, last_bn=args.bn_proj)
+    online = common.Encoder(backbone, projector)
+    predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)  # h
+    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
+    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
+    probe = nn.Linear(backbone.feature_dim, num_classes)  # online linear probe on sg(f)
+    optimizer = common.LARS(
+        common.param_groups([online, predictor], args.weight_decay)
+        + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eta=args.lars_eta,
+    )
+    return {"online": online, "predictor": predictor, "target": target, "probe": probe}, optimizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = common.setup(args.device, args.seed, args.deterministic)
@@ -91,24 +112,9 @@ def main(argv=None):
     view_1 = common.ViewRecipe(size=data.image_size)
     view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
 
-    # Model: online encoder E = g o b, predictor h (online only, Eq. 4), target with EMA stages.
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
-    # the projector g (--bn-proj: Table C.8's BN2 on its output)
-    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, last_bn=args.bn_proj)
-    online = common.Encoder(backbone, projector)
-    predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)  # h
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
-    models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
+    models, optimizer = build(args, data.num_classes)
+    online, predictor, target, probe = models["online"], models["predictor"], models["target"], models["probe"]
     common.to_device(models.values(), device)
-    optimizer = common.LARS(
-        common.param_groups([online, predictor], args.weight_decay)
-        + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eta=args.lars_eta,
-    )
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, [view_1, view_2], models, optimizer)

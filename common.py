@@ -532,7 +532,8 @@ def setup(device, seed, deterministic=False):
 
 def to_device(modules, device):
     """Move modules to the device, in channels_last: the fast layout for convolutions on CUDA (cuDNN) and
-    on the CPU (oneDNN; 1.3x the laptop step on 2 cores, tools/bench.py --efficiency, docs/small-scale.md)."""
+    on the CPU (oneDNN; 1.3x the laptop step on 2 cores, tools/bench.py --efficiency, docs/small-scale.md).
+    In place: an optimiser built before the move still holds the same parameters."""
     for m in modules:
         m.to(device)
         m.to(memory_format=torch.channels_last)

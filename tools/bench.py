@@ -223,22 +223,9 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
     products and convolutions; the optimiser and the EMA update are element-wise and not counted)."""
     import byol
 
-    backbone = common.ResNetCIFAR(run_args.arch, width=run_args.width, bn_block4=run_args.bn_block4)
-    online = common.Encoder(
-        backbone,
-        common.mlp(backbone.feature_dim, run_args.proj_hidden_dim, run_args.proj_dim, last_bn=run_args.bn_proj),
-    )
-    predictor = common.mlp(run_args.proj_dim, run_args.pred_hidden_dim, run_args.proj_dim)
-    target = common.NamedStageEMA(online, common.parse_ema_stages(run_args.ema_stages))
-    probe = torch.nn.Linear(backbone.feature_dim, 10)
-    common.to_device([online, predictor, target, probe], device)
-    optimizer = common.LARS(
-        common.param_groups([online, predictor], run_args.weight_decay)
-        + [{"params": probe.parameters(), "lr": run_args.probe_lr, "weight_decay": 0.0, "lars": False}],
-        lr=run_args.lr,
-        weight_decay=run_args.weight_decay,
-        eta=run_args.lars_eta,
-    )
+    models, optimizer = byol.build(run_args, num_classes=10)  # byol.py's own networks and optimiser
+    online, predictor, target, probe = models["online"], models["predictor"], models["target"], models["probe"]
+    common.to_device(models.values(), device)
     size = run_args.image_size or 32
     x_1, x_2 = torch.randn(2, run_args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 10, (run_args.batch_size,), device=device)
