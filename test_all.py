@@ -1,4 +1,4 @@
-"""The test suite: CPU only.  Run: python -m pytest -q test_all.py (the default run, under 3 minutes on 2 cores);
+"""The test suite: CPU only.  Run: python -m pytest -q test_all.py (the default run, about 4 minutes on 2 idle cores);
 python -m pytest -q test_all.py -m "" (the full run, which CI makes: the tests marked slow too; see pyproject.toml).
 
 In reading order: the units in-process (the losses, Eq. (6) and kNN through the course's grading tests,
