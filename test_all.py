@@ -50,10 +50,16 @@ needs_mini = pytest.mark.skipif(
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 
 
-def run(script, *args, check=True):
-    """Run a script as a user would; return the CompletedProcess."""
+def run(script, *args, check=True, env=None):
+    """Run a script or tool (a path from the repository root) as a user would, from the root; return the
+    CompletedProcess. check: fail the test, with the output, unless it exits 0. env: the environment."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
@@ -1293,7 +1299,7 @@ def test_tools_answer_bad_input_in_one_line(tmp_path, tool, argv, message):
     (tmp_path / "edited" / "args.json").write_text("{}")
     (tmp_path / "edited" / "metrics.jsonl").write_text('{"epoch": 1, \n')  # a line cut in half by hand
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    result = subprocess.run([sys.executable, str(ROOT / tool), *argv], capture_output=True, text=True, cwd=ROOT)
+    result = run(tool, *argv, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "figures").exists()
@@ -1555,22 +1561,11 @@ def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path)
 def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
     pytest.importorskip("matplotlib")
     dirs = [instrumented_runs / "beta1", instrumented_runs / "beta0.9", smoke_runs["byol", "all"][0]]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plot.py"), *map(str, dirs), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    run("tools/plot.py", *dirs, "--out", tmp_path)
     for name in ("top1", "accuracy-per-stage-set", "collapse", "grad-norms", "weights-2d", "weights-3d"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run("tools/plot.py", tmp_path, "--out", tmp_path, check=False)
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
 
 
@@ -1594,10 +1589,7 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
     import linear_eval
 
     assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "reproduce.py"), "--list"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0
+    result = run("tools/reproduce.py", "--list")
     modules = {
         "byol": byol,
         "simsiam": simsiam,
@@ -1620,8 +1612,7 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
 @pytest.mark.slow  # a tool run of four method runs; test_reproduce_list_... checks every command
 def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "reproduce.py"),
+        "tools/reproduce.py",
         "table7",
         "--dataset",
         "synthetic",
@@ -1638,7 +1629,7 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32",
     ]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    first = run(*cmd, check=False)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("[run]") == 4
     (table,) = tmp_path.glob("*/table7.md")
@@ -1649,12 +1640,12 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     done.unlink()  # as if that run had been interrupted after its checkpoint, before its results were kept
     (kept,) = [p for p in (tmp_path / "kept").glob("*/*/*lr_4.0*/seed0/provenance.json") if "projector" in str(p)]
     kept.unlink()
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    second = run(*cmd, check=False)
     assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1
     # a fresh clone: no run directory, only the kept (committed) results; nothing runs again
     for directory in tmp_path.glob("synthetic-*"):
         shutil.rmtree(directory)
-    third = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    third = run(*cmd, check=False)
     assert third.returncode == 0 and third.stdout.count("[kept]") == 4 and "[run]" not in third.stdout, third.stdout
 
 
@@ -1692,8 +1683,8 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     broken.mkdir(parents=True)
     (broken / "last.pt").write_bytes(b"not a checkpoint")  # its resume fails; the other rows must not care
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), *argv]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    cmd = ["tools/reproduce.py", *argv]
+    first = run(*cmd, check=False, env=env)
     out = first.stdout
     assert first.returncode == 1, out + first.stderr
     assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)} for each" in out
@@ -1717,7 +1708,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     }  # row -> our linear top-1
     assert ours.pop("BYOL, lr 1.0") == "-" and len(ours) == 2 and all(float(v) >= 0 for v in ours.values()), ours
     (broken / "last.pt").unlink()  # the cause fixed: the same command runs that row only
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    second = run(*cmd, check=False, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("[done]") == 2 and second.stdout.count("[run]") == 1 and "failed" not in second.stdout
     assert "[finished] BYOL, lr 1.0, seed 0: exit 0" in second.stdout
@@ -1738,8 +1729,7 @@ def test_reproduce_jobs_ctrl_c_stops_the_runs(tmp_path):
     import re
 
     cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "reproduce.py"),
+        "tools/reproduce.py",
         "table7",
         *REPRODUCE_TINY,
         "--out-root",
@@ -1750,7 +1740,7 @@ def test_reproduce_jobs_ctrl_c_stops_the_runs(tmp_path):
         "3",
     ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    parent = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     pids = []
     for line in parent.stdout:
         pids += [int(pid) for pid in re.findall(r"^\[run\] .*\(pid (\d+),", line)]
@@ -2080,8 +2070,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
 
     kept = tmp_path / "kept"
     cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "reproduce.py"),
+        "tools/reproduce.py",
         "laptop",
         "--only",
         "random,simclr: ema none,simclr: ema projector",
@@ -2104,7 +2093,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --train-subset 30 --width 8 --proj-hidden-dim 32",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = run(*cmd, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("[finished]") == 6 and "seed 1" in result.stdout  # 3 rows x 2 seeds, with --jobs
     assert len(list(kept.glob("laptop/*/*/seed*/provenance.json"))) == 6
@@ -2114,8 +2103,8 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
         assert json.loads((directory / "args.json").read_text())["seed"] == seed
         assert f"--seed {seed} " in json.loads((directory / "provenance.json").read_text())["command"]
     shutil.rmtree(tmp_path / "runs")  # no run directory left: the table comes from the kept results alone
-    table_cmd = [c for c in cmd if c not in ("--jobs", "2", "--only", cmd[4])] + ["--table"]  # every row
-    again = subprocess.run(table_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    table_cmd = [c for c in cmd if c not in ("--jobs", "2", "--only", cmd[3])] + ["--table"]  # every row
+    again = run(*table_cmd, check=False)
     assert again.returncode == 0 and "[run]" not in again.stdout, again.stdout + again.stderr
     (table,) = (tmp_path / "runs").glob("*/laptop.md")
     cells = laptop_table(table)
@@ -2139,7 +2128,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
     assert "git " in mine[-2] and "cpu" in mine[-2]
     (metrics,) = kept.glob("laptop/*/simclr*none*/seed1/metrics.jsonl")  # a run cut short: its last line
     metrics.write_text(metrics.read_text().replace('"epoch": 1,', '"epoch": 0,'))  # is from an earlier epoch
-    subprocess.run(table_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=True)
+    run(*table_cmd)
     assert "simclr: EMA none (classic) (unfinished: seed 1)" in table.read_text()
 
 
@@ -2181,24 +2170,7 @@ def test_simclr_learns_on_real_images(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # a tool run: tools/bench.py times every method
 def test_bench_prints_the_table_and_the_headline_ratios():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "bench.py"),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "8",
-            "--steps",
-            "1",
-            "--aug-images",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    result = run("tools/bench.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--aug-images", "64")
     assert result.returncode == 0, result.stderr
     headline = json.loads(result.stdout.strip().splitlines()[-1])
     assert headline["aug_speedup"] > 0 and headline["byol_projector_over_all_step_time"] > 0
@@ -2209,13 +2181,7 @@ def test_bench_prints_the_table_and_the_headline_ratios():
 @pytest.mark.slow
 def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
     flags = "--dataset synthetic --synthetic-size 64 --image-size 16 --batch-size 16 --width 8 --device cpu"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--real-epoch", f"{flags} {' '.join(SMALL_HEADS['byol'])}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    result = run("tools/bench.py", "--real-epoch", f"{flags} {' '.join(SMALL_HEADS['byol'])}")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["real_epoch_seconds"] > 0 and summary["lean_epoch_seconds"] > 0
@@ -2226,13 +2192,7 @@ def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
 @pytest.mark.slow
 def test_bench_efficiency_counts_the_steps_flops_against_the_matmul_peak():
     flags = f"--preset laptop --width 8 --batch-size 16 --train-subset 100 {' '.join(SMALL_HEADS['byol'])}"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--efficiency", flags, "--steps", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    result = run("tools/bench.py", "--efficiency", flags, "--steps", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     # The count, against the closed form for the projector's first layer alone: 2 views x (forward 2 + backward 4)
