@@ -229,10 +229,11 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
     size = run_args.image_size or 32
     x_1, x_2 = torch.randn(2, run_args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 10, (run_args.batch_size,), device=device)
-    if channels_last:
-        x_1, x_2 = (x.contiguous(memory_format=torch.channels_last) for x in (x_1, x_2))
-        for model in (online, target):
-            model.to(memory_format=torch.channels_last)
+    # common.to_device puts every model in channels_last; the rows without it need the plain layout back
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x_1, x_2 = (x.contiguous(memory_format=layout) for x in (x_1, x_2))
+    for model in models.values():
+        model.to(memory_format=layout)
     for model in (online, predictor, target, probe):
         model.train()
     # torch.compile (inductor): the online encoder, which does most of the work; the first steps compile
