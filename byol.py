@@ -118,6 +118,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, [view_1, view_2], models, optimizer)
+    online, predictor, probe = run.data_parallel(online, predictor, probe)  # under torchrun: DDP, averaged gradients
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
         with common.autocast(device):

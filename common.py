@@ -6,7 +6,7 @@ two parts. Part I is the paper, written to be read:
     1. the encoder      CIFAR ResNet-18/50 whose stages carry the paper's names (Fig. 1), MLP heads
     2. the EMA          --ema-stages, the target network with activation reuse (Eq. 7, Algorithm 1),
                         Eq. (6), the beta schedule
-    3. evaluation       the online linear probe, weighted kNN, backbone forwards per image (Table 4)
+    3. evaluation       the online linear probe, weighted kNN
 
 Part II is machinery, not needed to follow the paper:
 
@@ -15,7 +15,8 @@ Part II is machinery, not needed to follow the paper:
     6. data             datasets held in memory as uint8 tensors on the run device
     7. augmentation     batched, per-sample random augmentations in plain torch
     8. optimisation     LARS, parameter groups, warm-up + cosine learning rate
-    9. measurement      the instruments (Fig. 2, 5), the collapse monitor, an epoch's metrics
+    9. measurement      the instruments (Fig. 2, 5), backbone forwards per image (Table 4), the
+                        collapse monitor, an epoch's metrics
    10. arguments        the shared flags, --preset laptop, range checks
    11. checkpoints      RunState, last.pt and exact resume, metrics.jsonl, the epoch line
 
@@ -339,7 +340,7 @@ class NamedStageEMA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Evaluation: the online linear probe, weighted kNN, backbone forwards per image (Table 4)
+# 3. Evaluation: the online linear probe, weighted kNN
 # ----------------------------------------------------------------------------------------
 def probe_loss(probe, features, labels):
     """Cross-entropy of the online linear probe on *detached* backbone features of each view,
@@ -420,54 +421,6 @@ def knn_accuracies(train_features, train_labels, test_features, test_labels, num
     return result
 
 
-class ForwardCounter:
-    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
-
-    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
-    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
-    are measured once with torch's counter and scaled by the size of its input, so a stage
-    run on a smaller crop or a part of the network counts for what it costs. A forward hook on
-    every backbone stage, online and EMA copy, counts the passes made in training mode.
-    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
-    """
-
-    def __init__(self, online, target, image_size):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        backbone = online.backbone
-        device = next(backbone.parameters()).device
-        was_training = backbone.training
-        backbone.eval()
-        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
-        h = torch.zeros(1, 3, image_size, image_size, device=device)
-        with torch.no_grad():
-            for name in BACKBONE_STAGES:
-                self.input_numel[name] = h.numel()
-                with FlopCounterMode(display=False) as counter:
-                    h = getattr(backbone, name)(h)
-                self.flops[name] = counter.get_total_flops()
-        backbone.train(was_training)
-        for name in BACKBONE_STAGES:
-            modules = [getattr(backbone, name)] + ([target.ema[name]] if name in target.ema else [])
-            for module in modules:
-                module.register_forward_pre_hook(functools.partial(self._ran, name))
-        self.reset()
-
-    def reset(self):
-        self.flops_run, self.flops_with_grad = 0.0, 0.0
-
-    def _ran(self, stage, module, inputs):
-        if not module.training:  # evaluation passes are not training work
-            return
-        flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
-        self.flops_run += flops
-        if torch.is_grad_enabled():
-            self.flops_with_grad += flops
-
-    def forwards_per_image(self):
-        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
-
-
 # ========================================================================================
 # Part II: machinery, not needed to follow the paper
 # ========================================================================================
@@ -489,11 +442,14 @@ class Preempted(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2."""
+    """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2.
+    Under torchrun every process meets the same one (the same flags, files and averaged gradients), and rank
+    0 alone prints it; every process leaves the process group on the way out, whatever ends it."""
     try:
         main()
     except (ConfigError, DivergedError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if WORLD.main:
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
@@ -501,6 +457,8 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint (last.pt) is intact; rerun with --resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_distributed()
 
 
 def check_device(name):
@@ -516,8 +474,10 @@ def check_device(name):
 
 
 def setup(device, seed, deterministic=False):
-    """Check and return the device, seed torch, and switch on deterministic kernels if asked."""
+    """Check and return the device (under torchrun: this process's, init_distributed), seed torch, and
+    switch on deterministic kernels if asked. Every process draws the same initial weights."""
     check_device(device)
+    device = init_distributed(torch.device(device))
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -527,7 +487,7 @@ def setup(device, seed, deterministic=False):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
-    return torch.device(device)
+    return device
 
 
 def to_device(modules, device):
@@ -611,22 +571,34 @@ class Run:
     instruments and draws the progress line; between steps it writes mid-epoch checkpoints
     (--checkpoint-every, SIGTERM); at each epoch's end it evaluates (probe, kNN every --eval-every
     epochs), saves last.pt and logs metrics.jsonl and the epoch line; at the end it prints the summary.
-    run.epoch is the current epoch (from 0), for methods whose step depends on it (DINO)."""
+    run.epoch is the current epoch (from 0), for methods whose step depends on it (DINO).
+
+    Under torchrun (section 12) each of the N processes takes batch / N images of every global batch;
+    the schedules follow the global step; rank 0 alone evaluates, writes the run directory and prints.
+    The method file wraps what trains in DDP with run.data_parallel(...)."""
 
     def __init__(self, args, data, view_recipes, models, optimizer):
         self.args, self.data, self.models, self.optimizer = args, data, models, optimizer
         self.online, self.target, self.probe = models["online"], models["target"], models["probe"]
         self.device = data.train_images.device
+        check_world(args)  # under torchrun: the global batch divides among the processes
+        sync_batch_norm(args, models.values(), self.device)  # under torchrun on GPUs: SyncBatchNorm
         self.counter = ForwardCounter(self.online, self.target, data.image_size)  # measures "#Fwd" of Table 4
         compile_stages(models.values(), args.compile)  # --compile: torch.compile each stage in place
         # the step, this epoch's image order and loss sum, the metrics history; with --resume from last.pt.
-        # One generator draws all randomness: the epoch's order and every augmentation.
+        # One generator draws all randomness: the epoch's order and every augmentation. Under torchrun every
+        # process draws the same order from it, and its augmentations from a generator of its own.
         self.generator = torch.Generator(self.device).manual_seed(args.seed)
-        self.state = start_or_resume(args, models, optimizer, self.generator, self.device)
-        # batch i's views, augmented --aug-chunk batches at a time
-        self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.generator)
-        self.instruments = Instruments(args, self.online, self.target)  # --log-grad-norms, --track-weights
-        self.logger = RunLogger(args, self.state, self.instruments)
+        self.augment_generator = self.generator
+        if WORLD.size > 1:
+            own_seed = (args.seed + 104729 * (WORLD.rank + 1)) % 2**63  # the seed shifted by a prime per rank
+            self.augment_generator = torch.Generator(self.device).manual_seed(own_seed)
+        self.state = start_or_resume(args, models, optimizer, self.augment_generator, self.device, self.generator)
+        # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
+        self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.augment_generator, WORLD)
+        # --log-grad-norms, --track-weights (measured on rank 0's share of each batch)
+        self.instruments = Instruments(args, self.online, self.target, enabled=WORLD.main)
+        self.logger = on_rank_0(lambda: RunLogger(args, self.state, self.instruments))
         self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
@@ -658,44 +630,56 @@ class Run:
                     self.save()  # inside the epoch
                     exit_if_stopped(args, run)  # after a SIGTERM: last.pt holds this step; exit for --resume
             self.end_epoch(first_batch, start)
-        print(summary_line(args, self.logger.last))
+        check_processes_agree(self.models)  # under torchrun: every process holds the same model
+        if WORLD.main:
+            print(summary_line(args, self.logger.last))
+
+    def data_parallel(self, *modules):
+        """The modules that train, for the method's step: in DDP under torchrun, themselves otherwise."""
+        return data_parallel(self.device, *modules)
 
     def end_step(self, loss):
         """After the method's step: the loss into the epoch's tally, the instruments, the progress line."""
         self.state.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
         self.state.step += 1
         self.instruments.record(self.state.step)  # does nothing unless an instrument is on
-        self.logger.progress(self.batch, self.steps_per_epoch, loss)
+        if WORLD.main:
+            self.logger.progress(self.batch, self.steps_per_epoch, loss)
 
     def end_epoch(self, first_batch, start):
         """End of the epoch (or of --max-steps): evaluate, save last.pt, log."""
         run, epoch = self.state, self.epoch
         steps_this_epoch = run.step - epoch * self.steps_per_epoch  # including those before a resume
-        metrics = epoch_metrics(
-            epoch=epoch + 1,
-            step=run.step,
-            loss=(run.loss_sum / steps_this_epoch).item(),
-            lr=self.lr,
-            beta=self.beta,
-            seconds=timer(self.device) - start,
-            images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
-            online=self.online,
-            target=self.target,
-            probe=self.probe,
-            data=self.data,
-            counter=self.counter,
-            run_knn=(epoch + 1) % self.args.eval_every == 0 or run.step == self.last_step,
-        )
+        loss = mean_over_processes(run.loss_sum) / steps_this_epoch  # over every process's share of the batches
         epoch_complete = run.step % self.steps_per_epoch == 0  # False when --max-steps stopped the run inside it
-        if epoch_complete:
-            run.history.append(metrics)
+        if WORLD.main:  # (under torchrun, rank 0 alone evaluates and logs)
+            metrics = epoch_metrics(
+                epoch=epoch + 1,
+                step=run.step,
+                loss=loss.item(),
+                lr=self.lr,
+                beta=self.beta,
+                seconds=timer(self.device) - start,
+                images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
+                online=self.online,
+                target=self.target,
+                probe=self.probe,
+                data=self.data,
+                counter=self.counter,
+                run_knn=(epoch + 1) % self.args.eval_every == 0 or run.step == self.last_step,
+            )
+            if epoch_complete:
+                run.history.append(metrics)
         self.save()  # refuses a NaN loss
-        self.logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, the epoch line
+        if WORLD.main:
+            self.logger.log_epoch(metrics, run.history, provisional=not epoch_complete)  # metrics.jsonl, epoch line
         if run.step < self.last_step:
             exit_if_stopped(self.args, run)
 
     def save(self):
-        save_checkpoint(self.args, self.state, self.models, self.optimizer, self.views, self.instruments)
+        save_checkpoint(
+            self.args, self.state, self.models, self.optimizer, self.views, self.instruments, self.generator
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -1204,16 +1188,21 @@ class Views:
     exactly the draws of augmenting each batch on its own. For an exact resume, a checkpoint
     taken inside a chunk stores the generator as it was at the chunk's start (`generator_state`):
     the resumed run draws that chunk again, identically, and goes on from the batch it stopped at.
+
+    Under torchrun (world: WORLD) batch_size is the global batch, and each process augments and returns
+    its own share of every batch: images rank * n .. (rank + 1) * n - 1 of it, n = batch_size / N.
     """
 
-    def __init__(self, data, recipes, batch_size, chunk, generator):
-        self.data, self.recipes, self.batch_size, self.chunk, self.generator = (
+    def __init__(self, data, recipes, batch_size, chunk, generator, world=None):
+        self.data, self.recipes, self.global_batch, self.chunk, self.generator = (
             data,
             list(recipes),
             batch_size,
             chunk,
             generator,
         )
+        self.rank, self.world_size = (world.rank, world.size) if world is not None else (0, 1)
+        self.batch_size = batch_size // self.world_size  # this process's images per batch
         self.span = None  # (epoch, first batch, end batch) of the chunk held in self.views
         self.views, self.labels = [], None
         self.state_at_chunk_start, self.next_batch = None, None
@@ -1226,10 +1215,13 @@ class Views:
         return [view[rows] for view in self.views], self.labels[rows]
 
     def _augment_chunk(self, order, epoch, first):
-        end = min(first + self.chunk, len(order) // self.batch_size)  # the last chunk of an epoch may be shorter
+        end = min(first + self.chunk, len(order) // self.global_batch)  # the last chunk of an epoch may be shorter
         self.views, self.labels = [], None  # free the last chunk before making the next
         self.state_at_chunk_start = self.generator.get_state()
-        index = order[first * self.batch_size : end * self.batch_size]
+        index = order[first * self.global_batch : end * self.global_batch]
+        if self.world_size > 1:  # this process's share of each batch of the chunk
+            n = self.batch_size
+            index = index.view(end - first, self.global_batch)[:, self.rank * n : (self.rank + 1) * n].reshape(-1)
         images, mean, std = self.data.train_images[index], self.data.mean, self.data.std
         self.views = [augment(images, recipe, mean, std, self.generator) for recipe in self.recipes]
         self.labels, self.span = self.data.train_labels[index], (epoch, first, end)
@@ -1316,7 +1308,7 @@ def set_learning_rate(optimizer, step, total_steps, warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. Measurement: the instruments (Fig. 2, 5), collapse, the epoch's metrics
+# 9. Measurement: the instruments (Fig. 2, 5), backbone forwards per image (Table 4), collapse, the epoch metrics
 # ----------------------------------------------------------------------------------------
 class Instruments:
     """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
@@ -1336,8 +1328,8 @@ class Instruments:
 
     FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl"}
 
-    def __init__(self, args, online, target):
-        self.log_grad_norms, self.rows = args.log_grad_norms, args.track_weights
+    def __init__(self, args, online, target, enabled=True):
+        self.log_grad_norms, self.rows = (args.log_grad_norms, args.track_weights) if enabled else (False, 0)
         self.pending = {"grad_norms": [], "weights": []}  # (step, tensor) per step since the last write
         self.current = {}  # stage -> l-inf norm of the gradient so far in this step
         if self.log_grad_norms:  # a forward hook on each online stage watches its output's gradient
@@ -1418,6 +1410,54 @@ class Instruments:
             except OSError as error:  # a full disk: a cut last line is dropped on --resume (open, above)
                 raise write_failed(path, error, "last.pt") from None
             self.pending[key] = []
+
+
+class ForwardCounter:
+    """Counts the backbone work a training run does: Table 4's "#Fwd" column, measured.
+
+    backbone forwards per image = all backbone FLOPs run (online and target branches) divided by
+    the backbone FLOPs run with gradients (the online network's own passes). Each stage's FLOPs
+    are measured once with torch's counter and scaled by the size of its input, so a stage
+    run on a smaller crop or a part of the network counts for what it costs. A forward hook on
+    every backbone stage, online and EMA copy, counts the passes made in training mode.
+    BYOL: 2 with EMA on every stage, 1 on the projector only, between 1 and 2 for block4,projector.
+    """
+
+    def __init__(self, online, target, image_size):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        backbone = online.backbone
+        device = next(backbone.parameters()).device
+        was_training = backbone.training
+        backbone.eval()
+        self.flops, self.input_numel = {}, {}  # per stage, for one image of image_size
+        h = torch.zeros(1, 3, image_size, image_size, device=device)
+        with torch.no_grad():
+            for name in BACKBONE_STAGES:
+                self.input_numel[name] = h.numel()
+                with FlopCounterMode(display=False) as counter:
+                    h = getattr(backbone, name)(h)
+                self.flops[name] = counter.get_total_flops()
+        backbone.train(was_training)
+        for name in BACKBONE_STAGES:
+            modules = [getattr(backbone, name)] + ([target.ema[name]] if name in target.ema else [])
+            for module in modules:
+                module.register_forward_pre_hook(functools.partial(self._ran, name))
+        self.reset()
+
+    def reset(self):
+        self.flops_run, self.flops_with_grad = 0.0, 0.0
+
+    def _ran(self, stage, module, inputs):
+        if not module.training:  # evaluation passes are not training work
+            return
+        flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
+        self.flops_run += flops
+        if torch.is_grad_enabled():
+            self.flops_with_grad += flops
+
+    def forwards_per_image(self):
+        return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
 
 
 @torch.no_grad()
@@ -1637,6 +1677,11 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda (bf16 autocast, channels_last) or cpu (float32)",
         resume_may_change=True,
+    )
+    a(
+        "--no-sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: BatchNorm over each process's share of the batch, not the global batch",
     )
     a(
         "--out-dir",
@@ -1923,7 +1968,13 @@ def load_checkpoint(path, method=None, arch=None):
 
 def restore(state, models, optimizer, generator, args):
     """Load a checkpoint's models, optimiser and random-number state, after checking it matches the run."""
-    saved = state["args"]
+    saved, saved_world = state["args"], state.get("world_size", 1)
+    if saved_world != WORLD.size:
+        launch = "plain python" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} (in all)"
+        raise ConfigError(
+            f"last.pt was written by {saved_world} process(es) but this run has {WORLD.size}; resume it with "
+            f"{launch}: each process's random state is in the checkpoint"
+        )
     for key, now in vars(args).items():
         was = saved.get(key, now)
         if key == "ema_stages":  # the same stages, however written: "all" = "backbone,projector"
@@ -2004,42 +2055,56 @@ def stop_on_sigterm():
 
 
 def checkpoint_due(args, step):
-    """Save last.pt inside the epoch after this step: every --checkpoint-every steps, or after a SIGTERM."""
+    """Save last.pt inside the epoch after this step: every --checkpoint-every steps, or after a SIGTERM
+    (seen by any process, under torchrun: all of them save and stop at the same step)."""
+    _STOP["requested"] = any_process(_STOP["requested"])
     return _STOP["requested"] or bool(args.checkpoint_every and step % args.checkpoint_every == 0)
 
 
 def exit_if_stopped(args, run):
     """After a SIGTERM, once last.pt holds this step: end the run in one line, non-zero, for a --resume."""
+    _STOP["requested"] = any_process(_STOP["requested"])
     if _STOP["requested"]:
         raise Preempted(
             f"SIGTERM: last.pt in {args.out_dir} holds step {run.step}; continue with the same command and --resume"
         )
 
 
-def start_or_resume(args, models, optimizer, generator, device):
-    """The run state: from last.pt with --resume (models, optimiser and generator restored in place),
-    fresh otherwise. First the run takes its directory (lock_run_directory) and SIGTERM (stop_on_sigterm)."""
-    lock_run_directory(args.out_dir)
+def start_or_resume(args, models, optimizer, generator, device, order_generator):
+    """The run state: from last.pt with --resume (models, optimiser and generators restored in place),
+    fresh otherwise. First the run takes its directory (lock_run_directory, on rank 0) and SIGTERM
+    (stop_on_sigterm). `generator` draws the augmentations, `order_generator` each epoch's order: one
+    and the same generator in a single process."""
+    on_rank_0(lambda: lock_run_directory(args.out_dir))
     stop_on_sigterm()
     if not args.resume:
         return RunState(step=0, order=None, loss_sum=torch.zeros((), device=device))
     state = load_checkpoint(args.out_dir, args.method, args.arch)
     restore(state, models, optimizer, generator, args)
-    run = state["run"]
+    run, loss_sum = state["run"], state["run"]["loss_sum"]
+    if WORLD.size > 1:  # each process's own generator and loss tally; the order's generator is shared
+        set_rng_state(state["processes"][WORLD.rank]["rng"], generator)
+        loss_sum = state["processes"][WORLD.rank]["loss_sum"]
+        order_generator.set_state(state["order_generator"])
     return RunState(
-        step=run["step"], order=run["order"].to(device), loss_sum=run["loss_sum"].to(device), history=run["history"]
+        step=run["step"], order=run["order"].to(device), loss_sum=loss_sum.to(device), history=run["history"]
     )
 
 
-def save_checkpoint(args, run, models, optimizer, views, instruments):
+def save_checkpoint(args, run, models, optimizer, views, instruments, order_generator):
     """Write last.pt, atomically: the run state, every model's weights and buffers (EMA target, queues,
     centre, probe), the optimiser and the random generators -- what --resume needs to go on bit-exactly.
-    A run whose loss is no longer finite is not saved: last.pt keeps the last good state."""
-    if not torch.isfinite(run.loss_sum):
-        raise DivergedError(
-            f"the loss became {run.loss_sum.item()} by step {run.step}; {Path(args.out_dir) / 'last.pt'} "
-            f"still holds the last good state: lower --lr, then --resume"
-        )
+    A run whose loss is no longer finite is not saved: last.pt keeps the last good state.
+    Under torchrun every process calls it: rank 0 writes, with each process's generator and loss tally."""
+    processes = gather_objects({"rng": rng_state(views), "loss_sum": run.loss_sum.cpu()})
+    for process in processes:
+        if not torch.isfinite(process["loss_sum"]):
+            raise DivergedError(
+                f"the loss became {process['loss_sum'].item()} by step {run.step}; "
+                f"{Path(args.out_dir) / 'last.pt'} still holds the last good state: lower --lr, then --resume"
+            )
+    if not WORLD.main:
+        return
     instruments.write()  # before the checkpoint: a resume cuts the instrument files back to its step
     state = {
         "method": args.method,
@@ -2049,7 +2114,10 @@ def save_checkpoint(args, run, models, optimizer, views, instruments):
         "models": {name: model.state_dict() for name, model in models.items()},
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(views),
+        "world_size": WORLD.size,
     }
+    if WORLD.size > 1:
+        state.update(processes=processes, order_generator=order_generator.get_state())
     serialized = io.BytesIO()  # in memory first, so that a full disk fails as a plain write (ENOSPC)
     torch.save(state, serialized)
     atomic_write(Path(args.out_dir) / "last.pt", lambda f: f.write(serialized.getbuffer()))
@@ -2099,6 +2167,7 @@ class RunLogger:
             **vars(args),
             "git_revision": git_revision(),
             "torch": torch.__version__,
+            "world_size": WORLD.size,  # processes under torchrun (1: plain python)
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         }
         atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
@@ -2202,3 +2271,195 @@ def summary_line(args, metrics):
     )
     fields = " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
     return f"summary: method={args.method} ema_stages={args.ema_stages.replace(' ', '')} beta={args.beta:g} {fields}"
+
+
+# ----------------------------------------------------------------------------------------
+# 12. Several GPUs or nodes: torchrun, DDP, and the cross-process operations of the methods
+# ----------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node N METHOD.py ...` starts N copies of the script; each reads its place from
+# the environment (RANK, LOCAL_RANK, WORLD_SIZE). Without torchrun, WORLD stays rank 0 of 1 and every
+# function below gives back its input: a plain `python METHOD.py` runs exactly as before.
+@dataclass
+class World:
+    """This process's place among those torchrun started."""
+
+    rank: int = 0  # 0 .. size - 1, across all nodes; rank 0 alone writes the run directory and prints
+    local_rank: int = 0  # on this node: which GPU it takes
+    size: int = 1  # the number of processes
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+WORLD = World()
+_HOST_GROUP = {"group": None}  # a gloo group for small host-side messages (stop flags, generator states)
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE above 1): join the process group -- NCCL on CUDA, gloo on the CPU -- and
+    return this process's device, cuda:LOCAL_RANK on CUDA. Without torchrun: `device` unchanged."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return device
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():  # said by each process it concerns
+        raise ConfigError(
+            f"process {rank} wants GPU {local_rank} but this node has {torch.cuda.device_count()}; "
+            f"pass --nproc_per_node {torch.cuda.device_count()} or fewer"
+        )
+    WORLD.rank, WORLD.local_rank, WORLD.size = rank, local_rank, size
+    if device.type == "cuda":
+        device = torch.device("cuda", WORLD.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+        _HOST_GROUP["group"] = dist.group.WORLD
+    return device
+
+
+def end_distributed():
+    """Leave the process group (at the end of main, and on every error path: run_cli)."""
+    if WORLD.size > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def check_world(args):
+    """--batch-size is the global batch: each of the N processes takes batch / N images of it."""
+    if args.batch_size % WORLD.size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} does not divide among {WORLD.size} processes; pass a multiple of "
+            f"{WORLD.size} (the batch is global: each process takes batch / {WORLD.size} images)"
+        )
+
+
+def data_parallel(device, *modules):
+    """The modules that train, in DistributedDataParallel under torchrun: backward averages their
+    gradients over the processes, so each takes the same optimiser step. One process: the modules."""
+    if WORLD.size == 1:
+        return modules if len(modules) > 1 else modules[0]
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    wrapped = [DistributedDataParallel(m, device_ids=ids) for m in modules]
+    return wrapped if len(wrapped) > 1 else wrapped[0]
+
+
+def sync_batch_norm(args, models, device):
+    """On several GPUs, BatchNorm normalises with the statistics of the global batch (SyncBatchNorm), as
+    one GPU would; --no-sync-bn keeps each process's own. The CPU has no SyncBatchNorm: said at start-up."""
+    if WORLD.size == 1:
+        return
+    if device.type == "cuda" and not args.no_sync_bn:
+        for model in models:
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root: same parameters
+    elif WORLD.main:
+        print(
+            f"note: BatchNorm uses each process's own {args.batch_size // WORLD.size} images "
+            f"({'--no-sync-bn' if device.type == 'cuda' else 'the CPU has no SyncBatchNorm'})"
+        )
+
+
+def gather(x):
+    """Every process's x, concatenated in rank order along dim 0, without gradient (MoCo's and ReSSL's keys,
+    before they enter the queue). One process: x."""
+    if WORLD.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(WORLD.size)]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(WORLD.size)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every process's loss used this process's x: sum their gradients, and keep this process's rows.
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad.chunk(WORLD.size)[WORLD.rank]
+
+
+def gather_with_gradient(x):
+    """Every process's x, concatenated in rank order along dim 0, with gradient (SimCLR's negatives).
+
+    Backward sums the gradients every process's loss sends to this process's rows, so each process gets
+    N times its share of the gradient of the global mean loss; DDP's mean over the N processes then
+    gives exactly the one-process gradient. One process: x."""
+    return x if WORLD.size == 1 else _GatherWithGradient.apply(x)
+
+
+def mean_over_processes(x):
+    """The mean of x over the processes (DINO's centre: the mean of the global batch). One process: x."""
+    if WORLD.size == 1:
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x)
+    return x / WORLD.size
+
+
+def any_process(flag):
+    """True on every process if `flag` is True on any (a SIGTERM seen by one process stops them all at the
+    same step). One process: flag."""
+    if WORLD.size == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_HOST_GROUP["group"])
+    return bool(t.item())
+
+
+def gather_objects(obj):
+    """A list of every process's obj (picklable, on the host), in rank order. One process: [obj]."""
+    if WORLD.size == 1:
+        return [obj]
+    objs = [None] * WORLD.size
+    torch.distributed.all_gather_object(objs, obj, group=_HOST_GROUP["group"])
+    return objs
+
+
+def on_rank_0(make):
+    """make() on rank 0 alone (what writes the run directory); its ConfigError is raised on every process,
+    so that all of them stop together instead of the others waiting for rank 0. Returns make()'s value
+    on rank 0, None on the others."""
+    value, message = None, None
+    if WORLD.main:
+        try:
+            value = make()
+        except ConfigError as error:
+            message = str(error)
+    message = gather_objects(message)[0]
+    if message is not None:
+        raise ConfigError(message)
+    return value
+
+
+def check_processes_agree(models):
+    """At the end of a run under torchrun: every process must hold the same weights, EMA targets, queues
+    and centre (DDP's averaged gradients, then the same optimiser step and Eq. (6) on each). BatchNorm's
+    running statistics are left out: without SyncBatchNorm each process's are its own."""
+    if WORLD.size == 1:
+        return
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            if key.rsplit(".", 1)[-1] not in ("running_mean", "running_var", "num_batches_tracked"):
+                digest.update(
+                    f"{name}.{key}".encode() + value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+                )
+    digests = gather_objects(digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise DivergedError(
+            f"the processes ended with different weights ({len(set(digests))} versions among {WORLD.size}); "
+            f"this is a bug: please report it with the command"
+        )

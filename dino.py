@@ -142,6 +142,7 @@ class Centre(nn.Module):
     @torch.no_grad()
     def update(self, teacher_logits):
         batch_mean = torch.cat(teacher_logits).float().mean(dim=0, keepdim=True)  # 1 x K, over both global views
+        batch_mean = common.mean_over_processes(batch_mean)  # under torchrun: the mean of the global batch
         self.value.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
 
 
@@ -195,6 +196,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)
+    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
     for (x_1, x_2, *local), y in run.batches():  # two global views, the local crops, the labels
         with common.autocast(device):
             f_1, s_1, inputs_1 = online(x_1)  # f = b(x); student logits s = g(f); inputs: each stage's input

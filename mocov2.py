@@ -151,6 +151,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)
+    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
             f_1, q_1, inputs_1 = online(x_1)  # f = b(x); queries q = g(f); inputs: each stage's input
@@ -162,7 +163,7 @@ def main(argv=None):
         (loss + loss_probe).backward()
         optimizer.step()
         target.update(run.beta)  # Eq. (6) on the listed stages
-        queues.push(k_1, k_2)  # only now do this batch's keys join the negatives
+        queues.push(common.gather(k_1), common.gather(k_2))  # only now: every process's keys, in rank order
         run.end_step(loss)
 
 

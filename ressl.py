@@ -131,6 +131,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)
+    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
     for (x_s, x_w), y in run.batches():
         with common.autocast(device):
             f_s, q, _ = online(x_s)  # f = b(x); q = g(f)
@@ -141,7 +142,7 @@ def main(argv=None):
         (loss + loss_probe).backward()
         optimizer.step()
         target.update(run.beta)  # Eq. (6) on the listed stages
-        queue.push(k)  # only now do this batch's keys join the queue
+        queue.push(common.gather(k))  # only now: every process's keys join the queue, in rank order
         run.end_step(loss)
 
 

@@ -68,18 +68,22 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-def nt_xent(anchors, candidates, temperature):
+def nt_xent(anchors, candidates, temperature, first=0):
     """NT-Xent over 2N views. anchors, candidates: 2N x d, view 1 of all N images, then view 2.
 
     Anchor i's positive is candidate (i + N) mod 2N; its negatives are the other 2N - 2
     candidates; candidate i (the anchor itself in plain SimCLR) is left out. Mean over anchors.
+
+    Under torchrun the candidates are every process's 2N, in rank order, and this process's own
+    start at column first = rank * 2N: each index above is offset by first.
     """
     a = F.normalize(anchors.float(), dim=1)  # 2N x d
-    c = F.normalize(candidates.float(), dim=1)  # 2N x d
+    c = F.normalize(candidates.float(), dim=1)  # 2N x d, times the number of processes
     n2 = a.shape[0]
-    logits = a @ c.T / temperature  # 2N x 2N cosine similarities / T
-    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=a.device), float("-inf"))  # drop i = i
-    positives = (torch.arange(n2, device=a.device) + n2 // 2) % n2  # 2N: the other view of the same image
+    logits = a @ c.T / temperature  # cosine similarities / T
+    itself = first + torch.arange(n2, device=a.device)
+    logits = logits.masked_fill(F.one_hot(itself, c.shape[0]).bool(), float("-inf"))  # drop i = i
+    positives = first + (torch.arange(n2, device=a.device) + n2 // 2) % n2  # the other view of the same image
     return F.cross_entropy(logits, positives)
 
 
@@ -115,6 +119,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)
+    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
             f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input
@@ -124,7 +129,9 @@ def main(argv=None):
                 candidates = torch.cat([target(inputs_1), target(inputs_2)])
             else:  # plain SimCLR: the online projections themselves, with gradient
                 candidates = anchors
-            loss = nt_xent(anchors, candidates, args.temperature)
+            # under torchrun: the candidates of every process (with gradient), and where this one's start
+            candidates = common.gather_with_gradient(candidates)
+            loss = nt_xent(anchors, candidates, args.temperature, first=common.WORLD.rank * len(anchors))
             loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()

@@ -120,6 +120,7 @@ def main(argv=None):
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)
+    online, predictor, probe = run.data_parallel(online, predictor, probe)  # under torchrun: DDP, averaged gradients
     for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
         with common.autocast(device):
             f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input

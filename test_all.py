@@ -811,7 +811,9 @@ def golden_digests(method, tmp_path):
 
 @pytest.mark.parametrize("method", [m if m == "byol" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_golden_runs_are_bit_identical_to_the_recorded_reference(tmp_path, method):
-    platform = {"torch": torch.__version__, "cpu": cpu_name(), "threads": 1}
+    # the CPU's vector instructions (AVX2, AVX512) choose the kernels, so they belong to the platform
+    isa = torch.backends.cpu.get_cpu_capability()
+    platform = {"torch": torch.__version__, "cpu": cpu_name(), "isa": isa, "threads": 1}
     if os.environ.get("RECORD_GOLDEN"):
         recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
         if recorded.get("platform") != platform:
@@ -2161,6 +2163,210 @@ def test_simclr_learns_on_real_images(tmp_path, monkeypatch):
     assert margin >= 4.0, f"linear top-1 {trained['top1']:.1f} is only {margin:+.1f} above the random backbone's"
     assert trained["knn1_top1"] > random_backbone["knn1_top1"]
     assert trained_run["output_spread"] > 0.2 and trained_run["feature_rank"] > 5  # measured 0.45-0.48, 13-16
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: torchrun on the CPU (gloo). The cross-process operations against one process
+# on the concatenated batch, then each method file under `torchrun --nproc_per_node 2`
+# ---------------------------------------------------------------------------------------------
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batch(n=8, d=5, seed=0):
+    """The global batch of the two-process units: two views' projections z_1, z_2, N x d, and N x d inputs."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def two_process_units(rank, port, out_dir):
+    """One of 2 processes (torch.multiprocessing, gloo): each takes half of global_batch()."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    common.init_distributed(torch.device("cpu"))
+    z_1, z_2, x = global_batch()
+    n = len(z_1) // 2
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {}
+    # SimCLR: anchors from this process, candidates gathered from both, with gradient
+    a_1, a_2 = z_1[rows].clone().requires_grad_(), z_2[rows].clone().requires_grad_()
+    anchors = torch.cat([a_1, a_2])
+    loss = simclr.nt_xent(anchors, common.gather_with_gradient(anchors), 0.2, first=rank * 2 * n)
+    loss.backward()
+    out["nt_xent"] = (loss.detach(), a_1.grad, a_2.grad)
+    # The same through DDP: a linear encoder's gradient must be the one-process gradient
+    torch.manual_seed(0)
+    encoder = common.data_parallel(torch.device("cpu"), nn.Linear(5, 5))
+    p_1, p_2 = encoder(z_1[rows]), encoder(z_2[rows])
+    anchors = torch.cat([p_1, p_2])
+    simclr.nt_xent(anchors, common.gather_with_gradient(anchors), 0.2, first=rank * 2 * n).backward()
+    out["ddp_grad"] = encoder.module.weight.grad.clone()
+    # MoCo v2: the keys of both processes enter the queue, in rank order
+    queues = mocov2.KeyQueues(2, 16, 5)
+    queues.push(common.gather(z_1[rows]), common.gather(z_2[rows]))
+    out["queue"] = queues.keys.clone()
+    # DINO: the centre's batch mean over both processes
+    centre = dino.Centre(5, 0.9)
+    centre.update([z_1[rows], x[rows]])
+    out["centre"] = centre.value.clone()
+    # the end-of-run check: the same weights pass, a difference on one process is caught
+    same = {"online": nn.Linear(3, 3)}
+    torch.manual_seed(1)
+    same["online"].reset_parameters()
+    common.check_processes_agree(same)
+    if rank == 1:
+        with torch.no_grad():
+            same["online"].weight[0, 0] += 1e-7
+    try:
+        common.check_processes_agree(same)
+        out["difference_caught"] = False
+    except common.DivergedError:
+        out["difference_caught"] = True
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    common.end_distributed()
+
+
+@pytest.mark.slow  # spawns 2 processes (about 15 s)
+def test_cross_process_operations_equal_one_process_on_the_concatenated_batch(tmp_path):
+    torch.multiprocessing.spawn(two_process_units, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    z_1, z_2, x = global_batch()
+    # SimCLR: the mean of the two losses is the one-process NT-Xent; each process's gradient, halved by
+    # DDP's mean over 2, is the one-process gradient of its rows
+    w_1, w_2 = z_1.clone().requires_grad_(), z_2.clone().requires_grad_()
+    both = torch.cat([w_1, w_2])
+    loss = simclr.nt_xent(both, both, 0.2)
+    loss.backward()
+    assert torch.allclose((ranks[0]["nt_xent"][0] + ranks[1]["nt_xent"][0]) / 2, loss.detach(), atol=1e-6)
+    for r in range(2):
+        rows = slice(r * 4, (r + 1) * 4)
+        assert torch.allclose(ranks[r]["nt_xent"][1] / 2, w_1.grad[rows], atol=1e-6)
+        assert torch.allclose(ranks[r]["nt_xent"][2] / 2, w_2.grad[rows], atol=1e-6)
+    torch.manual_seed(0)
+    encoder = nn.Linear(5, 5)
+    p = torch.cat([encoder(z_1), encoder(z_2)])
+    simclr.nt_xent(p, p, 0.2).backward()
+    for r in range(2):
+        assert torch.allclose(ranks[r]["ddp_grad"], encoder.weight.grad, atol=1e-6)
+    # MoCo v2: one queue push of the whole batch, bit for bit, on both processes
+    reference = mocov2.KeyQueues(2, 16, 5)
+    reference.keys.copy_(ranks[0]["queue"])  # slots 8..15, which the push left as they were
+    reference.push(z_1, z_2)  # slots 0..7: the whole batch of 8 keys per view, in order
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
+    assert torch.equal(ranks[0]["queue"], reference.keys)
+    # DINO: the same centre on both, the one-process centre of the concatenated batch
+    centre = dino.Centre(5, 0.9)
+    centre.update([z_1, x])
+    assert torch.equal(ranks[0]["centre"], ranks[1]["centre"])
+    assert torch.allclose(ranks[0]["centre"], centre.value, atol=1e-6)
+    assert ranks[0]["difference_caught"] and ranks[1]["difference_caught"]
+
+
+def test_each_process_takes_its_share_of_every_global_batch():
+    """Under torchrun the processes split each batch of the shared order: together, one process's batch."""
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    data = common.Data(images, torch.arange(40), images[:4], torch.arange(4), 40, torch.zeros(3), torch.ones(3))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    recipe = common.ViewRecipe(size=8)
+    for chunk in (1, 2):
+        shares = [
+            common.Views(data, [recipe], 8, chunk, torch.Generator().manual_seed(r), SimpleNamespace(rank=r, size=2))
+            for r in range(2)
+        ]
+        for i in range(5):
+            labels = [views.batch(order, 0, i)[1] for views in shares]
+            assert [len(l) for l in labels] == [4, 4]
+            assert torch.equal(torch.cat(labels), order[i * 8 : (i + 1) * 8])
+
+
+def torchrun(script, *args, processes=2, check=True, **popen):
+    """`torchrun --standalone --nproc_per_node N script args` from the root, one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command += [str(ROOT / script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_two_processes_write_one_run_directory(tmp_path, method):
+    """Each method under torchrun: one run directory, written by rank 0; the processes end with the same weights
+    and EMA targets (the run's own end check, check_processes_agree, fails the run otherwise)."""
+    out = tmp_path / "run"
+    result = torchrun(f"{method}.py", *resume_args(method, 2), "--out-dir", out)
+    assert result.stdout.count("summary: ") == 1, result.stdout  # rank 0 alone prints
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "args.json", "last.pt", "metrics.jsonl"]
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
+    assert [row["epoch"] for row in metrics(out)] == [1, 2]
+    assert torch.load(out / "last.pt", weights_only=True)["world_size"] == 2
+
+
+def descendants(pid):
+    """The pids of pid's children, their children, and so on (Linux /proc). torchrun starts each process in a
+    session of its own, so killing the launcher's process group would leave them running."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_torchrun_resume_after_sigkill_is_exact(tmp_path):
+    """SIGKILL of the launcher and its processes after a mid-epoch checkpoint, then --resume under torchrun:
+    the same weights, EMA targets and metrics as an uninterrupted 2-process run."""
+    args = [*resume_args("simclr", 2), "--synthetic-size", "128", "--checkpoint-every", "1"]
+    torchrun("simclr.py", *args, "--out-dir", tmp_path / "whole")
+    cut = tmp_path / "cut"
+    launcher = torchrun("simclr.py", *args, "--out-dir", cut, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "last.pt").exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    processes = descendants(launcher.pid)
+    for pid in [launcher.pid, *processes]:  # the launcher and its processes, as when a machine dies
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    while any(alive(pid) for pid in processes):
+        time.sleep(0.05)
+    assert torch.load(cut / "last.pt", weights_only=True)["run"]["step"] < 16  # killed inside the run
+    torchrun("simclr.py", *args, "--out-dir", cut, "--resume")
+    assert_same_run(tmp_path / "whole", cut)
+
+
+@pytest.mark.slow
+def test_torchrun_refuses_an_indivisible_batch_and_another_world_size_on_resume(tmp_path):
+    result = torchrun("byol.py", *TINY, "--batch-size", "15", "--out-dir", tmp_path / "odd", check=False)
+    assert result.returncode != 0 and "--batch-size 15 does not divide among 2 processes" in result.stderr
+    run("byol.py", *TINY, "--out-dir", tmp_path / "one")
+    result = torchrun("byol.py", *TINY, "--out-dir", tmp_path / "one", "--resume", check=False)
+    assert result.returncode != 0
+    assert "last.pt was written by 1 process(es) but this run has 2" in result.stderr
+    assert result.stderr.count("error: ") == 1  # said once, by rank 0
 
 
 # ---------------------------------------------------------------------------------------------
