@@ -307,6 +307,7 @@ def test_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # torch.compile's first compile on a CPU (inductor, a C++ compiler) takes about a minute
 def test_compile_keeps_the_stages_their_outputs_and_the_checkpoint_keys():
     """--compile compiles each stage in place: activation reuse works, outputs and state_dict keys
     are those of the uncompiled modules (a checkpoint loads with or without --compile)."""
@@ -2311,6 +2312,26 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path, method):
     assert torch.load(out / "last.pt", weights_only=True)["world_size"] == 2
 
 
+# How far 2 processes end from 1 with the same global batch, seed and epoch order: each process normalises its
+# own half of the batch (no SyncBatchNorm on the CPU) and draws its augmentations from its own generator, so
+# the views differ. Measured at 3e9d6df (4 epochs of 8 steps, this file's resume_args, 128 images), the largest
+# relative difference of an epoch's loss: SimCLR 0.025, BYOL 0.075, MoCo v2 0.022, DINO 0.070; seed 1 against
+# seed 0 of one process: 0.017, 0.339, 0.042, 0.091. The bounds below leave room for another CPU's rounding.
+ONE_AGAINST_TWO = {"simclr": 0.05, "byol": 0.12}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ONE_AGAINST_TWO)
+def test_two_processes_end_near_one_process_with_the_same_global_batch(tmp_path, method):
+    args = [*resume_args(method, 4), "--synthetic-size", "128"]
+    run(f"{method}.py", *args, "--out-dir", tmp_path / "one")
+    torchrun(f"{method}.py", *args, "--out-dir", tmp_path / "two")
+    one, two = ([row["loss"] for row in metrics(tmp_path / name)] for name in ("one", "two"))
+    assert len(one) == len(two) == 4 and one != two  # the views differ: not the same run
+    difference = max(abs(a - b) / abs(a) for a, b in zip(one, two))
+    assert difference <= ONE_AGAINST_TWO[method], (one, two)
+
+
 def descendants(pid):
     """The pids of pid's children, their children, and so on (Linux /proc). torchrun starts each process in a
     session of its own, so killing the launcher's process group would leave them running."""
@@ -2367,6 +2388,20 @@ def test_torchrun_refuses_an_indivisible_batch_and_another_world_size_on_resume(
     assert result.returncode != 0
     assert "last.pt was written by 1 process(es) but this run has 2" in result.stderr
     assert result.stderr.count("error: ") == 1  # said once, by rank 0
+
+
+@pytest.mark.slow
+def test_reproduce_nproc_launches_each_run_under_torchrun(tmp_path):
+    argv = ["table7", "--only", "lr 1.0", *REPRODUCE_TINY, "--nproc", "2", "--out-root", tmp_path]
+    result = run("tools/reproduce.py", *argv, "--results", tmp_path / "kept")
+    assert (
+        result.stdout.count("[run]") == 2
+        and "python -m torch.distributed.run --standalone --nproc_per_node=2 " in result.stdout
+    )
+    (scale,) = tmp_path.glob("*-p2-*")  # a scale of its own: 2 processes' results are not one's
+    for directory in scale.glob("byol_*/seed0"):
+        assert json.loads((directory / "args.json").read_text())["world_size"] == 2
+    assert len(list(scale.glob("byol_*/seed0/metrics.jsonl"))) == 2
 
 
 # ---------------------------------------------------------------------------------------------

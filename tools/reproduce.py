@@ -4,6 +4,7 @@
     python tools/reproduce.py table1                       # Table 1 at full length (CIFAR-100, 200 epochs, GPU)
     python tools/reproduce.py table1 --only remove --dataset imagefolder --data-dir DIR --epochs 3 --batch-size 128
     python tools/reproduce.py table3 --jobs 4              # Table 3, four runs at a time on one GPU
+    python tools/reproduce.py table6 --nproc 2             # Table 6 on 2 GPUs, as the paper ran it (torchrun)
 
 An experiment is a list of runs of the method files (and, for Table 2, linear_eval.py on a
 random encoder). They run one after another, each in its own directory under
@@ -17,6 +18,10 @@ reproduce.log in its run directory; one line is printed as each starts and ends.
 does not stop the others: the table is written from those that finished, the failed runs' logs
 are listed, and the exit status is 1. On a CPU each process gets an even share of the threads
 (OMP_NUM_THREADS), so the N of them do not oversubscribe the cores.
+
+With --nproc N, each method run is launched under torchrun (`python -m torch.distributed.run
+--standalone --nproc_per_node N`), one process per GPU; --batch-size stays the global batch.
+Such runs live under a scale of their own (-pN), since one process's results are not N's.
 
 What the paper reports and what we compare it with: its "Acc" / "Top-1" is the online linear
 probe's top-1 (solo-learn's protocol) -> our `linear_top1`; its "KNN-1" -> our `knn1_top1`.
@@ -536,6 +541,13 @@ def parse_args(argv=None):
         "least 1, unless OMP_NUM_THREADS is set already); on a GPU all of them share it",
     )
     p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="launch each method run under torchrun with this many processes on this machine (one per GPU; on "
+        "a CPU, gloo processes); --batch-size stays the global batch. Table 6: the paper's 2 GPUs",
+    )
+    p.add_argument(
         "--table",
         action="store_true",
         help="start no run: write the table from the results already there (rows without one show '-')",
@@ -545,6 +557,8 @@ def parse_args(argv=None):
         p.error(f"name an experiment ({', '.join(EXPERIMENTS)}, claims) or pass --list")
     if args.jobs < 1:
         refuse(f"--jobs {args.jobs}: run at least 1 at a time")
+    if args.nproc < 1:
+        refuse(f"--nproc {args.nproc}: launch at least 1 process per run (1, the default, runs without torchrun)")
     for name, least in [("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("queue_size", 1), ("warmup_epochs", 0)]:
         value = getattr(args, name)
         if value is not None and value < least:
@@ -571,6 +585,7 @@ def scale_name(args, experiment):
     left out: where a run ran is recorded with its results (provenance.json), and shown in the tables."""
     dataset = args.dataset or experiment.dataset
     name = f"{dataset}-e{args.epochs}" + (f"-s{args.max_steps}" if args.max_steps else "") + f"-b{args.batch_size}"
+    name += f"-p{args.nproc}" if args.nproc > 1 else ""
     extra = re.sub(r"--device\s+\S+", "", args.extra).split()
     other = f"{args.warmup_epochs} {args.queue_size} {' '.join(extra)}"
     return name + ("" if other == "None None " else "-" + hashlib.sha1(other.encode()).hexdigest()[:6])
@@ -627,8 +642,10 @@ def command(args, experiment, run, seed=0):
     scale += (
         ["--queue-size", str(args.queue_size)] if args.queue_size and run.script in ("mocov2.py", "ressl.py") else []
     )
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     return [
         sys.executable,
+        *(launcher if args.nproc > 1 else []),
         str(ROOT / run.script),
         *shlex.split(experiment.flags),
         *shlex.split(run.flags),
@@ -744,8 +761,8 @@ def torch_version():
 
 
 def threads_for(args):
-    """OMP_NUM_THREADS of each run: as set, or an even share of this machine's CPU threads."""
-    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    """OMP_NUM_THREADS of each process: as set, or an even share of this machine's CPU threads."""
+    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))))
 
 
 def run_one(args, name, experiment, run, seed):
@@ -963,6 +980,7 @@ def scale_line(args, experiment, with_data_dir=False):
         + (f", warm-up {args.warmup_epochs} epochs" if args.warmup_epochs is not None else "")
         + (f", queue {args.queue_size} (MoCo v2, ReSSL)" if args.queue_size else "")
         + (f", extra flags `{args.extra}`" if args.extra else "")
+        + (f", {args.nproc} processes per run (torchrun)" if args.nproc > 1 else "")
         + f", seeds {','.join(map(str, args.seeds))}."
     )
 
