@@ -810,7 +810,8 @@ def golden_digests(method, tmp_path):
     return digests
 
 
-@pytest.mark.parametrize("method", [m if m == "byol" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
+@pytest.mark.slow  # a guard for changes of structure; it skips unless on the platform that recorded the digests
+@pytest.mark.parametrize("method", METHODS)
 def test_golden_runs_are_bit_identical_to_the_recorded_reference(tmp_path, method):
     # the CPU's vector instructions (AVX2, AVX512) choose the kernels, so they belong to the platform
     isa = torch.backends.cpu.get_cpu_capability()
@@ -1817,6 +1818,7 @@ def test_validation_split_is_the_last_images_of_each_class_and_never_trained_on(
             common.split_train_val(labels, 3, train_subset=subset, val_size=size)
 
 
+@pytest.mark.slow  # three runs; split_train_val's own test stays in the default run
 @needs_mini
 def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_path):
     held_out = common.load_dataset(
@@ -2543,6 +2545,7 @@ def test_assignment_list_subset_and_bad_input(tmp_path):
 
 
 @needs_assignment_tool
+@pytest.mark.slow  # assignment_check takes about 40 s; the default run keeps the grading tests on the project
 def test_assignment_grading_tests_fail_on_every_blank_and_name_its_exercise(assignment_check):
     blank = assignment_check["blank"]
     assert blank and all(failure is not None for failure in blank.values()), [n for n, f in blank.items() if f is None]
@@ -2553,6 +2556,7 @@ def test_assignment_grading_tests_fail_on_every_blank_and_name_its_exercise(assi
 
 
 @needs_assignment_tool
+@pytest.mark.slow  # as above
 def test_assignment_grading_tests_pass_on_the_reference(assignment_check):
     """Filling the reference bodies into the blanks makes every grading test pass; so does running the same
     grading file against the project itself."""
@@ -2577,6 +2581,7 @@ def test_assignment_mutations_cover_the_issue_list_and_every_exercise():
 
 
 @needs_assignment_tool
+@pytest.mark.slow  # as above
 @pytest.mark.parametrize(
     "index",
     range(len(assignment_tool.MUTATIONS) if assignment_tool else 0),
