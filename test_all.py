@@ -50,11 +50,12 @@ needs_mini = pytest.mark.skipif(
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 
 
-def run(script, *args, check=True, env=None):
+def run(script, *args, check=True, env=None, launcher=()):
     """Run a script or tool (a path from the repository root) as a user would, from the root; return the
-    CompletedProcess. check: fail the test, with the output, unless it exits 0. env: the environment."""
+    CompletedProcess. check: fail the test, with the output, unless it exits 0. env: the environment.
+    launcher: arguments of python before the script (torchrun's, for one)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
+        [sys.executable, *launcher, str(ROOT / script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -2287,17 +2288,12 @@ def test_each_process_takes_its_share_of_every_global_batch():
             assert torch.equal(torch.cat(labels), order[i * 8 : (i + 1) * 8])
 
 
-def torchrun(script, *args, processes=2, check=True, **popen):
-    """`torchrun --standalone --nproc_per_node N script args` from the root, one thread per process."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += [str(ROOT / script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # python's arguments
+
+
+def torchrun(script, *args, check=True):
+    """`torchrun --standalone --nproc_per_node 2 script args` from the root, one thread per process."""
+    return run(script, *args, check=check, env=dict(os.environ, OMP_NUM_THREADS="1"), launcher=TORCHRUN_2)
 
 
 @pytest.mark.slow
@@ -2366,7 +2362,8 @@ def test_torchrun_resume_after_sigkill_is_exact(tmp_path):
     args = [*resume_args("simclr", 2), "--synthetic-size", "128", "--checkpoint-every", "1"]
     torchrun("simclr.py", *args, "--out-dir", tmp_path / "whole")
     cut = tmp_path / "cut"
-    launcher = torchrun("simclr.py", *args, "--out-dir", cut, start_new_session=True)
+    command = [sys.executable, *TORCHRUN_2, str(ROOT / "simclr.py"), *map(str, args), "--out-dir", str(cut)]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline = time.monotonic() + 300
     while not (cut / "last.pt").exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
