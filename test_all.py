@@ -1618,6 +1618,33 @@ def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
 
 
+def test_infonce_terms_change_nothing_and_add_up_to_the_logged_loss(tmp_path):
+    """tools/infonce_terms.py runs mocov2.py's own main unchanged (the same metrics as a plain run), and the
+    loss it records per epoch is the one metrics.jsonl logs: its calls are grouped by the right epochs."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import infonce_terms
+
+    args = [*SYNTHETIC, "--epochs", "2", *SMALL_HEADS["mocov2"], "--deterministic"]  # 2 epochs of 2 steps
+    info_nce = mocov2.info_nce
+    run_here(infonce_terms, *args, "--out-dir", tmp_path / "terms")
+    assert mocov2.info_nce is info_nce  # put back
+    run_here(mocov2, *args, "--out-dir", tmp_path / "plain")
+    logged = metrics(tmp_path / "terms")
+    assert [{k: v for k, v in line.items() if k not in TIMING} for line in logged] == [
+        {k: v for k, v in line.items() if k not in TIMING} for line in metrics(tmp_path / "plain")
+    ]
+    rows = jsonl(tmp_path / "terms" / "infonce_terms.jsonl")
+    assert [row["step"] for row in rows] == [line["step"] for line in logged] == [2, 4]
+    queue, temperature = 64, mocov2.parse_args(args).temperature
+    for row, line in zip(rows, logged):
+        assert row["loss"] == pytest.approx(line["loss"], rel=1e-5)
+        assert -1 <= row["negative"] <= row["hardest"] <= 1 and -1 <= row["positive"] <= 1
+        # Jensen: log sum_j exp(x_j) >= log K + mean_j x_j, for each query and so for their mean
+        assert row["lse_negatives"] >= math.log(queue) + row["negative"] / temperature - 1e-4
+    refused = run_here(infonce_terms, *args, "--out-dir", tmp_path / "terms", "--resume", check=False)
+    assert refused.returncode == 2 and "drop --resume" in refused.stderr
+
+
 PAPER_EXPERIMENTS = {
     "table1",
     "table2",
