@@ -2096,7 +2096,8 @@ def save_checkpoint(args, run, models, optimizer, views, instruments, order_gene
     centre, probe), the optimiser and the random generators -- what --resume needs to go on bit-exactly.
     A run whose loss is no longer finite is not saved: last.pt keeps the last good state.
     Under torchrun every process calls it: rank 0 writes, with each process's generator and loss tally."""
-    processes = gather_objects({"rng": rng_state(views), "loss_sum": run.loss_sum.cpu()})
+    own = {"rng": rng_state(views), "loss_sum": run.loss_sum.cpu()}
+    processes = gather_objects(own)
     for process in processes:
         if not torch.isfinite(process["loss_sum"]):
             raise DivergedError(
@@ -2113,7 +2114,7 @@ def save_checkpoint(args, run, models, optimizer, views, instruments, order_gene
         "run": {"step": run.step, "order": run.order, "loss_sum": run.loss_sum, "history": run.history},
         "models": {name: model.state_dict() for name, model in models.items()},
         "optimizer": optimizer.state_dict(),
-        "rng": rng_state(views),
+        "rng": own["rng"],
         "world_size": WORLD.size,
     }
     if WORLD.size > 1:

@@ -84,9 +84,11 @@ def main(argv=None):
     out = Path(args.out_dir)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = per_epoch(calls, [line["step"] for line in lines])
-    with open(out / "infonce_terms.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    print("| epoch | loss | positive cos | negative cos | hardest negative cos | log-sum-exp of negatives | kNN top-1 |")
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    common.atomic_write(out / "infonce_terms.jsonl", lambda f: f.write(text.encode()))
+    print(
+        "| epoch | loss | positive cos | negative cos | hardest negative cos | log-sum-exp of negatives | kNN top-1 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row, line in zip(rows, lines):
         knn = "-" if line.get("knn_top1") is None else f"{line['knn_top1']:.2f}"
