@@ -2408,8 +2408,12 @@ def test_torchrun_two_processes_write_one_run_directory(tmp_path, method):
 # own half of the batch (no SyncBatchNorm on the CPU) and draws its augmentations from its own generator, so
 # the views differ. Measured at 3e9d6df (4 epochs of 8 steps, this file's resume_args, 128 images), the largest
 # relative difference of an epoch's loss: SimCLR 0.025, BYOL 0.075, MoCo v2 0.022, DINO 0.070; seed 1 against
-# seed 0 of one process: 0.017, 0.339, 0.042, 0.091. The bounds below leave room for another CPU's rounding.
-ONE_AGAINST_TWO = {"simclr": 0.05, "byol": 0.12}
+# seed 0 of one process: 0.017, 0.339, 0.042, 0.091. BYOL's later epochs test nothing: on an AVX-512 CPU at
+# ccedc0d, one against two processes differed by 0.23 at epoch 4 (BYOL's heads normalise 8 images a process
+# instead of 16), and seed 1 against seed 0 by 0.10 already at epoch 1. So BYOL compares epoch 1 alone, where
+# one against two processes differed by 0.0085 there. Per method: (epochs compared, largest relative
+# difference), with room for another CPU's rounding.
+ONE_AGAINST_TWO = {"simclr": (4, 0.05), "byol": (1, 0.03)}
 
 
 @pytest.mark.slow
@@ -2420,8 +2424,9 @@ def test_two_processes_end_near_one_process_with_the_same_global_batch(tmp_path,
     torchrun(f"{method}.py", *args, "--out-dir", tmp_path / "two")
     one, two = ([row["loss"] for row in metrics(tmp_path / name)] for name in ("one", "two"))
     assert len(one) == len(two) == 4 and one != two  # the views differ: not the same run
-    difference = max(abs(a - b) / abs(a) for a, b in zip(one, two))
-    assert difference <= ONE_AGAINST_TWO[method], (one, two)
+    epochs, bound = ONE_AGAINST_TWO[method]
+    difference = max(abs(a - b) / abs(a) for a, b in zip(one[:epochs], two[:epochs]))
+    assert difference <= bound, (one, two)
 
 
 def descendants(pid):
