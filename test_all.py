@@ -2232,6 +2232,22 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
     assert "simclr: EMA none (classic) (unfinished: seed 1)" in table.read_text()
 
 
+def test_knn_rise_is_the_change_between_the_last_two_evaluations():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reproduce
+
+    def history(*knn):  # one row per epoch; None where the epoch was not scored
+        return [{"epoch": e, "knn_top1": k} for e, k in enumerate(knn, start=1)]
+
+    found = {
+        0: ({}, history(None, 30.0, None, 31.0, None, 33.5), {}, None),
+        1: ({}, history(None, 29.0, None, 32.0, None, 32.0), {}, None),
+        2: ({}, history(None, None, None, None, None, 40.0), {}, None),  # one evaluation: no rise
+    }
+    rise, spans = reproduce.knn_rise(found)
+    assert rise == {0: 2.5, 1: 0.0} and spans == {(4, 6)}
+
+
 @pytest.mark.slow  # 10 epochs on real images; the default run trains on synthetic ones
 @needs_mini
 def test_simclr_learns_on_real_images(tmp_path, monkeypatch):

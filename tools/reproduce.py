@@ -966,6 +966,19 @@ def values(found, key):
     return {seed: metrics.get(key) for seed, (metrics, *_) in found.items()}
 
 
+def knn_rise(found):
+    """seed -> how far kNN top-1 rose between the run's last two evaluations (at 10 epochs: epoch 5 to 10), and
+    the set of (from, to) epochs: a curve still rising at the end says that more steps would help."""
+    rise, spans = {}, set()
+    for seed, (_, history, *_) in found.items():
+        scored = [(row["epoch"], row["knn_top1"]) for row in history if row.get("knn_top1") is not None]
+        if len(scored) >= 2:
+            (before, earlier), (last, final) = scored[-2:]
+            rise[seed] = final - earlier
+            spans.add((before, last))
+    return rise, spans
+
+
 def provenance_of(found):
     """The code revisions and devices of a row's runs, e.g. 'git 44f80b3, cpu (2 threads)'; several if they differ."""
     revisions = sorted({p.get("git_revision", "?") for _, _, p, _ in found.values()})
@@ -1036,11 +1049,13 @@ def write_laptop_table(args, name, experiment, runs):
         "random backbone of the same seed; 'against': the paired difference (same seed) to the row named, "
         "with its 95 % interval; linear: the online probe; spread and rank: the collapse monitor (README); "
         "minutes: training time, the sum of the epochs' epoch_seconds (loading and evaluation not included), "
-        "mean over the seeds.",
+        "mean over the seeds; kNN rise: how far kNN top-1 rose between the run's last two evaluations, mean over "
+        "the seeds with its 95 % interval (a curve still rising at the end).",
         "",
         "| run | seeds | kNN top-1 | 95 % CI | above random [95 % CI] | against | difference [95 % CI] | linear top-1 "
-        "| spread | rank | final loss | training minutes | code, device | paper top-1 (CIFAR-100, 200 ep.) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| spread | rank | final loss | kNN rise, last two evaluations [95 % CI] | training minutes | code, device "
+        "| paper top-1 (CIFAR-100, 200 ep.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         found = row_results(args, name, experiment, run)
@@ -1054,11 +1069,15 @@ def write_laptop_table(args, name, experiment, runs):
             [sum(h["epoch_seconds"] for h in history) / 60 for _, history, *_ in found.values() if history]
         )
         mean_of = lambda key: show_mean(summarise(values(found, key).values()))
+        rise, spans = knn_rise(found)
+        epochs = ", ".join(f"epoch {a} to {b}" for a, b in sorted(spans))
+        rise = "-" if not rise else f"{show_both(summarise(rise.values()))} ({epochs})"
         rows.append(
             f"| {label} | {len(found)} | {show_mean(summarise(knn.values()))} | "
             f"{show_interval(summarise(knn.values()))} | {show_both(above)} | "
             f"{run.compare or '-'} | {show_both(difference)} | "
             f"{mean_of('linear_top1')} | {mean_of('output_spread')} | {mean_of('feature_rank')} | {mean_of('loss')} | "
+            f"{rise} | "
             f"{'-' if minutes is None else f'{minutes.mean:.1f}'} | {provenance_of(found)} | "
             f"{fmt(run.paper.get('top1'))} |"
         )
