@@ -973,9 +973,9 @@ def knn_rise(found):
     for seed, (_, history, *_) in found.items():
         scored = [(row["epoch"], row["knn_top1"]) for row in history if row.get("knn_top1") is not None]
         if len(scored) >= 2:
-            (before, earlier), (last, final) = scored[-2:]
-            rise[seed] = final - earlier
-            spans.add((before, last))
+            (from_epoch, from_knn), (to_epoch, to_knn) = scored[-2:]
+            rise[seed] = to_knn - from_knn
+            spans.add((from_epoch, to_epoch))
     return rise, spans
 
 
@@ -1071,13 +1071,13 @@ def write_laptop_table(args, name, experiment, runs):
         mean_of = lambda key: show_mean(summarise(values(found, key).values()))
         rise, spans = knn_rise(found)
         epochs = ", ".join(f"epoch {a} to {b}" for a, b in sorted(spans))
-        rise = "-" if not rise else f"{show_both(summarise(rise.values()))} ({epochs})"
+        rise_cell = "-" if not rise else f"{show_both(summarise(rise.values()))} ({epochs})"
         rows.append(
             f"| {label} | {len(found)} | {show_mean(summarise(knn.values()))} | "
             f"{show_interval(summarise(knn.values()))} | {show_both(above)} | "
             f"{run.compare or '-'} | {show_both(difference)} | "
             f"{mean_of('linear_top1')} | {mean_of('output_spread')} | {mean_of('feature_rank')} | {mean_of('loss')} | "
-            f"{rise} | "
+            f"{rise_cell} | "
             f"{'-' if minutes is None else f'{minutes.mean:.1f}'} | {provenance_of(found)} | "
             f"{fmt(run.paper.get('top1'))} |"
         )
