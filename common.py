@@ -445,20 +445,35 @@ def run_cli(main):
     """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2.
     Under torchrun every process meets the same one (the same flags, files and averaged gradients), and rank
     0 alone prints it; every process leaves the process group on the way out, whatever ends it."""
+    code = 0
     try:
         main()
     except (ConfigError, DivergedError) as error:
         if WORLD.main:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+        code = 143  # 128 + SIGTERM, as if the signal had ended the process
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint (last.pt) is intact; rerun with --resume", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     finally:
         end_distributed()
+    leave(code)
+
+
+def leave(code):
+    """End the program with exit code `code`. Under torchrun the process ends here, without the interpreter's
+    finalisation: DistributedDataParallel keeps the (already destroyed) gloo group alive until then, and its
+    teardown at that point can abort a finished run ("terminate called without an active exception", seen
+    once in CI). Every file of the run is closed by now; the two streams are flushed first."""
+    if WORLD.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def check_device(name):
