@@ -16,6 +16,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import importlib
 import io
 import itertools
 import json
@@ -53,6 +54,13 @@ needs_mini = pytest.mark.skipif(
 )
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 METHOD_MODULES = {"byol": byol, "simsiam": simsiam, "simclr": simclr, "mocov2": mocov2, "dino": dino, "ressl": ressl}
+
+
+def tool(name):
+    """A module of tools/ (reproduce, infonce_terms), imported for its functions."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    return importlib.import_module(name)
 
 
 def run(script, *args, check=True, env=None, launcher=()):
@@ -1646,8 +1654,7 @@ def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
 def test_infonce_terms_change_nothing_and_add_up_to_the_logged_loss(tmp_path):
     """tools/infonce_terms.py runs mocov2.py's own main unchanged (the same metrics as a plain run), and the
     loss it records per epoch is the one metrics.jsonl logs: its calls are grouped by the right epochs."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import infonce_terms
+    infonce_terms = tool("infonce_terms")
 
     args = [*SYNTHETIC, "--epochs", "2", *SMALL_HEADS["mocov2"], "--deterministic"]  # 2 epochs of 2 steps
     info_nce = mocov2.info_nce
@@ -1683,10 +1690,7 @@ PAPER_EXPERIMENTS = {
 
 
 def test_reproduce_list_covers_every_experiment_with_valid_commands():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
-    import linear_eval
-
+    reproduce = tool("reproduce")
     assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
     result = run("tools/reproduce.py", "--list")
     modules = {
@@ -1764,11 +1768,7 @@ REPRODUCE_TINY = [
 
 @pytest.mark.slow  # a tool run, as above
 def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_failed_one(tmp_path):
-    import os
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
-
+    reproduce = tool("reproduce")
     argv = ["table7", "--only", "lr 1.0,byol", *REPRODUCE_TINY, "--out-root", str(tmp_path), "--jobs", "2"]
     argv += ["--results", str(tmp_path / "kept")]
     args = reproduce.parse_args(argv)
@@ -2072,8 +2072,7 @@ def test_resume_refuses_another_train_subset(tmp_path):
 
 
 def test_confidence_intervals_against_known_cases():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
+    reproduce = tool("reproduce")
 
     # t(0.975; df) in closed form for df 1 (Cauchy: tan(pi (p - 1/2))) and df 2 ((2p - 1) / sqrt(2 p (1 - p))).
     assert reproduce.T_975[0] == pytest.approx(math.tan(math.pi * 0.475), abs=1e-3)
@@ -2097,8 +2096,7 @@ def test_confidence_intervals_against_known_cases():
 
 def test_claims_table_from_kept_results(tmp_path):
     """docs/claims.md's verdicts from made-up kept results of three seeds, with known answers."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
+    reproduce = tool("reproduce")
 
     args = reproduce.parse_args(["claims", "--results", str(tmp_path / "kept"), "--seeds", "0,1,2"])
     experiment = reproduce.EXPERIMENTS["laptop"]
@@ -2164,10 +2162,7 @@ def laptop_table(path):
 
 @pytest.mark.slow  # a tool run: two seeds of two method runs and of linear_eval.py
 def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
-    import shutil
-
+    reproduce = tool("reproduce")
     kept = tmp_path / "kept"
     cmd = [
         "tools/reproduce.py",
@@ -2233,8 +2228,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
 
 
 def test_knn_rise_is_the_change_between_the_last_two_evaluations():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import reproduce
+    reproduce = tool("reproduce")
 
     def history(*knn):  # one row per epoch; None where the epoch was not scored
         return [{"epoch": e, "knn_top1": k} for e, k in enumerate(knn, start=1)]
