@@ -60,6 +60,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
     )
+    # Two of lightly's CIFAR-10 settings, to test them (docs/small-scale.md); the defaults are the paper's.
+    parser.add_argument(
+        "--optimizer",
+        choices=["lars", "sgd"],
+        default="lars",
+        help="lars: LARS, as the paper; sgd: momentum SGD 0.9 with weight decay on every parameter (lightly's, "
+        "with --lr 0.06 --weight-decay 5e-4)",
+    )
+    parser.add_argument(
+        "--jitter-strength",
+        type=common.positive(float, at_most=1.25),
+        default=1.0,
+        help="scales the colour jitter's 0.8/0.8/0.8/0.2 (lightly's CIFAR-10 benchmark: 0.5)",
+    )
     return common.parse_method_args(parser, argv, "simclr", laptop=LAPTOP)
 
 
@@ -93,9 +107,15 @@ def main(argv=None):
     data = common.load_data(args, device)
 
     # Views: solo-learn's symmetric recipe (strong colour jitter), the same for both views.
+    strength = args.jitter_strength  # 1: the paper's
     view_recipes = [
         common.ViewRecipe(
-            size=data.image_size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=args.blur_p
+            size=data.image_size,
+            brightness=0.8 * strength,
+            contrast=0.8 * strength,
+            saturation=0.8 * strength,
+            hue=0.2 * strength,
+            blur_p=args.blur_p,
         )
     ] * 2
 
@@ -109,13 +129,18 @@ def main(argv=None):
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "target": target, "probe": probe}
     common.to_device(models.values(), device)
-    optimizer = common.LARS(
-        common.param_groups([online], args.weight_decay)
-        + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eta=args.lars_eta,
-    )
+    probe_group = {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}
+    if args.optimizer == "lars":
+        optimizer = common.LARS(
+            common.param_groups([online], args.weight_decay) + [probe_group],
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            eta=args.lars_eta,
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            [{"params": online.parameters()}, probe_group], lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
 
     # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
     run = common.Run(args, data, view_recipes, models, optimizer)

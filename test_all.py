@@ -403,6 +403,25 @@ def test_lars_step_matches_its_formula():
     assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # 1-D: plain SGD, no decay
 
 
+def test_simclr_lightly_settings_each_change_the_run_and_the_defaults_are_the_papers(tmp_path):
+    """--optimizer sgd (torch's SGD, weight decay on every parameter) and --jitter-strength 0.5 (0.4/0.4/0.4/0.1)
+    each change a 2-step run; at their defaults the golden runs hold (test_golden_runs_...)."""
+    weights, groups = {}, {}
+    for name, extra in [
+        ("paper", []),
+        ("sgd", ["--optimizer", "sgd", "--lr", "0.06", "--weight-decay", "5e-4"]),
+        ("jitter", ["--jitter-strength", "0.5"]),
+    ]:
+        simclr.main([*tiny_args("simclr"), "--deterministic", "--out-dir", str(tmp_path / name), *extra])
+        checkpoint = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        weights[name] = checkpoint["models"]["online"]
+        groups[name] = checkpoint["optimizer"]["param_groups"]
+    for other in ("sgd", "jitter"):
+        assert any(not torch.equal(weights["paper"][k], weights[other][k]) for k in weights["paper"]), other
+    assert "nesterov" in groups["sgd"][0] and groups["sgd"][0]["weight_decay"] == 5e-4  # torch.optim.SGD's
+    assert "eta" in groups["paper"][0] and "eta" in groups["jitter"][0]  # LARS
+
+
 def test_learning_rate_schedule():
     assert common.learning_rate_factor(0, 100, 10) == pytest.approx(0.1)
     assert common.learning_rate_factor(9, 100, 10) == pytest.approx(1.0)
