@@ -353,6 +353,7 @@ EXPERIMENTS = {
                         "--proj-hidden-dim 512 --temperature 0.5",
                         "--optimizer sgd --lr 0.06 --weight-decay 5e-4",
                         "--jitter-strength 0.5",
+                        "--optimizer sgd --lr 0.06 --weight-decay 5e-4 --jitter-strength 0.5",
                     ],
                 ),
                 # BYOL's preset lr 0.3 was chosen on test images (docs/small-scale.md): redone here against 1.0
