@@ -370,8 +370,8 @@ EXPERIMENTS = {
                         "--teacher-temp 0.04 --num-prototypes 1024",
                     ],
                 ),
-                # ReSSL's and SimSiam's learning rates (the preset's 0.06: lightly's) and ReSSL's teacher temperature
-                # (0.04, the paper's: a softer 0.07 for a run whose loss stays near chance)
+                # ReSSL's and SimSiam's learning rates (the presets' 0.06: MoCo's CIFAR demo, SimSiam's paper), doubled, and ReSSL's
+                # teacher temperature (0.04, the paper's; 0.07 is softer) for a run whose loss stays near chance
                 ("ressl", "", ["--proj-hidden-dim 512", "--lr 0.12", "--teacher-temp 0.07"]),
                 ("simsiam", "", ["--proj-hidden-dim 512 --proj-dim 512", "--lr 0.12"]),
             ]
