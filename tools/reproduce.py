@@ -370,8 +370,9 @@ EXPERIMENTS = {
                         "--teacher-temp 0.04 --num-prototypes 1024",
                     ],
                 ),
-                # ReSSL's and SimSiam's learning rates (the presets' 0.06: MoCo's CIFAR demo, SimSiam's paper), doubled, and ReSSL's
-                # teacher temperature (0.04, the paper's; 0.07 is softer) for a run whose loss stays near chance
+                # ReSSL's and SimSiam's learning rates doubled (the presets' 0.06: MoCo's CIFAR demo, SimSiam's
+                # paper), and ReSSL's teacher temperature softened (0.04, the paper's, to 0.07): its loss stays
+                # near chance for the whole run
                 ("ressl", "", ["--proj-hidden-dim 512", "--lr 0.12", "--teacher-temp 0.07"]),
                 ("simsiam", "", ["--proj-hidden-dim 512 --proj-dim 512", "--lr 0.12"]),
             ]
