@@ -129,10 +129,10 @@ def main(argv=None):
     probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
     models = {"online": online, "target": target, "probe": probe}
     common.to_device(models.values(), device)
-    probe_group = {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}
+    probe_group = {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}
     if args.optimizer == "lars":
         optimizer = common.LARS(
-            common.param_groups([online], args.weight_decay) + [probe_group],
+            common.param_groups([online], args.weight_decay) + [{**probe_group, "lars": False}],
             lr=args.lr,
             weight_decay=args.weight_decay,
             eta=args.lars_eta,
