@@ -82,7 +82,8 @@ def pairs(method, classic, projector, extra=""):
 
 
 RANDOM = "random backbone (same width, never trained)"
-# The presets of SimCLR and DINO before the search's choices entered them (the search's rows name these)
+# What the search's SimCLR and DINO rows ran with before the search's choices entered the presets:
+# SimCLR's old optimiser and jitter; DINO's old 3-epoch warm-up (each DINO row names its teacher temperature)
 SIMCLR_BEFORE = "--optimizer lars --lr 0.4 --weight-decay 1e-5 --jitter-strength 1.0"
 DINO_BEFORE = "--warmup-teacher-temp-epochs 3"
 FIG2 = "--proj-hidden-dim 2 --beta-schedule constant --log-grad-norms --track-weights 16"
