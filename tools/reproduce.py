@@ -360,8 +360,10 @@ EXPERIMENTS = {
                         "--optimizer sgd --lr 0.06 --weight-decay 5e-4 --jitter-strength 0.5",
                     ],
                 ),
-                # BYOL's preset lr 0.3 was chosen on test images (docs/small-scale.md): redone here against 1.0
-                ("byol", "", ["--proj-hidden-dim 1024 --pred-hidden-dim 1024", "--lr 1.0"]),
+                # BYOL's preset lr 0.3 was chosen on test images (docs/small-scale.md): redone here against 1.0.
+                # BYOL and ReSSL: beta rising by cosine from 0.99 to 1 over the run (solo-learn's CIFAR recipes),
+                # which helped MoCo v2 here
+                ("byol", "", ["--proj-hidden-dim 1024 --pred-hidden-dim 1024", "--lr 1.0", "--beta-schedule cosine"]),
                 # DINO's loss sits at log(4,096) for the whole laptop run: a sharper teacher (0.04 throughout,
                 # the warm-up's own start) and fewer prototypes, alone and together
                 (
@@ -377,7 +379,7 @@ EXPERIMENTS = {
                 # ReSSL's and SimSiam's learning rates doubled (the presets' 0.06: MoCo's CIFAR demo, SimSiam's
                 # paper), and ReSSL's teacher temperature softened (0.04, the paper's, to 0.07): its loss stays
                 # near chance for the whole run
-                ("ressl", "", ["--proj-hidden-dim 512", "--lr 0.12", "--teacher-temp 0.07"]),
+                ("ressl", "", ["--proj-hidden-dim 512", "--lr 0.12", "--teacher-temp 0.07", "--beta-schedule cosine"]),
                 ("simsiam", "", ["--proj-hidden-dim 512 --proj-dim 512", "--lr 0.12"]),
             ]
             for flags in [baseline, *candidates]
