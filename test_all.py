@@ -900,25 +900,41 @@ def golden_digests(method, tmp_path, env=None):
     return digests
 
 
-@pytest.mark.slow  # a guard for changes of structure; it skips unless on the platform that recorded the digests
+def golden_recording(recordings, isa):
+    """The recording of docs/golden-runs.json made on this platform, and the ISA ceiling that makes this CPU run
+    its kernels (None if it needs none); (None, None) if none was made here."""
+    platform = {"torch": torch.__version__, "cpu": cpu_name(), "isa": isa, "threads": 1}
+    for recorded in recordings:
+        if recorded["platform"] == platform:
+            return recorded, None
+    for recorded in recordings:
+        recorded_isa = recorded["platform"]["isa"]
+        under = dict(platform, isa=recorded_isa)
+        if recorded["platform"] == under and recorded_isa in ISA_CEILING and isa_under_ceiling(recorded_isa) == recorded_isa:
+            return recorded, ISA_CEILING[recorded_isa]  # this CPU runs the recorded kernels under a ceiling
+    return None, None
+
+
+@pytest.mark.slow  # a guard for changes of structure; it skips unless on a platform that recorded the digests
 @pytest.mark.parametrize("method", METHODS)
 def test_golden_runs_are_bit_identical_to_the_recorded_reference(tmp_path, method):
-    # the CPU's vector instructions (AVX2, AVX512) choose the kernels, so they belong to the platform
+    # the CPU's vector instructions (AVX2, AVX512) choose the kernels, so they belong to the platform; the file
+    # holds one recording per platform, each made from the same code
     isa = torch.backends.cpu.get_cpu_capability()
-    platform = {"torch": torch.__version__, "cpu": cpu_name(), "isa": isa, "threads": 1}
+    recordings = json.loads(GOLDEN.read_text())["recordings"] if GOLDEN.exists() else []
     if os.environ.get("RECORD_GOLDEN"):
-        recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        if recorded.get("platform") != platform:
+        platform = {"torch": torch.__version__, "cpu": cpu_name(), "isa": isa, "threads": 1}
+        recorded = next((r for r in recordings if r["platform"] == platform), None)
+        if recorded is None:
             recorded = {"platform": platform}
+            recordings.append(recorded)
         recorded[method] = golden_digests(method, tmp_path)
-        GOLDEN.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps({"recordings": recordings}, indent=2, sort_keys=True) + "\n")
         return
-    recorded = json.loads(GOLDEN.read_text())
-    recorded_isa, ceiling = recorded["platform"]["isa"], None
-    if recorded_isa != isa and recorded_isa in ISA_CEILING and isa_under_ceiling(recorded_isa) == recorded_isa:
-        platform["isa"], ceiling = recorded_isa, ISA_CEILING[recorded_isa]  # this CPU runs the recorded kernels
-    if recorded["platform"] != platform:
-        pytest.skip(f"the golden digests were recorded on {recorded['platform']}; this is {platform}")
+    recorded, ceiling = golden_recording(recordings, isa)
+    if recorded is None or method not in recorded:
+        platforms = "; ".join(str(r["platform"]) for r in recordings)
+        pytest.skip(f"the golden digests were recorded on {platforms}; this is {cpu_name()}, {isa}")
     assert golden_digests(method, tmp_path, ceiling) == recorded[method]
 
 
