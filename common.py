@@ -612,7 +612,13 @@ class Run:
         # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
         self.views = Views(data, view_recipes, args.batch_size, args.aug_chunk, self.augment_generator, WORLD)
         # --log-grad-norms, --track-weights (measured on rank 0's share of each batch)
-        self.instruments = Instruments(args, self.online, self.target, enabled=WORLD.main)
+        fixed = None
+        if args.log_target_drift:  # the fixed batch of --log-target-drift: the first training images, as evaluated
+            fixed = normalize(data.train_images[: Instruments.DRIFT_IMAGES].float() / 255, data.mean, data.std)
+            fixed = fixed.contiguous(memory_format=torch.channels_last)
+        self.instruments = Instruments(
+            args, self.online, self.target, enabled=WORLD.main, fixed_images=fixed, counter=self.counter
+        )
         self.logger = on_rank_0(lambda: RunLogger(args, self.state, self.instruments))
         self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
         self.total_steps = args.epochs * self.steps_per_epoch
@@ -1335,17 +1341,28 @@ class Instruments:
         last linear layer, online and target, after each step's EMA update (step 0: at start).
         With --proj-hidden-dim 2 each row is a point in the plane. Where the projector is
         shared (not an EMA stage), the target's rows are the online rows.
+    --log-target-drift -> target_drift.jsonl, the stability the paper's thesis names: after each
+        step's EMA update, how far the outputs of the online network and of the target moved
+        since the step before, on one fixed batch (the first DRIFT_IMAGES training images, not
+        augmented): the mean over the images of ||z_t/|z_t| - z_(t-1)/|z_(t-1)|||, in [0, 2].
+        Both run in training mode (BatchNorm on the batch's statistics, as the loss sees them)
+        without touching any running statistic, gradient, random generator or the forward
+        counter, so a run with it trains exactly as one without (test_all.py checks).
     Records stay on the device during an epoch (no host synchronisation per step) and are
     written just before each checkpoint; on resume the files are cut back to the checkpoint's
     step, so a resumed run writes what an uninterrupted one would. Off, they cost nothing:
     no hooks are registered and nothing is copied.
     """
 
-    FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl"}
+    FILES = {"grad_norms": "grad_norms.jsonl", "weights": "weights.jsonl", "target_drift": "target_drift.jsonl"}
+    DRIFT_IMAGES = 64
 
-    def __init__(self, args, online, target, enabled=True):
+    def __init__(self, args, online, target, enabled=True, fixed_images=None, counter=None):
         self.log_grad_norms, self.rows = (args.log_grad_norms, args.track_weights) if enabled else (False, 0)
-        self.pending = {"grad_norms": [], "weights": []}  # (step, tensor) per step since the last write
+        self.drift = enabled and args.log_target_drift
+        self.online, self.target, self.counter = online, target, counter
+        self.fixed_images = None if fixed_images is None else fixed_images[: self.DRIFT_IMAGES]
+        self.pending = {"grad_norms": [], "weights": [], "target_drift": []}  # (step, tensor) since the last write
         self.current = {}  # stage -> l-inf norm of the gradient so far in this step
         if self.log_grad_norms:  # a forward hook on each online stage watches its output's gradient
             for stage, module in online.stages().items():
@@ -1383,6 +1400,21 @@ class Instruments:
             self.current = {}
         if self.rows:
             self._record_weights(step)
+        if self.drift:
+            now = self._outputs()
+            moved = [(n - before).norm(dim=1).mean() for n, before in zip(now, self.before)]  # online, target
+            self.pending["target_drift"].append((step, torch.stack(moved)))
+            self.before = now
+
+    @torch.no_grad()
+    def _outputs(self):
+        """The l2-normalised outputs of the online network and of the target on the fixed batch, in training
+        mode, leaving every running statistic, the forward counter and the modules' modes as they were."""
+        modules = [*self.online.stages().values(), *self.target.ema.values()]
+        with running_stats_frozen(modules), self.counter.paused(), autocast(self.fixed_images.device):
+            _, z, inputs = self.online(self.fixed_images)
+            z_target = self.target(inputs)
+        return F.normalize(z.float(), dim=1), F.normalize(z_target.float(), dim=1)
 
     def _record_weights(self, step):
         self.pending["weights"].append(
@@ -1390,7 +1422,8 @@ class Instruments:
         )
 
     def enabled(self):
-        return [key for key, on in (("grad_norms", self.log_grad_norms), ("weights", self.rows)) if on]
+        on = {"grad_norms": self.log_grad_norms, "weights": self.rows, "target_drift": self.drift}
+        return [key for key in self.FILES if on[key]]
 
     def open(self, out_dir, step, resume):
         """Start the files: a resumed run keeps the lines up to its checkpoint's step."""
@@ -1404,6 +1437,8 @@ class Instruments:
             atomic_write(path, lambda f: f.write("".join(keep).encode()))
         if self.rows and not resume:
             self._record_weights(0)  # the starting point of each trajectory
+        if self.drift:  # the outputs the first step's drift is measured from (at a resume: the checkpoint's)
+            self.before = self._outputs()
 
     def write(self):
         """Append the records since the last write (called just before a checkpoint is saved)."""
@@ -1414,6 +1449,8 @@ class Instruments:
             values = torch.stack([v for _, v in self.pending[key]]).cpu().tolist()  # one transfer per epoch
             if key == "grad_norms":
                 lines = [{"step": s, **dict(zip(STAGES, v))} for s, v in zip(steps, values)]
+            elif key == "target_drift":
+                lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
             else:
                 lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
             path = self.out_dir / self.FILES[key]
@@ -1462,9 +1499,19 @@ class ForwardCounter:
 
     def reset(self):
         self.flops_run, self.flops_with_grad = 0.0, 0.0
+        self.counting = True
+
+    @contextmanager
+    def paused(self):
+        """Passes made inside are not training work (--log-target-drift's measurement)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def _ran(self, stage, module, inputs):
-        if not module.training:  # evaluation passes are not training work
+        if not module.training or not self.counting:  # evaluation passes are not training work
             return
         flops = self.flops[stage] * inputs[0].numel() / self.input_numel[stage]
         self.flops_run += flops
@@ -1735,6 +1782,13 @@ def add_common_args(parser, *, lr, weight_decay, ema_stages, beta, beta_schedule
         action="store_true",
         help="Fig. 5: write grad_norms.jsonl, the l-inf norm of the loss's "
         "gradient w.r.t. each stage's output, every step",
+        resume_may_change=True,
+    )
+    a(
+        "--log-target-drift",
+        action="store_true",
+        help="the paper's stability thesis: write target_drift.jsonl, how far the online network's and the "
+        "target's outputs on one fixed batch moved at each step",
         resume_may_change=True,
     )
     a(

@@ -910,7 +910,11 @@ def golden_recording(recordings, isa):
     for recorded in recordings:
         recorded_isa = recorded["platform"]["isa"]
         under = dict(platform, isa=recorded_isa)
-        if recorded["platform"] == under and recorded_isa in ISA_CEILING and isa_under_ceiling(recorded_isa) == recorded_isa:
+        if (
+            recorded["platform"] == under
+            and recorded_isa in ISA_CEILING
+            and isa_under_ceiling(recorded_isa) == recorded_isa
+        ):
             return recorded, ISA_CEILING[recorded_isa]  # this CPU runs the recorded kernels under a ceiling
     return None, None
 
@@ -1554,10 +1558,11 @@ FIG2 = [
 
 @pytest.fixture(scope="module")
 def instrumented_runs(tmp_path_factory):
-    """BYOL with a 2-wide projector, both instruments on, at beta 1 and beta 0.9 (4 steps each)."""
+    """BYOL with a 2-wide projector, every instrument on, at beta 1 and beta 0.9 (4 steps each)."""
     root = tmp_path_factory.mktemp("instruments")
     for beta in ("1", "0.9"):
-        run_here(byol, *FIG2, "--beta", beta, "--log-grad-norms", "--out-dir", root / f"beta{beta}")
+        flags = ["--log-grad-norms", "--log-target-drift"]
+        run_here(byol, *FIG2, "--beta", beta, *flags, "--out-dir", root / f"beta{beta}")
     return root
 
 
@@ -1578,7 +1583,7 @@ def test_grad_norm_hooks_equal_autograd_on_each_stage_output():
     torch.manual_seed(0)
     online = common.Encoder(common.ResNetCIFAR("resnet18"), common.mlp(512, 32, 16))
     target = common.NamedStageEMA(online, ["projector"])
-    args = type("Args", (), {"log_grad_norms": True, "track_weights": 0})
+    args = type("Args", (), {"log_grad_norms": True, "track_weights": 0, "log_target_drift": False})
     instruments = common.Instruments(args, online, target)
     x_1, x_2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     _, z_1, a_1 = online(x_1)
@@ -1600,7 +1605,7 @@ def test_grad_norm_hooks_equal_autograd_on_each_stage_output():
         expected = max(grads[k].abs().max(), grads[k + 6].abs().max())
         assert measured[stage].item() == pytest.approx(expected.item(), rel=1e-4), stage
     fresh = common.Encoder(common.ResNetCIFAR("resnet18"), common.mlp(512, 32, 16))  # off: no hook at all
-    off = type("Args", (), {"log_grad_norms": False, "track_weights": 0})
+    off = type("Args", (), {"log_grad_norms": False, "track_weights": 0, "log_target_drift": False})
     common.Instruments(off, fresh, common.NamedStageEMA(fresh, ["projector"]))
     assert not any(module._forward_hooks for module in fresh.stages().values())
     _, z, inputs = fresh(x_1)
@@ -1622,6 +1627,24 @@ def test_tracked_target_rows_freeze_at_beta_1_and_follow_equation_6_below(instru
             assert torch.allclose(target[1:], beta * target[:-1] + (1 - beta) * online[1:], atol=1e-6)
 
 
+def test_target_drift_changes_nothing_is_zero_for_a_frozen_target_and_the_online_drift_without_ema(tmp_path):
+    small = [*resume_args("byol", 1), "--max-steps", "3"]
+    run_here(byol, *small, "--ema-stages", "all", "--out-dir", tmp_path / "off")
+    for stages, beta in (("all", "0.99"), ("all", "1"), ("none", "0.99")):
+        out = tmp_path / f"{stages}{beta}"
+        run_here(byol, *small, "--ema-stages", stages, "--beta", beta, "--log-target-drift", "--out-dir", out)
+        lines = jsonl(out / "target_drift.jsonl")
+        assert [line["step"] for line in lines] == [1, 2, 3]
+        assert all(line["online"] > 0 for line in lines)  # the online network moves every step
+        if beta == "1":  # a frozen target on a fixed batch: its outputs do not move at all
+            assert all(line["target"] == 0 for line in lines)
+        elif stages == "none":  # the target is the online network
+            assert all(line["target"] == line["online"] for line in lines)
+        else:  # beta 0.99: the target moves, and less than the online network
+            assert all(0 < line["target"] < line["online"] for line in lines)
+    assert_same_run(tmp_path / "off", tmp_path / "all0.99")  # the measurement changes no weight and no metric
+
+
 @pytest.mark.slow  # the default run: test_bad_input_...; instrumented_runs track weights
 def test_track_weights_needs_a_narrow_last_layer(tmp_path):
     result = run("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
@@ -1634,12 +1657,12 @@ def test_track_weights_needs_a_narrow_last_layer(tmp_path):
 def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tmp_path):
     """Cut at step 3 (mid-epoch), leave junk past the checkpoint, resume: the files equal an uninterrupted run's."""
     out = tmp_path / "run"
-    args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--out-dir", out]
+    args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--log-target-drift", "--out-dir", out]
     run("byol.py", *args, "--max-steps", "3")
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave
     run("byol.py", *args, "--resume")
-    for name in ("grad_norms.jsonl", "weights.jsonl"):
+    for name in ("grad_norms.jsonl", "weights.jsonl", "target_drift.jsonl"):
         assert (out / name).read_text() == (instrumented_runs / "beta0.9" / name).read_text(), name
 
 

@@ -87,6 +87,49 @@ RANDOM = "random backbone (same width, never trained)"
 SIMCLR_BEFORE = "--optimizer lars --lr 0.4 --weight-decay 1e-5 --jitter-strength 1.0"
 DINO_BEFORE = "--warmup-teacher-temp-epochs 3"
 FIG2 = "--proj-hidden-dim 2 --beta-schedule constant --log-grad-norms --track-weights 16"
+# The laptop rows of the paper's beta claim (Sec. 7) and of its stability thesis (Fig. 2, 3 and 5, Tables 2, 7
+# and C.8), after the first rows so that those keep their places. BETA_AGGRESSIVE: the paper's 0.9995, whose
+# lag, 1 / (1 - beta) = 2,000 steps, is 20 times that of the preset's 0.99, as in the paper (docs/claims.md).
+BETA_AGGRESSIVE = "0.9995"
+STABILITY = "--log-grad-norms --log-target-drift"  # Fig. 5's gradients and the target's drift, every step
+TWO_WIDE = "--proj-hidden-dim 2 --track-weights 8 --log-grad-norms"  # Table 2 and Fig. 2: FC2's rows are points
+LAPTOP_THESIS_ROWS = [
+    *[
+        Run(
+            f"{method}: EMA {stages} at beta {BETA_AGGRESSIVE}",
+            f"{method}.py",
+            f"--ema-stages {stages} --beta {BETA_AGGRESSIVE}",
+            compare=f"{method}: EMA {stages}" + (" (classic)" if stages == "all" else ""),
+        )
+        for method in ("byol", "dino", "ressl", "mocov2")
+        for stages in ("all", "projector")
+    ],
+    *[
+        Run(f"byol: EMA {stages} with stability instruments", "byol.py", f"--ema-stages {stages} {STABILITY}")
+        for stages in ("none", "projector", "all")
+    ],
+    Run("byol 2-wide projector: EMA none", "byol.py", f"--ema-stages none {TWO_WIDE}", {"top1": 20.01, "knn1": 10.01}),
+    *[
+        Run(
+            f"byol 2-wide projector: EMA projector at beta {beta}",
+            "byol.py",
+            f"--ema-stages projector --beta {beta} {TWO_WIDE}",
+            paper,
+            compare="byol 2-wide projector: EMA none",
+        )
+        for beta, paper in [("0.9", {"top1": 25.76, "knn1": 14.17}), ("0.99", {"top1": 22.63, "knn1": 12.56})]
+    ],
+    Run(
+        "byol: EMA projector + BN1 + BN2",
+        "byol.py",
+        "--ema-stages projector --bn-block4 --bn-proj",
+        {"top1": 62.48, "knn1": 55.66},
+        compare="byol: EMA projector",
+    ),
+    # Table 7: the paper's learning rates 1.0 and 4.0; the laptop preset's 0.3 and four times it
+    Run("byol: EMA all at lr x4", "byol.py", "--ema-stages all --lr 1.2", {"top1": 58.01}, "byol: EMA all (classic)"),
+    Run("byol: EMA projector at lr x4", "byol.py", "--ema-stages projector --lr 1.2", compare="byol: EMA projector"),
+]
 EXPERIMENTS = {
     "table1": Experiment(
         "Table 1: effect of EMA in each framework (remove it, or add it)",
@@ -316,7 +359,8 @@ EXPERIMENTS = {
             for stages, paper in rows
             # Fig. 5 is measured on BYOL without EMA (the paper: its Fig. 2 setting with beta 0)
             for extra in [" --log-grad-norms" if (method, stages) == ("byol", "none") else ""]
-        ],
+        ]
+        + LAPTOP_THESIS_ROWS,
         flags="--preset laptop",
         epochs=10,
         data_dir="cifar10-images",
@@ -739,22 +783,79 @@ def pending(args, name, experiment, run, seed):
     return cmd
 
 
-KEPT = ("args.json", "metrics.jsonl", "linear_eval.json", "grad_norms.jsonl")  # the small files a table reads
+# the small files a table reads
+KEPT = ("args.json", "metrics.jsonl", "linear_eval.json", "grad_norms.jsonl", "target_drift.jsonl", "weights.jsonl")
 
 
-def machine(threads):
-    """The CPU that ran a job, as /proc/cpuinfo names it, and its thread count (provenance.json)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model():
+    """The CPU's name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        cpu = names[0].strip() if names else cpu
-    return f"{cpu}, {os.cpu_count()} CPU threads, OMP_NUM_THREADS={threads}"
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    return names[0].strip() if names else (platform.processor() or platform.machine())
 
 
-def mark_done(args, name, experiment, run, seed, threads, started):
+def cpu_vector_units():
+    """The vector instruction sets the CPU has (of those that choose torch's kernels), from /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(re.findall(r"^flags\s*:\s*(.+)$", cpuinfo.read_text(), re.M)[0].split()) if cpuinfo.exists() else set()
+    return [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+
+
+_CAPABILITY = {}
+
+
+def torch_cpu_capability(env):
+    """The vector instructions torch's CPU kernels use in a process with this environment (AVX2, AVX512, ...):
+    they change float results, so a run's provenance names them. Asked once per invocation."""
+    if "value" not in _CAPABILITY:
+        script = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        _CAPABILITY["value"] = out.stdout.strip() or "unknown"
+    return _CAPABILITY["value"]
+
+
+class LoadMeter:
+    """The load a run shared the machine with, measured while it ran: the one-minute load average (every
+    process on the machine, this run included) sampled every SECONDS, and, when the run ends, its own CPU
+    seconds (user + system, from wait4) against its wall time and threads."""
+
+    SECONDS = 10.0
+
+    def __init__(self):
+        self.samples, self.last = [], 0.0
+
+    def sample(self):
+        now = time.time()
+        if now - self.last >= self.SECONDS and Path("/proc/loadavg").exists():
+            self.samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            self.last = now
+
+    def summary(self, cpu_seconds, wall_seconds, threads):
+        threads = int(threads) if str(threads).isdigit() else (os.cpu_count() or 1)
+        return {
+            "cpu_seconds": round(cpu_seconds, 1),
+            # 1.0: the run had its threads' worth of CPU all along; 0.5: it got half (other work, or too many threads)
+            "cpu_share": round(cpu_seconds / max(wall_seconds * threads, 1e-9), 3),
+            "load_average_mean": round(sum(self.samples) / len(self.samples), 2) if self.samples else None,
+            "load_average_max": max(self.samples) if self.samples else None,
+            "cores": os.cpu_count(),
+        }
+
+
+def wait_for(process, meter, block=False):
+    """Reap `process` if it has ended (wait4: its exit status and the CPU time it used); sample the load
+    meanwhile. Returns its CPU seconds once it ended, None while it runs."""
+    meter.sample()
+    pid, status, usage = os.wait4(process.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def mark_done(args, name, experiment, run, seed, threads, started, load, env):
     """Record that a row finished, with the exact command, so that the next invocation skips it; and keep
-    its small files in --results with where and when it ran (provenance.json), for the tables."""
+    its small files in --results with where and when it ran, and the load it shared (provenance.json)."""
     directory = run_dir(args, experiment, run, seed)
     shown = show(command(args, experiment, run, seed))
     (directory / "reproduce-done.json").write_text(json.dumps({"command": shown}))
@@ -769,8 +870,12 @@ def mark_done(args, name, experiment, run, seed, threads, started):
         "git_revision": trained.get("git_revision", git_revision()),
         "torch": trained.get("torch") or torch_version(),  # (linear_eval.py writes no args.json)
         "device": trained.get("device_name", "cpu") if run.script != "linear_eval.py" else "cpu",
-        "machine": machine(threads),
-        "jobs_at_once": args.jobs,
+        "cpu": cpu_model(),
+        "cpu_vector_units": cpu_vector_units(),
+        "torch_cpu_capability": torch_cpu_capability(env),
+        "threads": threads,
+        "jobs_asked": args.jobs,  # --jobs: runs this invocation keeps going at once; "load" says what was shared
+        "load": load,
         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "wall_seconds": round(time.time() - started),
     }
@@ -803,16 +908,24 @@ def run_one(args, name, experiment, run, seed):
     if cmd is None:
         return True
     print(f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}, seed {seed}: {show(cmd)}", flush=True)
-    started = time.time()
-    result = subprocess.run(cmd, cwd=ROOT)
-    if result.returncode != 0:
+    started, meter = time.time(), LoadMeter()
+    process = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        while (cpu_seconds := wait_for(process, meter)) is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # the terminal sent the run the same Ctrl-C: it saves and ends; wait for it
+        wait_for(process, meter, block=True)
+        raise
+    if process.returncode != 0:
         print(
-            f"[failed]  {run.label}, seed {seed}: exit {result.returncode}; fix the cause and run this command "
+            f"[failed]  {run.label}, seed {seed}: exit {process.returncode}; fix the cause and run this command "
             f"again to resume",
             flush=True,
         )
         return False
-    mark_done(args, name, experiment, run, seed, os.environ.get("OMP_NUM_THREADS", "default"), started)
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    load = meter.summary(cpu_seconds, time.time() - started, threads)
+    mark_done(args, name, experiment, run, seed, threads, started, load, dict(os.environ))
     return True
 
 
@@ -827,7 +940,7 @@ def run_many(args, name, experiment, jobs):
             f"(this machine has {os.cpu_count()} CPU threads)",
             flush=True,
         )
-    running = {}  # process -> (row, seed, log file, start time)
+    running = {}  # process -> (row, seed, log file, start time, load meter)
     failed = []
     try:
         while todo or running:
@@ -838,18 +951,20 @@ def run_many(args, name, experiment, jobs):
                     out.write(f"$ {show(cmd)}\n")
                     out.flush()
                     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-                running[process] = (run, seed, log, time.time())
+                running[process] = (run, seed, log, time.time(), LoadMeter())
                 print(
                     f"[{'resume' if '--resume' in cmd else 'run'}]     {run.label}, seed {seed} (pid {process.pid}, "
                     f"log {log}): {show(cmd)}",
                     flush=True,
                 )
             time.sleep(0.2)
-            for process in [p for p in running if p.poll() is not None]:
-                run, seed, log, started = running.pop(process)
+            ended = {p: cpu for p, (*_, meter) in running.items() if (cpu := wait_for(p, meter)) is not None}
+            for process, cpu_seconds in ended.items():
+                run, seed, log, started, meter = running.pop(process)
                 took = f"after {(time.time() - started) / 60:.1f} min; log {log}"
                 if process.returncode == 0:
-                    mark_done(args, name, experiment, run, seed, env["OMP_NUM_THREADS"], started)
+                    load = meter.summary(cpu_seconds, time.time() - started, env["OMP_NUM_THREADS"])
+                    mark_done(args, name, experiment, run, seed, env["OMP_NUM_THREADS"], started, load, env)
                     print(f"[finished] {run.label}, seed {seed}: exit 0 {took}", flush=True)
                 else:
                     failed.append(log)
