@@ -9,60 +9,54 @@ Algorithm 1 are written for it, and this file follows them line by line (see `ma
     python byol.py --ema-stages none                  # Table 1 "Remove" (beta = 0, weights shared)
     python byol.py --ema-stages block4,projector      # Fig. 4: any comma list of stages
 
-Reproduces (CIFAR-100, ResNet-18, 200 epochs, online linear top-1): Table 1 (62.01 / 43.48),
-Table 3 (62.17 backbone / 59.61 projector), Fig. 4, Table 7 (--ema-stages projector --beta 1).
+The paper's numbers for these rows (CIFAR-100, ResNet-18, 200 epochs, online linear top-1): Table 1
+62.01 / 43.48, Table 3 62.17 backbone / 59.61 projector; Fig. 4; Table 7 (--ema-stages projector
+--beta 1). What this code measured is in README.md ("Measured results"), with how and where.
 
-Recipe: solo-learn's CIFAR BYOL, which the paper ran (its Appendix A): projector
-512-4096-256 and predictor 256-4096-256 with BN, LARS lr 1.0, wd 1e-5, eta 0.02,
-10 warm-up epochs then cosine, batch 256; beta 0.99 rising to 1.0 on a cosine schedule
-(solo-learn's default; --beta-schedule constant keeps it at --beta).
-
-Deviations from the paper's runs, this method's own (those common to every method file --
-CIFAR stem, batched augmentation, schedules, BatchNorm in shared stages -- are listed in
-docs/deviations.md):
+Deviations from the paper's runs, this method's own (those common to every method file -- CIFAR stem,
+batched augmentation, schedules, BatchNorm in shared stages -- are listed in docs/deviations.md):
   * loss: 2 - 2cos per direction, averaged over the two directions (solo-learn's form when the
     paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
-Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
-
-import argparse
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 
-
-# --preset laptop (common.LAPTOP adds the scale): LARS lr 0.3 in place of 1.0. With a warm-up of 39
-# steps in place of 1,950, lr 1.0 did not learn in 10 epochs (docs/small-scale.md).
-LAPTOP = {"lr": 0.3}
+# ---------------------------------------------------------------------------------------
+# BYOL's recipe: every default of byol.py, its --preset laptop values, and where they come from
+# ---------------------------------------------------------------------------------------
+positive = common.positive
+RECIPE = common.Recipe(
+    "byol",
+    "BYOL with named-stage EMA",
+    # solo-learn's CIFAR BYOL, which the paper ran (its Appendix A): LARS lr 1.0, wd 1e-5, eta 0.02, 10 warm-up
+    # epochs then cosine, batch 256; beta 0.99 (the paper's, Table 1) rising to 1.0 by cosine (solo-learn's)
+    lr=1.0,
+    weight_decay=1e-5,
+    probe_lr=0.1,
+    ema_stages="all",
+    beta=0.99,
+    beta_schedule="cosine",
+    beta_final=1.0,
+    flags=[  # projector 512-4096-256 and predictor 256-4096-256, with BN
+        common.Flag(
+            "--proj-hidden-dim", 4096, "hidden width of the projector g (Table 2 uses 2)", positive(int, 2**16)
+        ),
+        common.Flag("--proj-dim", 256, "output width of g and h", positive(int, 2**16)),
+        common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
+        common.Flag("--pred-hidden-dim", 4096, "hidden width of the predictor h", positive(int, 2**16)),
+        common.Flag("--lars-eta", 0.02, "LARS trust coefficient", positive(float)),
+    ],
+    # --preset laptop (the scale: engine/cli.py's LAPTOP_SCALE): LARS lr 0.3 in place of 1.0. With a warm-up of 39
+    # steps in place of 1,950, lr 1.0 did not learn in 10 epochs (docs/small-scale.md).
+    laptop={"lr": 0.3},
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="BYOL with named-stage EMA", formatter_class=common.HelpFormatter)
-    common.add_common_args(
-        parser, lr=1.0, weight_decay=1e-5, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
-    )
-    parser.add_argument(
-        "--proj-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=4096,
-        help="hidden width of the projector g (Table 2 uses 2)",
-    )
-    parser.add_argument(
-        "--proj-dim", type=common.positive(int, at_most=2**16), default=256, help="output width of g and h"
-    )
-    parser.add_argument(
-        "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
-    )
-    parser.add_argument(
-        "--pred-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=4096,
-        help="hidden width of the predictor h",
-    )
-    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
-    return common.parse_method_args(parser, argv, "byol", laptop=LAPTOP)
+    return common.parse_args(RECIPE, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,9 +84,8 @@ def build(args, num_classes):
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
     predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)  # h
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    probe = nn.Linear(backbone.feature_dim, num_classes)  # online linear probe on sg(f)
+    target = common.NamedStageEMA(online, args.stages)  # EMA copies of the listed stages, the online rest
+    probe = nn.Linear(backbone.feature_dim, num_classes)  # the online linear probe, on sg(f)
     optimizer = common.LARS(
         common.param_groups([online, predictor], args.weight_decay)
         + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
@@ -100,7 +93,7 @@ def build(args, num_classes):
         weight_decay=args.weight_decay,
         eta=args.lars_eta,
     )
-    return {"online": online, "predictor": predictor, "target": target, "probe": probe}, optimizer
+    return online, predictor, target, probe, optimizer
 
 
 def main(argv=None):
@@ -112,27 +105,31 @@ def main(argv=None):
     view_1 = common.ViewRecipe(size=data.image_size)
     view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
 
-    models, optimizer = build(args, data.num_classes)
-    online, predictor, target, probe = models["online"], models["predictor"], models["target"], models["probe"]
-    common.to_device(models.values(), device)
-
-    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
-    run = common.Run(args, data, [view_1, view_2], models, optimizer)
+    online, predictor, target, probe, optimizer = build(args, data.num_classes)
+    # common.Run does the rest: resume, each epoch's image order, checkpoints, evaluation and logs.
+    run = common.Run(
+        args, data, [view_1, view_2], optimizer, online=online, predictor=predictor, target=target, probe=probe
+    )
     online, predictor, probe = run.data_parallel(online, predictor, probe)  # under torchrun: DDP, averaged gradients
-    for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
+    # The schedules, one value per step of the run: the learning rate's factor (warm-up, then cosine) and
+    # Eq. (6)'s beta (constant, or rising by cosine to --beta-final: common.beta_at).
+    lr_factors = common.learning_rate_schedule(run.total_steps, run.warmup_steps)
+    betas = common.beta_schedule(run.total_steps, args.beta, args.beta_final, args.beta_schedule)
+    for step, (x_1, x_2), y in run.batches():  # the step's index, two random views of each image, the labels
+        common.set_learning_rate(optimizer, lr_factors[step])
         # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
         with common.autocast(device):
-            f_1, z_1, inputs_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); inputs: each stage's input
-            f_2, z_2, inputs_2 = online(x_2)
+            f_1, z_1, activations_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); each stage's input
+            f_2, z_2, activations_2 = online(x_2)
             # momentum projections: Eq. (2)-(3), or Eq. (7) if only g has EMA
-            z_1m, z_2m = target(inputs_1), target(inputs_2)
+            z_1m, z_2m = target(activations_1), target(activations_2)
             p_1, p_2 = predictor(z_1), predictor(z_2)  # Eq. (4)
             loss = byol_loss(p_1, p_2, z_1m, z_2m)  # Eq. (5)
             loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()  # update(f, g, h) and the probe
-        target.update(run.beta)  # Eq. (6): xi <- beta * xi + (1 - beta) * theta, listed stages only
+        target.update(betas[step])  # Eq. (6): xi <- beta * xi + (1 - beta) * theta, listed stages only
         # ---------------------------------------------------------------
         run.end_step(loss)
 

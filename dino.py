@@ -10,22 +10,14 @@ student's. Its head (MLP + weight-normalised prototype layer) is the `projector`
     python dino.py --ema-stages backbone              # Table 3: 8.11
     python dino.py --ema-stages projector             # Table 3: 58.14
 
-Recipe: solo-learn's CIFAR DINO as its scripts ran at the paper's time (Appendix A): head
-512-2048-2048-256 with BN and GELU, l2-normalised, then 4096 prototypes whose weight norm is
-frozen at 1; student temperature 0.1; teacher temperature 0.04 rising linearly to 0.07 over
-the first 50 epochs; centre momentum 0.9; the prototype layer frozen during the first epoch;
-LARS lr 0.3, wd 1e-6, eta 0.02. Beta is 0.99 (the paper's value for every method; solo-learn
-starts DINO at 0.9995) rising to 1.0 on a cosine schedule. Only the two global views go to the
-teacher; optional local crops (--num-local-crops, default 0 as in solo-learn's CIFAR runs) go
-to the student only.
+Only the two global views go to the teacher; optional local crops (--num-local-crops, default 0
+as in solo-learn's CIFAR runs) go to the student only.
 
 Deviations from the paper's runs, this method's own (those common to every method file are in
 docs/deviations.md): local crops, when asked for, are --local-crop-size pixels (16) from scale
 (0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting.
-Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
 
-import argparse
 import math
 
 import torch
@@ -34,66 +26,58 @@ import torch.nn.functional as F
 
 import common
 
-
-# --preset laptop (common.LAPTOP adds the scale): the teacher at 0.04 throughout, the warm-up's own
-# start (the paper: 0.04 rising to 0.07 over 50 epochs), chosen on the validation split
-# (docs/small-scale.md, +2.1 kNN): at 0.07 the loss stays at log(4,096) for the whole 10-epoch run.
-LAPTOP = {"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0}
+# ---------------------------------------------------------------------------------------
+# DINO's recipe: every default of dino.py, its --preset laptop values, and where they come from
+# ---------------------------------------------------------------------------------------
+positive, non_negative = common.positive, common.non_negative
+RECIPE = common.Recipe(
+    "dino",
+    "DINO with named-stage EMA",
+    # solo-learn's CIFAR DINO as its scripts ran at the paper's time (Appendix A): LARS lr 0.3, wd 1e-6, eta 0.02.
+    # Beta 0.99, the paper's value for every method (solo-learn starts DINO at 0.9995), rising to 1.0 by cosine.
+    lr=0.3,
+    weight_decay=1e-6,
+    probe_lr=0.1,
+    ema_stages="all",
+    beta=0.99,
+    beta_schedule="cosine",
+    beta_final=1.0,
+    flags=[  # head 512-2048-2048-256 with BN and GELU, l2-normalised, then 4096 prototypes of weight norm 1
+        common.Flag("--proj-hidden-dim", 2048, "hidden width of the head's MLP", positive(int, 2**16)),
+        common.Flag("--bottleneck-dim", 256, "output width of the MLP, before the prototypes", positive(int, 2**16)),
+        common.Flag("--num-prototypes", 4096, "K, the number of prototypes (outputs)", positive(int, 2**17)),
+        # student temperature 0.1; the teacher's rises linearly from 0.04 to 0.07 over the first 50 epochs
+        common.Flag("--student-temp", 0.1, "student temperature", positive(float)),
+        common.Flag("--teacher-temp", 0.07, "teacher temperature after the warm-up", positive(float)),
+        common.Flag("--warmup-teacher-temp", 0.04, "teacher temperature at epoch 0", positive(float)),
+        common.Flag(
+            "--warmup-teacher-temp-epochs", 50, "epochs of the teacher temperature's warm-up", non_negative(int)
+        ),
+        common.Flag(
+            ("--centre-momentum", "--center-momentum"),  # the second: the spelling of DINO's own code; both work
+            0.9,
+            "momentum of the centre of the teacher's outputs",
+            common.fraction(),
+        ),
+        common.Flag("--freeze-last-layer-epochs", 1, "epochs without updates to the prototypes", non_negative(int)),
+        common.Flag("--num-local-crops", 0, "small crops for the student only", non_negative(int, 2**5)),
+        common.Flag(
+            "--local-crop-size",
+            16,
+            "side of the local crops, at most the global views' (the image size)",
+            positive(int, 2**10),
+        ),
+        common.Flag("--lars-eta", 0.02, "LARS trust coefficient", positive(float)),
+    ],
+    # --preset laptop: the teacher at 0.04 throughout, the warm-up's own start (the paper: 0.04 rising to 0.07 over
+    # 50 epochs), chosen on the validation split (docs/small-scale.md): at 0.07 the loss stays at log(4,096) for
+    # the whole 10-epoch run.
+    laptop={"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0},
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DINO with named-stage EMA", formatter_class=common.HelpFormatter)
-    common.add_common_args(
-        parser, lr=0.3, weight_decay=1e-6, ema_stages="all", beta=0.99, beta_schedule="cosine", beta_final=1.0
-    )
-    parser.add_argument(
-        "--proj-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=2048,
-        help="hidden width of the head's MLP",
-    )
-    parser.add_argument(
-        "--bottleneck-dim",
-        type=common.positive(int, at_most=2**16),
-        default=256,
-        help="output width of the MLP, before the prototypes",
-    )
-    parser.add_argument(
-        "--num-prototypes",
-        type=common.positive(int, at_most=2**17),
-        default=4096,
-        help="K, the number of prototypes (outputs)",
-    )
-    parser.add_argument("--student-temp", type=common.positive(float), default=0.1)
-    parser.add_argument(
-        "--teacher-temp", type=common.positive(float), default=0.07, help="teacher temperature after the warm-up"
-    )
-    parser.add_argument(
-        "--warmup-teacher-temp", type=common.positive(float), default=0.04, help="teacher temperature at epoch 0"
-    )
-    parser.add_argument("--warmup-teacher-temp-epochs", type=common.non_negative(int), default=50)
-    parser.add_argument(
-        "--centre-momentum",
-        "--center-momentum",  # the spelling of DINO's own code (center_momentum): both work
-        type=common.fraction(),
-        default=0.9,
-        help="momentum of the centre of the teacher's outputs",
-    )
-    parser.add_argument(
-        "--freeze-last-layer-epochs",
-        type=common.non_negative(int),
-        default=1,
-        help="epochs without updates to the prototypes",
-    )
-    parser.add_argument(
-        "--num-local-crops",
-        type=common.non_negative(int, at_most=2**5),
-        default=0,
-        help="small crops for the student only",
-    )
-    parser.add_argument("--local-crop-size", type=common.positive(int, at_most=2**10), default=16)
-    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
-    return common.parse_method_args(parser, argv, "dino", laptop=LAPTOP)
+    return common.parse_args(RECIPE, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,16 +94,8 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
-        for m in self.mlp:
+        self.mlp = common.mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=3, gelu=True)
+        for m in self.mlp:  # DINO's initialisation
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
@@ -166,27 +142,15 @@ def teacher_temperature(epoch, args):
     )
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.setup(args.device, args.seed, args.deterministic)
-    data = common.load_data(args, device)
-
-    # Views: solo-learn's asymmetric CIFAR recipe (the second view is solarised), and optional local crops.
-    view_1 = common.ViewRecipe(size=data.image_size)
-    view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
-    local_view = common.ViewRecipe(size=args.local_crop_size, crop_scale=(0.05, 0.4))
-    view_recipes = [view_1, view_2] + [local_view] * args.num_local_crops
-
-    # Model: online (student) encoder E = g o b with the DINO head as g, target (teacher) with EMA stages.
+def build(args, num_classes):
+    """The online (student) encoder E = g o b with the DINO head as g, the target (teacher) with EMA stages, the
+    centre, the probe; LARS."""
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
     head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
     online = common.Encoder(backbone, head)
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
+    target = common.NamedStageEMA(online, args.stages)
     centre = Centre(args.num_prototypes, args.centre_momentum)  # part of the checkpoint
-    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
-    models = {"online": online, "target": target, "centre": centre, "probe": probe}
-    common.to_device(models.values(), device)
+    probe = nn.Linear(backbone.feature_dim, num_classes)
     optimizer = common.LARS(
         common.param_groups([online], args.weight_decay)
         + [{"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0, "lars": False}],
@@ -194,26 +158,52 @@ def main(argv=None):
         weight_decay=args.weight_decay,
         eta=args.lars_eta,
     )
+    return online, target, centre, probe, optimizer
 
-    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
-    run = common.Run(args, data, view_recipes, models, optimizer)
-    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
-    for (x_1, x_2, *local), y in run.batches():  # two global views, the local crops, the labels
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args.device, args.seed, args.deterministic)
+    data = common.load_data(args, device)
+    if args.num_local_crops and args.local_crop_size > data.image_size:
+        raise common.ConfigError(
+            f"--local-crop-size {args.local_crop_size} is larger than the global views ({data.image_size} pixels): "
+            f"a local crop is a small part of the image; choose at most {data.image_size}"
+        )
+
+    # Views: solo-learn's asymmetric CIFAR recipe (the second view is solarised), and optional local crops.
+    view_1 = common.ViewRecipe(size=data.image_size)
+    view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
+    local_view = common.ViewRecipe(size=args.local_crop_size, crop_scale=(0.05, 0.4))
+    view_recipes = [view_1, view_2] + [local_view] * args.num_local_crops
+
+    online, target, centre, probe, optimizer = build(args, data.num_classes)
+    run = common.Run(args, data, view_recipes, optimizer, online=online, target=target, probe=probe, centre=centre)
+    prototypes = online.projector.prototypes  # frozen for the first epochs
+    online, probe = run.data_parallel(online, probe)
+    lr_factors = common.learning_rate_schedule(run.total_steps, run.warmup_steps)
+    betas = common.beta_schedule(run.total_steps, args.beta, args.beta_final, args.beta_schedule)
+    for step, (x_1, x_2, *local), y in run.batches():  # two global views, the local crops, the labels
+        common.set_learning_rate(optimizer, lr_factors[step])
+        epoch = step // run.steps_per_epoch  # the teacher's temperature and the prototypes' freeze go by epoch
         with common.autocast(device):
-            f_1, s_1, inputs_1 = online(x_1)  # f = b(x); student logits s = g(f); inputs: each stage's input
-            f_2, s_2, inputs_2 = online(x_2)
-            s_local = [online(v)[1] for v in local]  # local crops: student only
-            t_1, t_2 = target(inputs_1), target(inputs_2)  # teacher logits, global views only (sg(s) without EMA)
+            f_1, s_1, activations_1 = online(x_1)  # f = b(x); student logits s = g(f)
+            f_2, s_2, activations_2 = online(x_2)
+            s_local = []
+            for x_local in local:  # local crops: the student's only
+                _, s, _ = online(x_local)
+                s_local.append(s)
+            t_1, t_2 = target(activations_1), target(activations_2)  # teacher logits, global views only
             loss = dino_loss(
-                [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(run.epoch, args)
+                [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(epoch, args)
             )
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
-        if run.epoch < args.freeze_last_layer_epochs:  # DINO keeps the prototypes fixed at first
-            head.prototypes.grad = None
+        if epoch < args.freeze_last_layer_epochs:  # DINO keeps the prototypes fixed at first
+            prototypes.grad = None
         optimizer.step()
-        target.update(run.beta)  # Eq. (6) on the listed stages
+        target.update(betas[step])
         centre.update([t_1, t_2])
         run.end_step(loss)
 

@@ -15,7 +15,6 @@ protocol; the method files log it as linear_top1). This script is the offline pr
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -23,10 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from engine.checkpoint import load_checkpoint
+from engine.cli import HelpFormatter, check_ranges
+from engine.data import load_dataset
+from engine.files import atomic_write
+from engine.optim import learning_rate_factor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a run directory or a last.pt written by byol.py, simsiam.py, ...")
     p.add_argument(
         "--random-init",
@@ -74,7 +78,7 @@ def parse_args(argv=None):
         raise common.ConfigError("give a checkpoint (a run directory or last.pt), or --random-init with --dataset")
     if args.random_init and args.dataset is None:
         raise common.ConfigError("--random-init needs --dataset (and --data-dir for imagefolder)")
-    common.check_ranges(args, p)
+    check_ranges(args, p)
     return args
 
 
@@ -106,14 +110,14 @@ def main(argv=None):
             },
         }
     else:
-        state = common.load_checkpoint(args.checkpoint)
+        state = load_checkpoint(args.checkpoint)
     trained = state["args"]  # the pre-training run's flags
     for key in ("dataset", "data_dir", "train_subset", "eval_split", "val_size"):  # the pre-training data by default
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key))
     args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
     device = common.setup(args.device, args.seed)
-    data = common.load_dataset(
+    data = load_dataset(
         args.dataset,
         args.data_dir,
         device,
@@ -157,8 +161,8 @@ def main(argv=None):
                     features = backbone(x).float()
             else:
                 features = fixed[index]
-            for group in optimizer.param_groups:  # cosine learning rate, per step
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            for group in optimizer.param_groups:  # cosine learning rate, per step, without warm-up
+                group["lr"] = args.lr * learning_rate_factor(step, total_steps, warmup_steps=0)
             loss = F.cross_entropy(classifier(features), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -198,7 +202,7 @@ def main(argv=None):
     else:
         ckpt_path = Path(args.checkpoint)
         out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "linear_eval.json"
-    common.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(
         f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
         f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}"

@@ -9,19 +9,11 @@ of past keys as negatives.
     python mocov2.py --ema-stages backbone            # Table 3: 45.84
     python mocov2.py --ema-stages projector           # Table 3: 60.39
 
-Recipe: solo-learn's CIFAR MoCo V2+ (the paper's Appendix A): projector 512-2048-128 without
-BN (output 128 in the scripts of the paper's time, 256 today), l2-normalised; one queue of
-32768 keys per view; symmetric InfoNCE with temperature 0.2; SGD lr 0.3, wd 1e-4, momentum
-0.9; probe lr 0.3; beta 0.99 rising to 0.999 on a cosine schedule (solo-learn's default).
-Negatives come from the queue *before* this batch's keys are added; keys are enqueued after
-the optimiser step.
-
-Deviations from the paper's runs, this method's own: none (those common to every method file
-are in docs/deviations.md). Like solo-learn, and unlike the official MoCo, there is no shuffled BN.
-Expected result: see README.md ("Measured results") -- only numbers we measured are there.
+Negatives come from the queues *before* this batch's keys are added; keys are enqueued after the
+optimiser step. Deviations from the paper's runs, this method's own: none (those common to every
+method file are in docs/deviations.md). Like solo-learn, and unlike the official MoCo, there is no
+shuffled BN.
 """
-
-import argparse
 
 import torch
 import torch.nn as nn
@@ -29,59 +21,46 @@ import torch.nn.functional as F
 
 import common
 
-
-# --preset laptop (common.LAPTOP adds the scale): the values of MoCo's own CIFAR-10 demo (lr 0.06,
-# temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000 training images, and
-# no blur, which at 32 pixels smears most of an image away), and a projector 512 wide (lightly's CIFAR
-# width; chosen on the validation split, docs/small-scale.md: +3.0 kNN over 2,048 in 10 epochs).
-LAPTOP = {
-    "lr": 0.06,
-    "temperature": 0.1,
-    "weight_decay": 5e-4,
-    "queue_size": 4096,
-    "blur_p": 0.0,
-    "proj_hidden_dim": 512,
-}
+# ---------------------------------------------------------------------------------------
+# MoCo v2's recipe: every default of mocov2.py, its --preset laptop values, and where they come from
+# ---------------------------------------------------------------------------------------
+positive = common.positive
+RECIPE = common.Recipe(
+    "mocov2",
+    "MoCo v2 with named-stage EMA",
+    # solo-learn's CIFAR MoCo V2+ (the paper's Appendix A): SGD lr 0.3, wd 1e-4, momentum 0.9; probe lr 0.3;
+    # beta 0.99 rising to 0.999 by cosine (solo-learn's default)
+    lr=0.3,
+    weight_decay=1e-4,
+    probe_lr=0.3,
+    ema_stages="all",
+    beta=0.99,
+    beta_schedule="cosine",
+    beta_final=0.999,
+    flags=[  # projector 512-2048-128 without BN (128 in the scripts of the paper's time, 256 today), l2-normalised
+        common.Flag("--proj-hidden-dim", 2048, "hidden width of the projector g", positive(int, 2**16)),
+        common.Flag("--proj-dim", 128, "output width of g (the key dimension)", positive(int, 2**16)),
+        common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
+        common.Flag("--temperature", 0.2, "InfoNCE temperature", positive(float)),
+        common.Flag("--queue-size", 32768, "keys per queue; a multiple of --batch-size", positive(int, 2**21)),
+        common.Flag("--blur-p", 0.5, "probability of a Gaussian blur on each view", common.fraction()),
+    ],
+    # --preset laptop: the values of MoCo's own CIFAR-10 demo (lr 0.06, temperature 0.1, weight decay 5e-4, a queue
+    # of 4,096 keys: fewer than the 10,000 training images, and no blur, which at 32 pixels smears most of an image
+    # away), and a projector 512 wide (lightly's CIFAR width; chosen on the validation split, docs/small-scale.md).
+    laptop={
+        "lr": 0.06,
+        "temperature": 0.1,
+        "weight_decay": 5e-4,
+        "queue_size": 4096,
+        "blur_p": 0.0,
+        "proj_hidden_dim": 512,
+    },
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="MoCo v2 with named-stage EMA", formatter_class=common.HelpFormatter)
-    common.add_common_args(
-        parser,
-        lr=0.3,
-        weight_decay=1e-4,
-        ema_stages="all",
-        beta=0.99,
-        beta_schedule="cosine",
-        beta_final=0.999,
-        probe_lr=0.3,
-    )
-    parser.add_argument(
-        "--proj-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=2048,
-        help="hidden width of the projector g",
-    )
-    parser.add_argument(
-        "--proj-dim",
-        type=common.positive(int, at_most=2**16),
-        default=128,
-        help="output width of g (the key dimension)",
-    )
-    parser.add_argument(
-        "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
-    )
-    parser.add_argument("--temperature", type=common.positive(float), default=0.2, help="InfoNCE temperature")
-    parser.add_argument(
-        "--queue-size",
-        type=common.positive(int, at_most=2**21),
-        default=32768,
-        help="keys per queue; a multiple of --batch-size",
-    )
-    parser.add_argument(
-        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
-    )
-    args = common.parse_method_args(parser, argv, "mocov2", laptop=LAPTOP)
+    args = common.parse_args(RECIPE, argv)
     common.check_queue_size(args)
     return args
 
@@ -89,23 +68,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------
 # The method: InfoNCE against a queue of past keys
 # ---------------------------------------------------------------------------------------
-
-
-class KeyQueues(nn.Module):
-    """One FIFO queue of past keys per view: keys[v] holds the last K keys of view v."""
-
-    def __init__(self, num_views, size, dim):
-        super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(num_views, size, dim), dim=2))  # V x K x d
-        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # where the next batch goes
-
-    @torch.no_grad()
-    def push(self, *keys):
-        """Replace the oldest N keys of each queue with this batch's (one N x d tensor per view)."""
-        n = keys[0].shape[0]
-        slots = (self.pointer + torch.arange(n, device=self.keys.device)) % self.keys.shape[1]  # N
-        self.keys.index_copy_(1, slots, F.normalize(torch.stack(keys).float(), dim=2))
-        self.pointer.copy_((self.pointer + n) % self.keys.shape[1])
 
 
 def info_nce(q, k, queue, temperature):
@@ -123,6 +85,24 @@ def moco_loss(q_1, q_2, k_1, k_2, queues, temperature):
     return (info_nce(q_1, k_2, queues.keys[1], temperature) + info_nce(q_2, k_1, queues.keys[0], temperature)) / 2
 
 
+def build(args, num_classes):
+    """The online (query) encoder E = g o b, the target (key encoder) with EMA stages, one key queue per view,
+    the probe; SGD."""
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
+    online = common.Encoder(backbone, projector)
+    target = common.NamedStageEMA(online, args.stages)
+    queues = common.KeyQueue(args.queue_size, args.proj_dim, views=2)  # 2 x K x d, part of the checkpoint
+    probe = nn.Linear(backbone.feature_dim, num_classes)
+    optimizer = torch.optim.SGD(
+        [{"params": online.parameters()}, {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=args.weight_decay,
+    )
+    return online, target, queues, probe, optimizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = common.setup(args.device, args.seed, args.deterministic)
@@ -131,38 +111,23 @@ def main(argv=None):
     # Views: solo-learn's symmetric_weak recipe, the same for both views.
     view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=args.blur_p)] * 2
 
-    # Model: online (query) encoder E = g o b, target (key encoder) with EMA stages, the key queues.
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
-    # the projector g (--bn-proj: Table C.8's BN2 on its output)
-    projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
-    online = common.Encoder(backbone, projector)
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    queues = KeyQueues(2, args.queue_size, args.proj_dim)  # part of the checkpoint
-    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
-    models = {"online": online, "target": target, "queues": queues, "probe": probe}
-    common.to_device(models.values(), device)
-    optimizer = torch.optim.SGD(
-        [{"params": online.parameters()}, {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}],
-        lr=args.lr,
-        momentum=0.9,
-        weight_decay=args.weight_decay,
-    )
-
-    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
-    run = common.Run(args, data, view_recipes, models, optimizer)
-    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
-    for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
+    online, target, queues, probe, optimizer = build(args, data.num_classes)
+    run = common.Run(args, data, view_recipes, optimizer, online=online, target=target, probe=probe, queues=queues)
+    online, probe = run.data_parallel(online, probe)
+    lr_factors = common.learning_rate_schedule(run.total_steps, run.warmup_steps)
+    betas = common.beta_schedule(run.total_steps, args.beta, args.beta_final, args.beta_schedule)
+    for step, (x_1, x_2), y in run.batches():
+        common.set_learning_rate(optimizer, lr_factors[step])
         with common.autocast(device):
-            f_1, q_1, inputs_1 = online(x_1)  # f = b(x); queries q = g(f); inputs: each stage's input
-            f_2, q_2, inputs_2 = online(x_2)
-            k_1, k_2 = target(inputs_1), target(inputs_2)  # keys from the momentum encoder (sg(q) without EMA)
+            f_1, q_1, activations_1 = online(x_1)  # f = b(x); queries q = g(f)
+            f_2, q_2, activations_2 = online(x_2)
+            k_1, k_2 = target(activations_1), target(activations_2)  # keys: the momentum encoder's (sg(q) without)
             loss = moco_loss(q_1, q_2, k_1, k_2, queues, args.temperature)  # negatives: the queues as they were
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()
-        target.update(run.beta)  # Eq. (6) on the listed stages
+        target.update(betas[step])
         queues.push(common.gather(k_1), common.gather(k_2))  # only now: every process's keys, in rank order
         run.end_step(loss)
 

@@ -8,10 +8,7 @@ one (Table 1, "SimCLR + EMA", beta = 0.90).
     python simclr.py --ema-stages all --beta 0.9      # Table 1 "Add": EMA on every stage (61.97)
     python simclr.py --ema-stages projector --beta 0.9
 
-Recipe: solo-learn's CIFAR SimCLR (the paper's Appendix A): projector 512-2048-256 without BN,
-NT-Xent with temperature 0.2 over 2N views (2N-2 negatives per anchor), LARS lr 0.4, wd 1e-5
-(the scripts of the paper's time; 1e-4 today), eta 0.02. Beta is constant at --beta (default
-0.90, the paper's value for SimCLR + EMA).
+NT-Xent over 2N views: each anchor has 2N-2 negatives.
 
 Which branch gives what. Without EMA (the default) this is plain SimCLR: the 2N online
 projections are anchors, positives and negatives at once, and gradients flow through all of
@@ -23,10 +20,7 @@ The paper does not say how it paired them.
 
 Deviations from the paper's runs, this method's own: none beyond the pairing above, which the
 paper leaves open (those common to every method file are in docs/deviations.md).
-Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
-
-import argparse
 
 import torch
 import torch.nn as nn
@@ -34,50 +28,54 @@ import torch.nn.functional as F
 
 import common
 
-
-# --preset laptop (common.LAPTOP adds the scale): no blur, as SimCLR's own CIFAR-10 command
-# (--use_blur=False): at 32 pixels a blur of sigma up to 2 smears most of an image away. And lightly's
-# CIFAR-10 settings, chosen on the validation split (docs/small-scale.md, +7.4 kNN over the paper's
-# recipe): momentum SGD lr 0.06, weight decay 5e-4 (the paper: LARS lr 0.4, 1e-5), colour jitter at
-# half strength (0.4/0.4/0.4/0.1; the paper: 0.8/0.8/0.8/0.2).
-LAPTOP = {"blur_p": 0.0, "optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "jitter_strength": 0.5}
+# ---------------------------------------------------------------------------------------
+# SimCLR's recipe: every default of simclr.py, its --preset laptop values, and where they come from
+# ---------------------------------------------------------------------------------------
+positive = common.positive
+RECIPE = common.Recipe(
+    "simclr",
+    "SimCLR with named-stage EMA",
+    # solo-learn's CIFAR SimCLR (the paper's Appendix A): LARS lr 0.4, wd 1e-5 (the scripts of the paper's time;
+    # 1e-4 today), eta 0.02. Beta is constant at 0.90, the paper's value for SimCLR + EMA (Table 1).
+    lr=0.4,
+    weight_decay=1e-5,
+    probe_lr=0.1,
+    ema_stages="none",
+    beta=0.9,
+    beta_schedule="constant",
+    beta_final=1.0,
+    flags=[  # projector 512-2048-256 without BN; NT-Xent at temperature 0.2
+        common.Flag("--proj-hidden-dim", 2048, "hidden width of the projector g", positive(int, 2**16)),
+        common.Flag("--proj-dim", 256, "output width of g", positive(int, 2**16)),
+        common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
+        common.Flag("--temperature", 0.2, "NT-Xent temperature", positive(float)),
+        common.Flag("--lars-eta", 0.02, "LARS trust coefficient", positive(float)),
+        common.Flag("--blur-p", 0.5, "probability of a Gaussian blur on each view", common.fraction()),
+        # two of lightly's CIFAR-10 settings, to test them (docs/small-scale.md); the defaults are the paper's
+        common.Flag(
+            "--optimizer",
+            "lars",
+            "lars: LARS, as the paper; sgd: momentum SGD 0.9 with weight decay on every parameter (lightly's, "
+            "with --lr 0.06 --weight-decay 5e-4)",
+            ("lars", "sgd"),
+        ),
+        common.Flag(
+            "--jitter-strength",
+            1.0,
+            "scales the colour jitter's 0.8/0.8/0.8/0.2 (lightly's CIFAR-10 benchmark: 0.5)",
+            positive(float, 1.25),
+        ),
+    ],
+    # --preset laptop: no blur, as SimCLR's own CIFAR-10 command (--use_blur=False): at 32 pixels a blur of sigma up
+    # to 2 smears most of an image away. And lightly's CIFAR-10 settings, chosen on the validation split
+    # (docs/small-scale.md): momentum SGD lr 0.06, weight decay 5e-4 (the paper: LARS lr 0.4, 1e-5), colour jitter
+    # at half strength (0.4/0.4/0.4/0.1; the paper: 0.8/0.8/0.8/0.2).
+    laptop={"blur_p": 0.0, "optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "jitter_strength": 0.5},
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="SimCLR with named-stage EMA", formatter_class=common.HelpFormatter)
-    common.add_common_args(
-        parser, lr=0.4, weight_decay=1e-5, ema_stages="none", beta=0.9, beta_schedule="constant", beta_final=1.0
-    )
-    parser.add_argument(
-        "--proj-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=2048,
-        help="hidden width of the projector g",
-    )
-    parser.add_argument("--proj-dim", type=common.positive(int, at_most=2**16), default=256, help="output width of g")
-    parser.add_argument(
-        "--bn-proj", action="store_true", help="BN2 of Table C.8: a BatchNorm on the projector's output"
-    )
-    parser.add_argument("--temperature", type=common.positive(float), default=0.2, help="NT-Xent temperature")
-    parser.add_argument("--lars-eta", type=common.positive(float), default=0.02, help="LARS trust coefficient")
-    parser.add_argument(
-        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
-    )
-    # Two of lightly's CIFAR-10 settings, to test them (docs/small-scale.md); the defaults are the paper's.
-    parser.add_argument(
-        "--optimizer",
-        choices=["lars", "sgd"],
-        default="lars",
-        help="lars: LARS, as the paper; sgd: momentum SGD 0.9 with weight decay on every parameter (lightly's, "
-        "with --lr 0.06 --weight-decay 5e-4)",
-    )
-    parser.add_argument(
-        "--jitter-strength",
-        type=common.positive(float, at_most=1.25),
-        default=1.0,
-        help="scales the colour jitter's 0.8/0.8/0.8/0.2 (lightly's CIFAR-10 benchmark: 0.5)",
-    )
-    return common.parse_method_args(parser, argv, "simclr", laptop=LAPTOP)
+    return common.parse_args(RECIPE, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,34 +102,14 @@ def nt_xent(anchors, candidates, temperature, first=0):
     return F.cross_entropy(logits, positives)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.setup(args.device, args.seed, args.deterministic)
-    data = common.load_data(args, device)
-
-    # Views: solo-learn's symmetric recipe (strong colour jitter), the same for both views.
-    strength = args.jitter_strength  # 1: the paper's
-    view_recipes = [
-        common.ViewRecipe(
-            size=data.image_size,
-            brightness=0.8 * strength,
-            contrast=0.8 * strength,
-            saturation=0.8 * strength,
-            hue=0.2 * strength,
-            blur_p=args.blur_p,
-        )
-    ] * 2
-
-    # Model: online encoder E = g o b, target with EMA stages (none by default).
+def build(args, num_classes):
+    """The online encoder E = g o b, the target with EMA stages (none by default), the probe; LARS (the paper's)
+    or momentum SGD (--optimizer sgd)."""
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
-    # the projector g (--bn-proj: Table C.8's BN2 on its output)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
-    models = {"online": online, "target": target, "probe": probe}
-    common.to_device(models.values(), device)
+    target = common.NamedStageEMA(online, args.stages)
+    probe = nn.Linear(backbone.feature_dim, num_classes)
     probe_group = {"params": probe.parameters(), "lr": args.probe_lr, "weight_decay": 0.0}
     if args.optimizer == "lars":
         optimizer = common.LARS(
@@ -144,27 +122,42 @@ def main(argv=None):
         optimizer = torch.optim.SGD(
             [{"params": online.parameters()}, probe_group], lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
         )
+    return online, target, probe, optimizer
 
-    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
-    run = common.Run(args, data, view_recipes, models, optimizer)
-    online, probe = run.data_parallel(online, probe)  # under torchrun: DDP averages the gradients
-    for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args.device, args.seed, args.deterministic)
+    data = common.load_data(args, device)
+
+    # Views: solo-learn's symmetric recipe (strong colour jitter), the same for both views.
+    strength = args.jitter_strength  # 1: the paper's
+    jitter = dict(brightness=0.8 * strength, contrast=0.8 * strength, saturation=0.8 * strength, hue=0.2 * strength)
+    view_recipes = [common.ViewRecipe(size=data.image_size, blur_p=args.blur_p, **jitter)] * 2
+
+    online, target, probe, optimizer = build(args, data.num_classes)
+    run = common.Run(args, data, view_recipes, optimizer, online=online, target=target, probe=probe)
+    online, probe = run.data_parallel(online, probe)
+    lr_factors = common.learning_rate_schedule(run.total_steps, run.warmup_steps)
+    betas = common.beta_schedule(run.total_steps, args.beta, args.beta_final, args.beta_schedule)
+    for step, (x_1, x_2), y in run.batches():
+        common.set_learning_rate(optimizer, lr_factors[step])
         with common.autocast(device):
-            f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input
-            f_2, z_2, inputs_2 = online(x_2)
+            f_1, z_1, activations_1 = online(x_1)  # f = b(x), z = g(f)
+            f_2, z_2, activations_2 = online(x_2)
             anchors = torch.cat([z_1, z_2])  # 2N x d
             if target.ema_stages:  # positives and negatives from the momentum target, under stop-gradient
-                candidates = torch.cat([target(inputs_1), target(inputs_2)])
+                candidates = torch.cat([target(activations_1), target(activations_2)])
             else:  # plain SimCLR: the online projections themselves, with gradient
                 candidates = anchors
             # under torchrun: the candidates of every process (with gradient), and where this one's start
             candidates = common.gather_with_gradient(candidates)
             loss = nt_xent(anchors, candidates, args.temperature, first=common.WORLD.rank * len(anchors))
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()
-        target.update(run.beta)  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
+        target.update(betas[step])  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
         run.end_step(loss)
 
 

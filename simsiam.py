@@ -8,21 +8,11 @@ online network under stop-gradient. The paper adds one (Table 1, "SimSiam + EMA"
     python simsiam.py --ema-stages all --beta 0.99    # Table 1 "Add": EMA on every stage (53.66)
     python simsiam.py --ema-stages projector          # EMA on the projector only
 
-Recipe: solo-learn's CIFAR SimSiam (the paper's Appendix A): projector 512-2048-2048-2048 with
-BN after every layer (the last without affine), predictor 2048-512-2048, SGD lr 0.5, wd 1e-5
-on all parameters, momentum 0.9; the predictor keeps lr 0.5 throughout (no warm-up, no
-cosine); zero-initialised residual branches, as in solo-learn's scripts of the paper's time.
-With EMA added, beta is constant at --beta: the paper states 0.99 and solo-learn has no
-schedule for SimSiam.
-
 Deviations from the paper's runs, this method's own (those common to every method file are
 listed in docs/deviations.md):
   * the projector's last linear layer has no bias; solo-learn's has one but freezes it, and a
     bias in front of BatchNorm is cancelled anyway.
-Expected result: see README.md ("Measured results") -- only numbers we measured are there.
 """
-
-import argparse
 
 import torch
 import torch.nn as nn
@@ -30,37 +20,38 @@ import torch.nn.functional as F
 
 import common
 
-
-# --preset laptop (common.LAPTOP adds the scale): SimSiam's own CIFAR-10 values (Chen & He 2021,
-# Appendix: SGD, lr 0.03 x batch / 256 at batch 512, i.e. 0.06, weight decay 5e-4), and no blur, as in
-# MoCo's CIFAR-10 demo: at 32 pixels a blur of sigma up to 2 smears most of an image away.
-LAPTOP = {"lr": 0.06, "weight_decay": 5e-4, "blur_p": 0.0}
+# ---------------------------------------------------------------------------------------
+# SimSiam's recipe: every default of simsiam.py, its --preset laptop values, and where they come from
+# ---------------------------------------------------------------------------------------
+positive = common.positive
+RECIPE = common.Recipe(
+    "simsiam",
+    "SimSiam with named-stage EMA",
+    # solo-learn's CIFAR SimSiam (the paper's Appendix A): SGD lr 0.5, wd 1e-5 on all parameters, momentum 0.9;
+    # the predictor keeps lr 0.5 throughout (no warm-up, no cosine). With EMA added, beta is constant: the paper
+    # states 0.99 and solo-learn has no schedule for SimSiam.
+    lr=0.5,
+    weight_decay=1e-5,
+    probe_lr=0.1,
+    ema_stages="none",
+    beta=0.99,
+    beta_schedule="constant",
+    beta_final=1.0,
+    flags=[  # projector 512-2048-2048-2048 with BN after every layer (the last without affine), predictor 2048-512-2048
+        common.Flag("--proj-hidden-dim", 2048, "hidden width of the projector g", positive(int, 2**16)),
+        common.Flag("--proj-dim", 2048, "output width of g and h", positive(int, 2**16)),
+        common.Flag("--pred-hidden-dim", 512, "hidden (bottleneck) width of the predictor h", positive(int, 2**16)),
+        common.Flag("--blur-p", 0.5, "probability of a Gaussian blur on each view", common.fraction()),
+    ],
+    # --preset laptop: SimSiam's own CIFAR-10 values (Chen & He 2021, Appendix: SGD, lr 0.03 x batch / 256 at
+    # batch 512, i.e. 0.06, weight decay 5e-4), and no blur, as in MoCo's CIFAR-10 demo: at 32 pixels a blur of
+    # sigma up to 2 smears most of an image away.
+    laptop={"lr": 0.06, "weight_decay": 5e-4, "blur_p": 0.0},
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="SimSiam with named-stage EMA", formatter_class=common.HelpFormatter)
-    common.add_common_args(
-        parser, lr=0.5, weight_decay=1e-5, ema_stages="none", beta=0.99, beta_schedule="constant", beta_final=1.0
-    )
-    parser.add_argument(
-        "--proj-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=2048,
-        help="hidden width of the projector g",
-    )
-    parser.add_argument(
-        "--proj-dim", type=common.positive(int, at_most=2**16), default=2048, help="output width of g and h"
-    )
-    parser.add_argument(
-        "--pred-hidden-dim",
-        type=common.positive(int, at_most=2**16),
-        default=512,
-        help="hidden (bottleneck) width of the predictor h",
-    )
-    parser.add_argument(
-        "--blur-p", type=common.fraction(), default=0.5, help="probability of a Gaussian blur on each view"
-    )
-    return common.parse_method_args(parser, argv, "simsiam", laptop=LAPTOP)
+    return common.parse_args(RECIPE, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,17 +71,10 @@ def simsiam_loss(p_1, p_2, z_1m, z_2m):
     return D(p_1, z_2m) / 2 + D(p_2, z_1m) / 2
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.setup(args.device, args.seed, args.deterministic)
-    data = common.load_data(args, device)
-
-    # Views: solo-learn's symmetric_weak recipe, the same for both views.
-    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=args.blur_p)] * 2
-
-    # Model: online encoder E = g o b, predictor h (online only), target with EMA stages (none by default).
+def build(args, num_classes):
+    """The online encoder E = g o b (zero-initialised residual branches, as solo-learn's scripts of the paper's
+    time), the predictor h (online only), the target with EMA stages (none by default), the probe; SGD."""
     backbone = common.ResNetCIFAR(args.arch, width=args.width, zero_init_residual=True, bn_block4=args.bn_block4)
-    # the projector g
     projector = common.mlp(
         backbone.feature_dim,
         args.proj_hidden_dim,
@@ -102,11 +86,8 @@ def main(argv=None):
     )
     online = common.Encoder(backbone, projector)
     predictor = common.mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim, bias=False)  # h
-    ema_stages = common.parse_ema_stages(args.ema_stages)  # e.g. 'projector' -> ['projector']
-    target = common.NamedStageEMA(online, ema_stages)  # EMA copies of the listed stages, the online rest
-    probe = nn.Linear(backbone.feature_dim, data.num_classes)  # online linear probe on sg(f)
-    models = {"online": online, "predictor": predictor, "target": target, "probe": probe}
-    common.to_device(models.values(), device)
+    target = common.NamedStageEMA(online, args.stages)
+    probe = nn.Linear(backbone.feature_dim, num_classes)
     optimizer = torch.optim.SGD(
         [
             {"params": online.parameters()},
@@ -117,22 +98,37 @@ def main(argv=None):
         momentum=0.9,
         weight_decay=args.weight_decay,
     )
+    return online, predictor, target, probe, optimizer
 
-    # common.Run does the rest: resume, each epoch's order, the lr and beta schedules, checkpoints, logging.
-    run = common.Run(args, data, view_recipes, models, optimizer)
-    online, predictor, probe = run.data_parallel(online, predictor, probe)  # under torchrun: DDP, averaged gradients
-    for (x_1, x_2), y in run.batches():  # two random views of each image of the batch, and its labels
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.setup(args.device, args.seed, args.deterministic)
+    data = common.load_data(args, device)
+
+    # Views: solo-learn's symmetric_weak recipe, the same for both views.
+    view_recipes = [common.ViewRecipe(size=data.image_size, saturation=0.4, blur_p=args.blur_p)] * 2
+
+    online, predictor, target, probe, optimizer = build(args, data.num_classes)
+    run = common.Run(
+        args, data, view_recipes, optimizer, online=online, predictor=predictor, target=target, probe=probe
+    )
+    online, predictor, probe = run.data_parallel(online, predictor, probe)
+    lr_factors = common.learning_rate_schedule(run.total_steps, run.warmup_steps)
+    betas = common.beta_schedule(run.total_steps, args.beta, args.beta_final, args.beta_schedule)
+    for step, (x_1, x_2), y in run.batches():
+        common.set_learning_rate(optimizer, lr_factors[step])
         with common.autocast(device):
-            f_1, z_1, inputs_1 = online(x_1)  # f = b(x), z = g(f); inputs: each stage's input
-            f_2, z_2, inputs_2 = online(x_2)
-            z_1m, z_2m = target(inputs_1), target(inputs_2)  # sg(z) without EMA; momentum projections with it
+            f_1, z_1, activations_1 = online(x_1)  # f = b(x), z = g(f)
+            f_2, z_2, activations_2 = online(x_2)
+            z_1m, z_2m = target(activations_1), target(activations_2)  # sg(z) without EMA; momentum ones with it
             p_1, p_2 = predictor(z_1), predictor(z_2)
             loss = simsiam_loss(p_1, p_2, z_1m, z_2m)
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()
-        target.update(run.beta)  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
+        target.update(betas[step])  # Eq. (6) on the listed stages (nothing to do with --ema-stages none)
         run.end_step(loss)
 
 

@@ -4,7 +4,7 @@
     python tools/bench.py --device cuda --batch-size 256 --steps 50 --aug-images 16384 --aug-chunk 16 \
         --methods byol,simsiam,simclr,mocov2,dino,ressl
 
-1. Augmentation throughput (views per second): our batched pipeline (common.Views, as the
+1. Augmentation throughput (views per second): our batched pipeline (engine.data.Views, as the
    training scripts use it, with --aug-chunk 1, 4 and 16 batches per call) against torchvision's
    per-image PIL pipeline with the same BYOL recipe, the PIL pipeline in a DataLoader with as
    many worker processes as torch has threads.
@@ -54,12 +54,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from engine.cli import HelpFormatter, check_ranges  # noqa: E402
+from engine.data import Data, Views  # noqa: E402
+from engine.device import check_device, timer, to_device  # noqa: E402
 
 CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", "dino": "all", "ressl": "all"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=common.positive(int, at_most=2**16), default=32)
     p.add_argument("--steps", type=common.positive(int), default=3, help="timed training steps per configuration")
@@ -89,8 +92,8 @@ def parse_args(argv=None):
         "and the end-of-epoch evaluation's time at the run's sizes (nothing else is timed)",
     )
     args = p.parse_args(argv)
-    common.check_ranges(args, p)  # one line for a value out of its range (its type: common.Range)
-    common.check_device(args.device)
+    check_ranges(args, p)  # one line for a value out of its range (its type: engine.cli.Range)
+    check_device(args.device)
     unknown = [m for m in args.methods.split(",") if m not in CLASSIC]
     if unknown:
         raise common.ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIC)}")
@@ -122,7 +125,7 @@ class PILViews(torch.utils.data.Dataset):
 
 
 def views_per_second(images, batch_size, chunk, device):
-    """Views per second of common.Views, the training scripts' augmentation, with --aug-chunk `chunk`."""
+    """Views per second of engine.data.Views, the training scripts' augmentation, with --aug-chunk `chunk`."""
     data = SimpleNamespace(
         train_images=images,
         train_labels=torch.zeros(len(images), dtype=torch.long, device=device),
@@ -130,13 +133,13 @@ def views_per_second(images, batch_size, chunk, device):
         std=torch.full((3,), 0.25, device=device),
     )
     recipe = common.ViewRecipe(size=32)  # BYOL's first view: crop, jitter 0.8, grayscale 0.2, flip
-    views = common.Views(data, [recipe], batch_size, chunk, torch.Generator(device).manual_seed(0))
+    views = Views(data, [recipe], batch_size, chunk, torch.Generator(device).manual_seed(0), common.augment)
     order, batches = torch.arange(len(images), device=device), len(images) // batch_size
     views.batch(order, -1, 0)  # warm-up
-    start = common.timer(device)
+    start = timer(device)
     for i in range(batches):
         views.batch(order, 0, i)
-    return batches * batch_size / (common.timer(device) - start)
+    return batches * batch_size / (timer(device) - start)
 
 
 def bench_augmentation(args, device):
@@ -169,7 +172,7 @@ def bench_augmentation(args, device):
     start = time.perf_counter()
     for batch in loader:
         batch.to(device)
-    common.timer(device)
+    timer(device)
     pil = len(images) / (time.perf_counter() - start)
     return ours, pil, workers
 
@@ -223,16 +226,16 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
     products and convolutions; the optimiser and the EMA update are element-wise and not counted)."""
     import byol
 
-    models, optimizer = byol.build(run_args, num_classes=10)  # byol.py's own networks and optimiser
-    online, predictor, target, probe = models["online"], models["predictor"], models["target"], models["probe"]
-    common.to_device(models.values(), device)
+    online, predictor, target, probe, optimizer = byol.build(run_args, num_classes=10)  # byol.py's own
+    models = [online, predictor, target, probe]
+    to_device(models, device)
     size = run_args.image_size or 32
     x_1, x_2 = torch.randn(2, run_args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 10, (run_args.batch_size,), device=device)
-    # common.to_device puts every model in channels_last; the rows without it need the plain layout back
+    # to_device puts every model in channels_last; the rows without it need the plain layout back
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x_1, x_2 = (x.contiguous(memory_format=layout) for x in (x_1, x_2))
-    for model in models.values():
+    for model in models:
         model.to(memory_format=layout)
     for model in (online, predictor, target, probe):
         model.train()
@@ -241,9 +244,9 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
 
     def step():
         with common.autocast(device):
-            f_1, z_1, inputs_1 = forward(x_1)
-            f_2, z_2, inputs_2 = forward(x_2)
-            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(inputs_1), target(inputs_2))
+            f_1, z_1, activations_1 = forward(x_1)
+            f_2, z_2, activations_2 = forward(x_2)
+            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(activations_1), target(activations_2))
             loss = loss + common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,9 +262,9 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
         return counter.get_total_flops()
     for i in range(warmup + steps):
         if i == warmup:
-            start = common.timer(device)
+            start = timer(device)
         step()
-    return (common.timer(device) - start) / steps
+    return (timer(device) - start) / steps
 
 
 def matmul_gflops(threads, n=2048, repeats=10):
@@ -308,7 +311,7 @@ def bench_efficiency(args):
     torch.set_num_threads(threads)
     # the end-of-epoch evaluation at the run's sizes: features of the training and test images, kNN, the probe
     images = run_args.train_subset or 50000
-    data = common.Data(
+    data = Data(
         torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8),
         torch.arange(images) % 10,
         torch.randint(0, 256, (10000, 3, 32, 32), dtype=torch.uint8),

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import mocov2  # noqa: E402
+from engine.files import atomic_write  # noqa: E402
 
 TERMS = ("loss", "positive", "negative", "hardest", "lse_negatives")
 
@@ -85,7 +86,7 @@ def main(argv=None):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = per_epoch(calls, [line["step"] for line in lines])
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    common.atomic_write(out / "infonce_terms.jsonl", lambda f: f.write(text.encode()))
+    atomic_write(out / "infonce_terms.jsonl", lambda f: f.write(text.encode()))
     print(
         "| epoch | loss | positive cos | negative cos | hardest negative cos | log-sum-exp of negatives | kNN top-1 |"
     )

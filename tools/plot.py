@@ -1,8 +1,13 @@
 """Figures from run directories, in the style of the paper's figures.
 
     python tools/plot.py runs/byol-all-b0.99-s0 runs/byol-projector-b0.99-s0 --out figures
+    python tools/plot.py --kept "byol 2-wide projector" --only weights --out docs/figures/laptop
 
-Writes PNG files into --out (needs matplotlib: pip install matplotlib):
+The second reads no run directory: --kept names rows of the laptop experiment by a part of their label, and
+their kept results (docs/results/laptop/<scale>/<row>/seed<S>/: args.json, metrics.jsonl and the
+instruments' files) are plotted; Fig. 2 and 3 from Table 2's 2-wide rows, for example.
+
+Writes PNG files into --out (needs matplotlib: pip install matplotlib); --only chooses among them:
   top1.png                   linear-probe top-1 (and kNN top-1) against epoch, one line per run
                              (Fig. 3, C.7, C.8)
   accuracy-per-stage-set.png final linear top-1 of each run, by its EMA stage set (Fig. 4)
@@ -22,22 +27,71 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import experiments  # noqa: E402  (tools/, beside this file)
+import report  # noqa: E402
 
 STAGES = common.STAGES
+FIGURES = ("top1", "stage-sets", "collapse", "grad-norms", "weights")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories (each with args.json and metrics.jsonl)")
+    p.add_argument("runs", nargs="*", help="run directories (each with args.json and metrics.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--filters", type=common.positive(int), default=8, help="tracked rows to draw in the weight figures")
+    p.add_argument(
+        "--kept",
+        default=None,
+        help="comma list: plot the kept results of the laptop experiment's rows whose label contains one of these "
+        "texts (case-insensitive), e.g. 'byol 2-wide projector'; no run directory needed",
+    )
+    p.add_argument("--seed", type=int, default=0, help="with --kept: the seed whose runs are plotted (default 0)")
+    p.add_argument("--results", default=str(report.ROOT / "docs" / "results"), help="with --kept: the kept results")
+    p.add_argument(
+        "--only", default=None, help=f"comma list of figures to write, of: {', '.join(FIGURES)} (default: all)"
+    )
     args = p.parse_args(argv)
     if args.filters < 1:
         raise SystemExit(f"error: --filters must be a positive number (got {args.filters}); the default is 8")
+    args.only = [f.strip() for f in (args.only or ",".join(FIGURES)).split(",") if f.strip()]
+    unknown = [f for f in args.only if f not in FIGURES]
+    if unknown:
+        raise SystemExit(f"error: --only {','.join(unknown)}: not a figure; choose from {', '.join(FIGURES)}")
+    if args.kept:
+        args.runs += [str(d) for d in kept_directories(args.kept, args.seed, args.results)]
+    if not args.runs:
+        raise SystemExit("error: name run directories, or rows of the laptop experiment with --kept")
     return args
+
+
+def kept_directories(texts, seed, results):
+    """The kept results of the laptop rows whose label contains one of `texts` (a comma list), at the laptop's
+    own scale (its epochs and batch, no other flag), for one seed, in the experiment's row order."""
+    experiment = experiments.EXPERIMENTS["laptop"]
+    laptop_scale = SimpleNamespace(
+        dataset=None,
+        epochs=experiment.epochs,
+        max_steps=None,
+        batch_size=256,
+        nproc=1,
+        extra="",
+        warmup_epochs=None,
+        queue_size=None,
+        results=results,
+    )
+    wanted = [t.strip().lower() for t in texts.split(",") if t.strip()]
+    rows = [row for row in experiment.rows if any(w in row.label.lower() for w in wanted)]
+    if not rows:
+        raise SystemExit(f"error: no row of the laptop experiment has '{texts}' in its label")
+    directories = [report.results_dir(laptop_scale, "laptop", experiment, row, seed) for row in rows]
+    missing = [str(d) for d in directories if not (d / "metrics.jsonl").exists()]
+    if missing:
+        raise SystemExit(f"error: no kept results yet in {', '.join(missing)}; run the rows first (docs/claims.md)")
+    return directories
 
 
 def read_jsonl(path):
@@ -234,13 +288,16 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = unique_labels(runs)
-    plot_top1(plt, runs, labels, out)
-    plot_stage_sets(plt, runs, labels, out)
-    if any("output_spread" in m for r in runs for m in r["metrics"]):  # runs from before the monitor have none
+    if "top1" in args.only:
+        plot_top1(plt, runs, labels, out)
+    if "stage-sets" in args.only:
+        plot_stage_sets(plt, runs, labels, out)
+    monitored = any("output_spread" in m for r in runs for m in r["metrics"])  # runs from before it have none
+    if "collapse" in args.only and monitored:
         plot_collapse(plt, runs, labels, out)
-    if any(r["grads"] for r in runs):
+    if "grad-norms" in args.only and any(r["grads"] for r in runs):
         plot_grad_norms(plt, runs, labels, out)
-    if any(r["weights"] for r in runs):
+    if "weights" in args.only and any(r["weights"] for r in runs):
         plot_weights(plt, runs, labels, out, args.filters, three_d=False)
         plot_weights(plt, runs, labels, out, args.filters, three_d=True)
     summary(runs, labels)

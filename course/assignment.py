@@ -1,11 +1,11 @@
 """Course assignments: a student edition of this project with the paper's key functions blanked.
 
-    python tools/assignment.py --list                        # the exercises, easy to hard, with the paper's references
-    python tools/assignment.py --out hw                      # the student edition in hw/, every exercise blanked
-    python tools/assignment.py --out hw --exercises 1,2,4    # only some (numbers, or names such as byol.D)
+    python course/assignment.py --list                        # the exercises, easy to hard, with the paper's references
+    python course/assignment.py --out hw                      # the student edition in hw/, every exercise blanked
+    python course/assignment.py --out hw --exercises 1,2,4    # only some (numbers, or names such as byol.D)
     cd hw && python -m pytest -q test_assignment.py          # the grading tests: each blank fails, each answer passes
-    python tools/assignment.py --grade hw                    # a mark per exercise, from the grading tests
-    python tools/assignment.py --check                       # the grading tests catch every wrong answer in MUTATIONS
+    python course/assignment.py --grade hw                    # a mark per exercise, from the grading tests
+    python course/assignment.py --check                       # the grading tests catch every wrong answer in MUTATIONS
 
 How it works. EXERCISES below names each function by file and qualified name. The tool copies the
 project into the output folder and, in each exercise's function, replaces the body (everything
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-THIS_FILE = "tools/assignment.py"
-GRADING_FILE = "tools/grading_tests.py"  # the grading tests: test_assignment.py in an edition
+THIS_FILE = "course/assignment.py"
+GRADING_FILE = "course/grading_tests.py"  # the grading tests: test_assignment.py in an edition
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,14 @@ EXERCISES = [
         "place; returns None.",
     ),
     Exercise(
-        "mocov2.py",
-        "KeyQueues.push",
+        "common.py",
+        "KeyQueue.push",
         15,
-        "Table 1 (MoCo v2): the queue of past keys, the negatives",
-        "a FIFO queue per view: write the batch's l2-normalised keys over the oldest N slots of each queue, "
-        "starting at self.pointer and wrapping around the queue length K, then advance self.pointer by N "
-        "(mod K). keys: one N x d tensor per view; self.keys: V x K x d; returns None.",
+        "Table 1 (MoCo v2, ReSSL): the queue of past keys, the negatives",
+        "a FIFO queue (one per view): write the batch's l2-normalised keys over the oldest N slots of each "
+        "queue, starting at self.pointer and wrapping around the queue length K, then advance self.pointer by "
+        "N (mod K). keys: one N x d tensor per queue; self.keys: V x K x d, or K x d for a single queue "
+        "(self.keys.view(-1, K, d) is V x K x d either way, and writes through); returns None.",
     ),
     Exercise(
         "mocov2.py",
@@ -163,10 +164,10 @@ EXERCISES = [
         40,
         "Eq. (7) and Algorithm 1: activation reuse, the target starts where the first EMA stage starts (Fig. 1b)",
         "activation reuse, Eq. (7) and Algorithm 1: the target's output for one view. Start from the "
-        "online activation entering the first EMA stage, inputs[self.ema_stages[0]] (detached), and run the "
-        "stages from there: self._run_from(start, h) runs them (EMA copies where listed, shared stages "
-        "with their BatchNorm statistics frozen). No EMA stage: inputs['output'] under stop-gradient. "
-        "inputs: {stage: the N x ... activation entering it, 'output': N x d}; returns N x d.",
+        "online activation entering the first EMA stage, activations[self.ema_stages[0]] (detached), and run "
+        "the stages from there: self._run_from(start, h) runs them (EMA copies where listed, shared stages "
+        "with their BatchNorm statistics frozen). No EMA stage: activations['output'] under stop-gradient. "
+        "activations: {stage: the N x ... activation entering it, 'output': N x d}; returns N x d.",
     ),
 ]
 
@@ -180,7 +181,7 @@ class Mutation:
 
 # Plausible wrong answers, each a whole body with one mistake, written out so that it does not depend
 # on how the reference body happens to be written. test_all.py puts each into a copy of the project
-# (python tools/assignment.py --check) and checks that the grading tests of its exercise fail.
+# (python course/assignment.py --check) and checks that the grading tests of its exercise fail.
 MUTATIONS = [
     Mutation(
         1,
@@ -226,9 +227,10 @@ MUTATIONS = [
         6,
         "the queue's pointer never advances (every batch overwrites the same slots)",
         """
+        queues = self.keys.view(-1, *self.keys.shape[-2:])
         n = keys[0].shape[0]
-        slots = (self.pointer + torch.arange(n, device=self.keys.device)) % self.keys.shape[1]
-        self.keys.index_copy_(1, slots, F.normalize(torch.stack(keys).float(), dim=2))
+        slots = (self.pointer + torch.arange(n, device=queues.device)) % queues.shape[1]
+        queues.index_copy_(1, slots, F.normalize(torch.stack(keys).float(), dim=2))
     """,
     ),
     Mutation(
@@ -325,8 +327,8 @@ MUTATIONS = [
         "no activation reuse: the target always runs from the image",
         """
         if not self.ema_stages:
-            return inputs["output"].detach()
-        return self._run_from("conv1", inputs["conv1"].detach())
+            return activations["output"].detach()
+        return self._run_from("conv1", activations["conv1"].detach())
     """,
     ),
     Mutation(
@@ -334,9 +336,9 @@ MUTATIONS = [
         "starts at the last EMA stage instead of the first",
         """
         if not self.ema_stages:
-            return inputs["output"].detach()
+            return activations["output"].detach()
         start = self.ema_stages[-1]
-        return self._run_from(start, inputs[start].detach())
+        return self._run_from(start, activations[start].detach())
     """,
     ),
 ]
@@ -446,7 +448,7 @@ def project_files(root=ROOT):
             for p in sorted(root.rglob("*"))
             if p.is_file() and not skip.intersection(p.relative_to(root).parts)
         ]
-    # A student edition written inside the project (python tools/assignment.py --out hw) is not part of it.
+    # A student edition written inside the project (python course/assignment.py --out hw) is not part of it.
     editions = [
         str(Path(f).parent)
         for f in files

@@ -1,6 +1,6 @@
 """Grading tests for the course assignment.  In a student edition:  python -m pytest -q test_assignment.py
 
-tools/assignment.py copies this file into each student edition as test_assignment.py, with the
+course/assignment.py copies this file into each student edition as test_assignment.py, with the
 edition's exercises written into SELECTED. Each test is named after its exercise
 (test_exercise_07_...) and says, when it fails, what it expected, on which input, and which property
 failed. They run on a CPU in seconds and use small made-up inputs whose answers are known in closed
@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 import byol
 import common
+from engine.measure import ForwardCounter
 import dino
 import mocov2
 import ressl
 import simclr
 
-SELECTED = None  # the exercises of this edition (tools/assignment.py writes them); None: all
+SELECTED = None  # the exercises of this edition (course/assignment.py writes them); None: all
 
 TITLES = {
     1: "common.solarize",
@@ -28,7 +29,7 @@ TITLES = {
     3: "byol.byol_loss",
     4: "common.NamedStageEMA.update",
     5: "dino.Centre.update",
-    6: "mocov2.KeyQueues.push",
+    6: "common.KeyQueue.push",
     7: "mocov2.info_nce",
     8: "ressl.ressl_loss",
     9: "simclr.nt_xent",
@@ -436,7 +437,7 @@ def test_exercise_05_centre_is_updated_in_place_and_without_gradient():
 @exercise(6)
 def test_exercise_06_push_is_fifo_normalised_and_wraps_around():
     torch.manual_seed(6)
-    queues = mocov2.KeyQueues(2, 8, 4)  # 2 views, K = 8 keys of d = 4
+    queues = common.KeyQueue(8, 4, views=2)  # 2 views, K = 8 keys of d = 4
     before = queues.keys.clone()
     k_1, k_2 = torch.randn(4, 4), torch.randn(4, 4)
     queues.push(k_1, k_2)
@@ -472,11 +473,22 @@ def test_exercise_06_push_is_fifo_normalised_and_wraps_around():
             f"pointer {int(queues.pointer)}",
             "slot = (pointer + i) mod K; pointer <- (pointer + N) mod K",
         )
+    single = common.KeyQueue(8, 4)  # one queue, K x d: ReSSL's
+    single.push(k_1)
+    if single.keys.shape != (8, 4) or not torch.allclose(single.keys[:4], F.normalize(k_1, dim=1), atol=1e-6):
+        fail(
+            6,
+            "a single queue (ReSSL's, K x d) takes a batch of keys the same way",
+            "KeyQueue(8, 4); push(k_1)",
+            "keys of shape (8, 4) with keys[:4] = k_1 / |k_1|",
+            f"shape {tuple(single.keys.shape)}",
+            "self.keys.view(-1, K, d) is V x K x d for one queue or several, and writes through to self.keys",
+        )
 
 
 @exercise(6)
 def test_exercise_06_no_gradient_into_the_queue():
-    queues = mocov2.KeyQueues(2, 8, 4)
+    queues = common.KeyQueue(8, 4, views=2)
     k = torch.randn(4, 4, requires_grad=True)
     queues.push(k * 1.5, k)
     if queues.keys.requires_grad or queues.keys.grad_fn is not None:
@@ -557,7 +569,7 @@ def test_exercise_07_info_nce_against_the_written_out_loss():
 @exercise(7)
 def test_exercise_07_info_nce_stops_the_gradient_at_the_key():
     torch.manual_seed(8)
-    queues = mocov2.KeyQueues(2, 12, 8)
+    queues = common.KeyQueue(12, 8, views=2)
     q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     mocov2.info_nce(q, k, queues.keys[1], 0.2).backward()
     if q.grad is None or q.grad.abs().sum() == 0:
@@ -889,9 +901,9 @@ def test_exercise_12_target_runs_the_ema_stages_from_the_first_ones_input():
     target.eval()
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
-        f, z, inputs = online(x)
-        expected = target.ema["projector"](pooled(target.ema["block4"](inputs["block4"])))
-        got = target(inputs)
+        f, z, activations = online(x)
+        expected = target.ema["projector"](pooled(target.ema["block4"](activations["block4"])))
+        got = target(activations)
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         fail(
             12,
@@ -906,11 +918,11 @@ def test_exercise_12_target_runs_the_ema_stages_from_the_first_ones_input():
             if torch.allclose(got, target.ema["projector"](f), atol=1e-5)
             else "this is the online output: the EMA copies did not run"
             if torch.allclose(got, z, atol=1e-5)
-            else "start from inputs[first EMA stage] and run that stage and every later one, EMA copies where listed"
+            else "start from activations[first EMA stage] and run that stage and every later one, EMA copies where listed"
         )
         fail(
             12,
-            "Eq. (6)-(7) for EMA on block4,projector: z_m = g_m(pool(block4_m(inputs['block4'])))",
+            "Eq. (6)-(7) for EMA on block4,projector: z_m = g_m(pool(block4_m(activations['block4'])))",
             "EMA copies moved away from the online stages, 4 images 8 x 8, eval mode",
             "that output",
             f"max difference {float((got - expected).abs().max()):.3g}",
@@ -925,16 +937,16 @@ def test_exercise_12_target_runs_the_ema_stages_from_the_first_ones_input():
 )
 def test_exercise_12_activation_reuse_runs_the_backbone_once_per_view(stages, low, high):
     online, target = small_encoder(stages)
-    counter = common.ForwardCounter(online, target, 8)
+    counter = ForwardCounter(online, target, 8)
     online.train()
     target.train()
-    _, _, inputs = online(torch.randn(4, 3, 8, 8))
-    target(inputs)
+    _, _, activations = online(torch.randn(4, 3, 8, 8))
+    target(activations)
     got = counter.forwards_per_image()
     if not low - 1e-6 <= got <= high + 1e-6:
         expected = f"{low:.2f}" if low == high else f"between {low:.2f} and {high:.2f}"
         hint = (
-            "start from inputs[first EMA stage]; with EMA on the projector only, the target reuses the online f "
+            "start from activations[first EMA stage]; with EMA on the projector only, the target reuses the online f "
             "and runs no backbone stage (Eq. 7)"
             if got > high
             else "the target ran fewer stages than it should: run every stage from the first EMA stage on"
@@ -942,7 +954,7 @@ def test_exercise_12_activation_reuse_runs_the_backbone_once_per_view(stages, lo
         fail(
             12,
             "activation reuse (Algorithm 1): stages before the first EMA stage are not run again",
-            f"--ema-stages {stages}, one view, counted by common.ForwardCounter",
+            f"--ema-stages {stages}, one view, counted by engine.measure.ForwardCounter",
             f"{expected} backbone forwards per image",
             f"{got:.2f}",
             hint,
@@ -952,14 +964,14 @@ def test_exercise_12_activation_reuse_runs_the_backbone_once_per_view(stages, lo
 @exercise(12)
 def test_exercise_12_without_ema_the_target_is_the_online_output_under_stop_gradient():
     online, target = small_encoder("none")
-    _, z, inputs = online(torch.randn(4, 3, 8, 8))
-    got = target(inputs)
+    _, z, activations = online(torch.randn(4, 3, 8, 8))
+    got = target(activations)
     if not isinstance(got, torch.Tensor) or not torch.allclose(got, z.detach()):
         fail(
             12,
             "no EMA stage (beta = 0, Table 1's 'Remove'): the target is the online output",
             "--ema-stages none",
-            "inputs['output']",
+            "activations['output']",
             "something else",
         )
     if got.requires_grad:
@@ -969,7 +981,7 @@ def test_exercise_12_without_ema_the_target_is_the_online_output_under_stop_grad
             "--ema-stages none, online output with grad",
             "requires_grad False",
             "True",
-            "return inputs['output'].detach()",
+            "return activations['output'].detach()",
         )
 
 
@@ -978,9 +990,9 @@ def test_exercise_12_shared_stages_leave_the_online_running_statistics_alone():
     online, target = small_encoder("conv1")
     online.train()
     target.train()
-    _, _, inputs = online(torch.randn(4, 3, 8, 8))
+    _, _, activations = online(torch.randn(4, 3, 8, 8))
     stats = {k: v.clone() for k, v in online.backbone.block1.state_dict().items()}
-    out = target(inputs)
+    out = target(activations)
     if out.requires_grad:
         fail(12, "the target output carries no gradient", "--ema-stages conv1", "requires_grad False", "True")
     for key, value in online.backbone.block1.state_dict().items():
@@ -993,3 +1005,7 @@ def test_exercise_12_shared_stages_leave_the_online_running_statistics_alone():
                 "changed",
                 "run the stages with self._run_from(start, h), which freezes the shared stages' statistics",
             )
+
+
+# test_all.py runs these on the project (from course.grading_tests import *): the tests, not the helpers above
+__all__ = [name for name in dir() if name.startswith("test_exercise_")]

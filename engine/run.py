@@ -1,0 +1,171 @@
+"""Run: everything around a method's training step, so that a method file's loop is its method."""
+
+import torch
+
+from engine.checkpoint import checkpoint_due, exit_if_stopped, save_checkpoint, start_or_resume
+from engine.data import Views, steps_per_epoch
+from engine.device import compile_stages, timer, to_device
+from engine.distributed import (
+    WORLD,
+    check_processes_agree,
+    check_world,
+    data_parallel,
+    mean_over_processes,
+    on_rank_0,
+    sync_batch_norm,
+)
+from engine.log import RunLogger, summary_line
+from engine.measure import ForwardCounter, Instruments, epoch_metrics
+
+
+class Run:
+    """Everything around a method's training step. A method file writes
+
+        run = common.Run(args, data, view_recipes, optimizer, online=online, target=target, probe=probe)
+        for step, (x_1, x_2), y in run.batches():
+            common.set_learning_rate(optimizer, lr_factors[step])  # the schedules: values indexed by step
+            ...                                                    # the method's step
+            target.update(betas[step])                             # Eq. (6)
+            run.end_step(loss)
+
+    and Run does the rest. At the start it moves the models to the device in channels_last, counts
+    backbone forwards (Table 4's #Fwd), takes the run directory and resumes from last.pt (--resume).
+    batches() draws each epoch's image order from one generator and yields each step's index (from 0,
+    over the whole run: what the schedules are indexed by), views and labels. end_step() adds the loss to
+    the epoch's tally, records the instruments and draws the progress line. Between steps Run writes the
+    mid-epoch checkpoints (--checkpoint-every, SIGTERM, Ctrl-C); at each epoch's end it evaluates (probe,
+    kNN every --eval-every epochs), saves last.pt and logs metrics.jsonl and the epoch line, whose lr and
+    beta are the last step's (the optimiser's and the target's); at the end it prints the summary line.
+    The models it holds are the ones last.pt saves: online, target, probe and the method's others.
+
+    Under torchrun (engine/distributed.py) each of the N processes takes batch / N images of every global
+    batch; the step's index is the global step; rank 0 alone evaluates, writes the run directory and
+    prints. The method file wraps what trains in DDP with run.data_parallel(...).
+
+    Three parts of a run are the paper's and live in common.py, which this package never imports:
+    common.Run is this class with them filled in (augment, evaluate, outputs below).
+    """
+
+    def augment(self, images, recipe, mean, std, generator):
+        """One view of a batch of uint8 images, normalised (common.augment)."""
+        raise NotImplementedError("use common.Run, which has the augmentations")
+
+    def evaluate(self, knn):
+        """The epoch's evaluation: the probe's accuracy, kNN when `knn`, the collapse monitor (common.evaluate)."""
+        raise NotImplementedError("use common.Run, which has the evaluation")
+
+    def outputs(self, images):
+        """The online network's and the target's l2-normalised outputs on uint8 images, leaving no trace
+        (--log-target-drift)."""
+        raise NotImplementedError("use common.Run, which has the encoder")
+
+    def __init__(self, args, data, view_recipes, optimizer, *, online, target, probe, **others):
+        self.args, self.data, self.optimizer = args, data, optimizer
+        self.online, self.target, self.probe = online, target, probe
+        self.models = {"online": online, "target": target, "probe": probe, **others}  # what last.pt holds
+        self.device = data.train_images.device
+        to_device(self.models.values(), self.device)  # in place, channels_last: the optimiser keeps its parameters
+        check_world(args)  # under torchrun: the global batch divides among the processes
+        sync_batch_norm(args, self.models.values(), self.device)  # under torchrun on GPUs: SyncBatchNorm
+        self.counter = ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
+        compile_stages(self.models.values(), args.compile)  # --compile: torch.compile each stage in place
+        # One generator draws all randomness: each epoch's order and every augmentation. Under torchrun every
+        # process draws the same order from it, and its augmentations from a generator of its own.
+        self.generator = torch.Generator(self.device).manual_seed(args.seed)
+        self.augment_generator = self.generator
+        if WORLD.size > 1:
+            own_seed = (args.seed + 104729 * (WORLD.rank + 1)) % 2**63  # the seed shifted by a prime per rank
+            self.augment_generator = torch.Generator(self.device).manual_seed(own_seed)
+        # the step, this epoch's image order and loss tally, the metrics history; with --resume from last.pt
+        self.progress = start_or_resume(
+            args, self.models, optimizer, self.augment_generator, self.device, self.generator
+        )
+        # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
+        self.views = Views(
+            data, view_recipes, args.batch_size, args.aug_chunk, self.augment_generator, self.augment, WORLD
+        )
+        # --log-grad-norms, --track-weights, --log-target-drift (measured on rank 0's share of each batch)
+        fixed = data.train_images[: Instruments.DRIFT_IMAGES] if args.log_target_drift else None
+        self.instruments = Instruments(
+            args, online, target, enabled=WORLD.main, fixed_images=fixed, outputs=self.outputs, counter=self.counter
+        )
+        self.logger = on_rank_0(lambda: RunLogger(args, self.progress, self.instruments))
+        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
+
+    def batches(self):
+        """Yield (step, views, labels) for every step left in the run: the step's index from 0, the views as
+        the recipes list them, the labels."""
+        progress, args = self.progress, self.args
+        while progress.step < self.last_step:
+            epoch, first_batch = divmod(progress.step, self.steps_per_epoch)
+            if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
+                progress.order = torch.randperm(
+                    len(self.data.train_images), generator=self.generator, device=self.device
+                )
+                progress.loss_sum.zero_()
+            for model in self.models.values():
+                model.train()
+            self.counter.reset()
+            start = timer(self.device)
+            for i in range(first_batch, self.steps_per_epoch):
+                self.batch = i
+                views, labels = self.views.batch(progress.order, epoch, i)
+                yield progress.step, views, labels
+                if progress.step >= self.last_step:
+                    break
+                if checkpoint_due(args, progress.step) and i + 1 < self.steps_per_epoch:  # --checkpoint-every
+                    self.save()  # inside the epoch
+                    exit_if_stopped(args, progress.step)  # after SIGTERM or Ctrl-C: last.pt holds this step; exit
+            self.end_epoch(epoch, first_batch, start)
+        check_processes_agree(self.models)  # under torchrun: every process holds the same model
+        if WORLD.main:
+            print(summary_line(args, self.logger.last))
+
+    def data_parallel(self, *modules):
+        """The modules that train, for the method's step: in DDP under torchrun, themselves otherwise."""
+        return data_parallel(self.device, *modules)
+
+    def end_step(self, loss):
+        """After the method's step: the loss into the epoch's tally, the instruments, the progress line."""
+        self.progress.loss_sum += loss.detach()  # summed on the device: no host synchronisation per step
+        self.progress.step += 1
+        self.instruments.record(self.progress.step)  # does nothing unless an instrument is on
+        if WORLD.main:
+            self.logger.progress(self.batch, self.steps_per_epoch, loss)
+
+    def end_epoch(self, epoch, first_batch, start):
+        """End of the epoch (or of --max-steps): evaluate, save last.pt, log."""
+        progress = self.progress
+        steps_this_epoch = progress.step - epoch * self.steps_per_epoch  # including those before a resume
+        loss = mean_over_processes(progress.loss_sum) / steps_this_epoch  # over every process's share of the batches
+        epoch_complete = progress.step % self.steps_per_epoch == 0  # False when --max-steps stopped it inside
+        if WORLD.main:  # (under torchrun, rank 0 alone evaluates and logs)
+            run_knn = (epoch + 1) % self.args.eval_every == 0 or progress.step == self.last_step
+            metrics = epoch_metrics(
+                epoch=epoch + 1,
+                step=progress.step,
+                loss=loss.item(),
+                lr=self.optimizer.param_groups[0]["lr"],  # the last step's (set by the method's loop)
+                beta=self.target.beta,  # the last step's Eq. (6) coefficient
+                seconds=timer(self.device) - start,  # (before the evaluation: training time only)
+                images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
+                evaluation=self.evaluate(run_knn),
+                online=self.online,
+                target=self.target,
+                counter=self.counter,
+            )
+            if epoch_complete:
+                progress.history.append(metrics)
+        self.save()  # refuses a NaN loss
+        if WORLD.main:
+            self.logger.log_epoch(metrics, progress.history, provisional=not epoch_complete)
+        if progress.step < self.last_step:
+            exit_if_stopped(self.args, progress.step)
+
+    def save(self):
+        save_checkpoint(
+            self.args, self.progress, self.models, self.optimizer, self.views, self.instruments, self.generator
+        )
