@@ -39,6 +39,25 @@ BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
 STAGES = BACKBONE_STAGES + ("projector",)  # the paper's names, input to output (Fig. 1)
 
 
+def run_stages(modules, h, start):
+    """Run the encoder from stage `start` to its end with the given {stage name: module}.
+
+    Returns the activations along the way: the one entering each stage that ran, under the stage's
+    name, and the last one, under "output". activations["projector"] is the pooled backbone feature f,
+    activations["output"] the projection z (or f when no projector ran).
+    """
+    activations = {}
+    for name in STAGES[STAGES.index(start) :]:
+        if name not in modules:
+            break
+        activations[name] = h
+        h = modules[name](h)
+        if name == "block4":
+            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
+    activations["output"] = h
+    return activations
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -144,25 +163,6 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn=True, last_bn=False, last_
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
     return nn.Sequential(*layers)
-
-
-def run_stages(modules, h, start):
-    """Run the encoder from stage `start` to its end with the given {stage name: module}.
-
-    Returns the activations along the way: the one entering each stage that ran, under the stage's
-    name, and the last one, under "output". activations["projector"] is the pooled backbone feature f,
-    activations["output"] the projection z (or f when no projector ran).
-    """
-    activations = {}
-    for name in STAGES[STAGES.index(start) :]:
-        if name not in modules:
-            break
-        activations[name] = h
-        h = modules[name](h)
-        if name == "block4":
-            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # global average pooling: N x C x H x W -> N x C
-    activations["output"] = h
-    return activations
 
 
 class Encoder(nn.Module):
@@ -326,8 +326,12 @@ class NamedStageEMA(nn.Module):
         if beta == 1.0:  # a frozen target, left bit-identical
             return
         xi, theta = self.parameter_pairs()  # empty with --ema-stages none: nothing to average
-        for xi_p, theta_p in zip(xi, theta):
-            xi_p.mul_(beta).add_(theta_p, alpha=1.0 - beta)
+        if xi:
+            # on every pair at once: xi <- beta * xi, then xi <- xi + (1 - beta) * theta. The same algebra as the
+            # loop `for p, q in zip(xi, theta): p.mul_(beta).add_(q, alpha=1 - beta)`, in one kernel launch per
+            # operation on a GPU instead of one per parameter
+            torch._foreach_mul_(xi, beta)
+            torch._foreach_add_(xi, theta, alpha=1.0 - beta)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.ema.parameters())
@@ -644,39 +648,6 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
     return torch.cat(predictions)
 
 
-@torch.no_grad()
-def evaluate(backbone, probe, data, knn=True, projector=None):
-    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
-    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
-    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
-    was_training = probe.training
-    probe.eval()
-    logits = probe(test_features)
-    probe.train(was_training)
-    result = {
-        "linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
-        "knn_top1": None,
-        "knn1_top1": None,
-    }
-    if projector is not None:
-        was_training = projector.training
-        projector.eval()
-        with autocast(data.test_images.device):
-            z = torch.cat([projector(f) for f in test_features.split(1024)])
-        projector.train(was_training)
-        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
-        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
-    if knn:
-        labelled = data.train_labels >= 0
-        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
-        result.update(
-            knn_accuracies(
-                train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
-            )
-        )
-    return result
-
-
 def knn_accuracies(train_features, train_labels, test_features, test_labels, num_classes):
     """Test top-1 (%) of weighted kNN (k = 200, T = 0.1) and of 1-NN, with the training features as memory bank."""
     result = {}
@@ -708,6 +679,39 @@ def effective_rank(features):
     p = singular_values / singular_values.sum()
     p = p[p > 0]  # 0 log 0 = 0
     return torch.exp(-(p * p.log()).sum()).item()
+
+
+@torch.no_grad()
+def evaluate(backbone, probe, data, knn=True, projector=None):
+    """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
+    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
+    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
+    was_training = probe.training
+    probe.eval()
+    logits = probe(test_features)
+    probe.train(was_training)
+    result = {
+        "linear_top1": 100.0 * (logits.argmax(1) == data.test_labels).float().mean().item(),
+        "knn_top1": None,
+        "knn1_top1": None,
+    }
+    if projector is not None:
+        was_training = projector.training
+        projector.eval()
+        with autocast(data.test_images.device):
+            z = torch.cat([projector(f) for f in test_features.split(1024)])
+        projector.train(was_training)
+        result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
+        result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
+    if knn:
+        labelled = data.train_labels >= 0
+        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
+        result.update(
+            knn_accuracies(
+                train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
+            )
+        )
+    return result
 
 
 # ========================================================================================

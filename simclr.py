@@ -97,7 +97,8 @@ def nt_xent(anchors, candidates, temperature, first=0):
     n2 = a.shape[0]
     logits = a @ c.T / temperature  # cosine similarities / T
     itself = first + torch.arange(n2, device=a.device)
-    logits = logits.masked_fill(F.one_hot(itself, c.shape[0]).bool(), float("-inf"))  # drop i = i
+    columns = torch.arange(c.shape[0], device=a.device)
+    logits = logits.masked_fill(itself[:, None] == columns[None], float("-inf"))  # drop i = i (no host sync)
     positives = first + (torch.arange(n2, device=a.device) + n2 // 2) % n2  # the other view of the same image
     return F.cross_entropy(logits, positives)
 

@@ -2,6 +2,7 @@
 
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -48,17 +49,23 @@ def to_device(modules, device):
         m.to(memory_format=torch.channels_last)
 
 
-def compile_stages(models, enabled=True, **compile_options):
-    """--compile: torch.compile each stage of the encoders (online stages and EMA copies) and each
-    other module with a forward (predictor, probe), one module at a time, in place.
+def compile_stages(models, mode, device):
+    """--compile MODE: torch.compile each stage of the encoders (online stages and EMA copies) and each
+    other module with a forward (predictor, probe), one module at a time, in place. mode None: nothing.
 
     Stage by stage, so that the named stages and activation reuse work as without it; in place
     (each module's forward is replaced by its compiled version), so that state_dict keys stay as
     they are and a checkpoint loads with or without --compile; the forward hooks of
-    `ForwardCounter` and `Instruments` stay outside the compiled code.
+    `ForwardCounter` and `Instruments` stay outside the compiled code. The evaluation and the
+    instruments run eagerly (`eager`), so the compiled graphs are those of training only.
+    mode "reduce-overhead" adds CUDA graphs (the compiled kernels of a module replayed as one
+    launch); they exist on CUDA only, so on a CPU it falls back to "default", and says so.
     """
-    if not enabled:
+    if mode is None:
         return
+    if mode == "reduce-overhead" and device.type != "cuda":
+        print("note: --compile reduce-overhead (CUDA graphs) needs a GPU; compiling with mode default instead")
+        mode = "default"
     # Modules of one class share one forward code object (nn.Sequential's), and dynamo caps the variants
     # of one code object at 8: stages x train/eval x with/without gradients need more.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -70,7 +77,18 @@ def compile_stages(models, enabled=True, **compile_options):
         else:  # queues and centres have no forward to compile
             modules = [model] if type(model).forward is not nn.Module.forward else []
         for module in modules:
-            module.forward = torch.compile(module.forward, **compile_options)
+            module.forward = torch.compile(module.forward, mode=mode)
+
+
+@contextmanager
+def eager(compiled):
+    """Run compiled modules eagerly inside (when the run is compiled): evaluation and measurement, whose shapes
+    and modes differ from training's, would otherwise compile graphs of their own."""
+    if compiled and hasattr(torch.compiler, "set_stance"):  # (torch 2.6 and later)
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        yield
 
 
 def timer(device):

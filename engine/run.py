@@ -4,7 +4,7 @@ import torch
 
 from engine.checkpoint import checkpoint_due, exit_if_stopped, save_checkpoint, start_or_resume
 from engine.data import Views, steps_per_epoch
-from engine.device import compile_stages, timer, to_device
+from engine.device import compile_stages, eager, timer, to_device
 from engine.distributed import (
     WORLD,
     check_processes_agree,
@@ -59,6 +59,11 @@ class Run:
         (--log-target-drift)."""
         raise NotImplementedError("use common.Run, which has the encoder")
 
+    def eager_outputs(self, images):
+        """outputs(), eagerly in a compiled run (engine.device.eager)."""
+        with eager(self.args.compile):
+            return self.outputs(images)
+
     def __init__(self, args, data, view_recipes, optimizer, *, online, target, probe, **others):
         self.args, self.data, self.optimizer = args, data, optimizer
         self.online, self.target, self.probe = online, target, probe
@@ -68,7 +73,7 @@ class Run:
         check_world(args)  # under torchrun: the global batch divides among the processes
         sync_batch_norm(args, self.models.values(), self.device)  # under torchrun on GPUs: SyncBatchNorm
         self.counter = ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
-        compile_stages(self.models.values(), args.compile)  # --compile: torch.compile each stage in place
+        compile_stages(self.models.values(), args.compile, self.device)  # --compile: each stage in place
         # One generator draws all randomness: each epoch's order and every augmentation. Under torchrun every
         # process draws the same order from it, and its augmentations from a generator of its own.
         self.generator = torch.Generator(self.device).manual_seed(args.seed)
@@ -87,7 +92,13 @@ class Run:
         # --log-grad-norms, --track-weights, --log-target-drift (measured on rank 0's share of each batch)
         fixed = data.train_images[: Instruments.DRIFT_IMAGES] if args.log_target_drift else None
         self.instruments = Instruments(
-            args, online, target, enabled=WORLD.main, fixed_images=fixed, outputs=self.outputs, counter=self.counter
+            args,
+            online,
+            target,
+            enabled=WORLD.main,
+            fixed_images=fixed,
+            outputs=self.eager_outputs,
+            counter=self.counter,
         )
         self.logger = on_rank_0(lambda: RunLogger(args, self.progress, self.instruments))
         self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
@@ -143,16 +154,19 @@ class Run:
         loss = mean_over_processes(progress.loss_sum) / steps_this_epoch  # over every process's share of the batches
         epoch_complete = progress.step % self.steps_per_epoch == 0  # False when --max-steps stopped it inside
         if WORLD.main:  # (under torchrun, rank 0 alone evaluates and logs)
+            seconds = timer(self.device) - start  # the epoch's training time: before the evaluation
             run_knn = (epoch + 1) % self.args.eval_every == 0 or progress.step == self.last_step
+            with eager(self.args.compile):  # a compiled run evaluates eagerly: no graphs for evaluation's shapes
+                evaluation = self.evaluate(run_knn)
             metrics = epoch_metrics(
                 epoch=epoch + 1,
                 step=progress.step,
                 loss=loss.item(),
                 lr=self.optimizer.param_groups[0]["lr"],  # the last step's (set by the method's loop)
                 beta=self.target.beta,  # the last step's Eq. (6) coefficient
-                seconds=timer(self.device) - start,  # (before the evaluation: training time only)
+                seconds=seconds,
                 images_seen=(steps_this_epoch - first_batch) * self.args.batch_size,
-                evaluation=self.evaluate(run_knn),
+                evaluation=evaluation,
                 online=self.online,
                 target=self.target,
                 counter=self.counter,

@@ -18,11 +18,20 @@
 With --real-epoch FLAGS, instead: the project's overhead. byol.py trains two epochs with FLAGS
 (any --dataset, e.g. '--preset laptop --dataset imagefolder --data-dir DIR'); the second epoch's
 time (kNN aside: epoch_seconds stops before evaluation) is set next to a lean BYOL step built
-from the same modules and flags -- the same backbone, heads, EMA target and optimiser, on a
-fixed batch: no augmentation, no logging, no Python around it -- times the steps per epoch.
-The ratio real / lean is what the project's loop, augmentation and bookkeeping cost.
+from the same modules and flags -- the same backbone, heads, EMA target and optimiser, in
+channels_last, under the run's settings (cuDNN's autotuner, TF32), compiled as the run compiles
+them when FLAGS has --compile, on a fixed batch: no augmentation, no logging, no Python around
+it -- times the steps per epoch. The ratio real / lean is what the project's loop, augmentation
+and bookkeeping cost. The first epoch is timed too: what it takes beyond the second is the
+warm-up, and with --compile mostly the compilation. With --compile the lean step is timed after
+the run only, so that the run compiles first, as a user's run does (before it, the lean step
+would fill the compiler's cache for the run). --profile adds torch.profiler's summary of one
+lean step: the ops that took the most GPU time (CPU time on a CPU), to show what costs the time.
+--run-dir keeps the run's directory (metrics.jsonl) where a caller can read it, even if this
+tool is stopped (tools/gpu_report.py does).
 
     python tools/bench.py --real-epoch "--preset laptop --dataset imagefolder --data-dir DIR"
+    python tools/bench.py --real-epoch "--dataset synthetic --synthetic-size 50000 --device cuda --compile"
 
 With --efficiency FLAGS, instead: how much of the CPU a laptop step uses. The float32 peak as torch
 reaches it (2048 x 2048 matrix products, on 1 thread and on all), the FLOPs of one lean BYOL step built
@@ -56,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from engine.cli import HelpFormatter, check_ranges  # noqa: E402
 from engine.data import Data, Views  # noqa: E402
-from engine.device import check_device, timer, to_device  # noqa: E402
+from engine.device import check_device, compile_stages, timer, to_device  # noqa: E402
 
 CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", "dino": "all", "ressl": "all"}
 
@@ -84,6 +93,17 @@ def parse_args(argv=None):
         "flags against a lean step of the same modules, and print the overhead (nothing else is timed)",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --real-epoch: also profile one lean step (torch.profiler) and list the ops that took the most "
+        "time, GPU time on CUDA and CPU time on a CPU",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="with --real-epoch: the run's directory (metrics.jsonl, ...), kept; default: a temporary one",
+    )
+    p.add_argument(
         "--efficiency",
         default=None,
         metavar="FLAGS",
@@ -94,6 +114,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_ranges(args, p)  # one line for a value out of its range (its type: engine.cli.Range)
     check_device(args.device)
+    if (args.profile or args.run_dir) and args.real_epoch is None:
+        flag = "--profile" if args.profile else "--run-dir"
+        raise common.ConfigError(f"{flag} belongs to --real-epoch; add --real-epoch FLAGS or leave {flag} out")
     unknown = [m for m in args.methods.split(",") if m not in CLASSIC]
     if unknown:
         raise common.ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIC)}")
@@ -220,10 +243,11 @@ def time_method(method, stages, args, out_dir):
 # ---- 3. a real epoch against a lean step -----------------------------------------------
 
 
-def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=False, compile=False, count_flops=False):
-    """Seconds per step of BYOL built as byol.py builds it from `run_args`, on one fixed batch. With
-    count_flops, instead: the FLOPs of one step's forward and backward passes (torch's counter: matrix
-    products and convolutions; the optimiser and the EMA update are element-wise and not counted)."""
+def lean_byol_step(run_args, device, channels_last=False, compile=False):
+    """BYOL's training step built as byol.py builds it from `run_args` (the same backbone, heads, EMA target,
+    probe and optimiser; with run_args.compile, each stage compiled in place as the run compiles it), on one
+    fixed batch: no augmentation, no logging, no loop around it. Returns the step, a function of no arguments.
+    compile: instead, torch.compile the online encoder as one module (the --efficiency row)."""
     import byol
 
     online, predictor, target, probe, optimizer = byol.build(run_args, num_classes=10)  # byol.py's own
@@ -237,8 +261,8 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
     x_1, x_2 = (x.contiguous(memory_format=layout) for x in (x_1, x_2))
     for model in models:
         model.to(memory_format=layout)
-    for model in (online, predictor, target, probe):
         model.train()
+    compile_stages(models, run_args.compile, device)  # --compile MODE: each stage in place, as common.Run does
     # torch.compile (inductor): the online encoder, which does most of the work; the first steps compile
     forward = torch.compile(online) if compile else online
 
@@ -253,6 +277,26 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
         optimizer.step()
         target.update(run_args.beta)
 
+    return step
+
+
+def time_steps(step, device, steps=10, warmup=3):
+    """Seconds per step over `steps` steps after `warmup` untimed ones, and the seconds the warm-up took (with
+    --compile, mostly compiling)."""
+    start = timer(device)
+    for _ in range(warmup):
+        step()
+    warm = timer(device)
+    for _ in range(steps):
+        step()
+    return (timer(device) - warm) / steps, warm - start
+
+
+def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=False, compile=False, count_flops=False):
+    """Seconds per step of the lean step (lean_byol_step). With count_flops, instead: the FLOPs of one step's
+    forward and backward passes (torch's counter: matrix products and convolutions; the optimiser and the EMA
+    update are element-wise and not counted)."""
+    step = lean_byol_step(run_args, device, channels_last, compile)
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -260,11 +304,38 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
         with counter:
             step()
         return counter.get_total_flops()
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = timer(device)
+    return time_steps(step, device, steps, warmup)[0]
+
+
+def profile_step(step, device, rows=15):
+    """One step (already warmed up) under torch.profiler: the ops that took the most time. On CUDA the clock is
+    the GPU's (each kernel's own time: what the GPU was busy with), on a CPU the CPU's (each op's own time,
+    without the ops it calls). Returns the total and the top `rows` ops, each with its share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
         step()
-    return (timer(device) - start) / steps
+        timer(device)
+    events = profiler.key_averages()
+
+    def own_microseconds(event):
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    total = sum(own_microseconds(event) for event in events)
+    top = sorted(events, key=own_microseconds, reverse=True)[:rows]
+    ops = [
+        {
+            "name": event.key[:100],
+            "calls": event.count,
+            "ms": own_microseconds(event) / 1000,
+            "share": own_microseconds(event) / max(total, 1e-9),
+        }
+        for event in top
+        if own_microseconds(event) > 0
+    ]
+    return {"clock": "GPU" if on_gpu else "CPU", "total_ms": total / 1000, "ops": ops}
 
 
 def matmul_gflops(threads, n=2048, repeats=10):
@@ -351,52 +422,85 @@ def bench_efficiency(args):
     return summary
 
 
+def two_epochs_of_byol(flags, epochs, run_dir):
+    """Run byol.py with `flags` and `epochs` (at least 2: the schedules of the run FLAGS ask for) into
+    `run_dir` until its second epoch is written, its output echoed here (so a log shows how far it got); then
+    stop it. Returns its metrics.jsonl rows."""
+    run_flags = [*flags, "--eval-every", "1000", "--out-dir", str(run_dir)]
+    cmd = [sys.executable, str(ROOT / "byol.py"), *run_flags, "--epochs", str(max(2, epochs))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("epoch    2"):  # stop the run once its second epoch is written
+            process.terminate()
+            break
+    process.wait()
+    metrics_path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+
+
 def bench_real_epoch(args):
-    """Two real epochs of byol.py between two timings of the lean step; prints the overhead and returns the JSON
-    summary. The lean step is timed before and after the run so that other work on the machine shows as a gap."""
+    """Two real epochs of byol.py beside the lean step, timed before and after the run (after it only with
+    --compile) so that other work on the machine shows as a gap; prints the overhead and returns the JSON
+    summary."""
     import shlex
 
     import byol
 
     flags = shlex.split(args.real_epoch)
     run_args = byol.parse_args(flags)
-    device = torch.device(run_args.device)
+    # the lean step runs under the run's own settings: cuDNN's autotuner and TF32 on CUDA, the run's seed
+    device = common.setup(run_args.device, run_args.seed)
     loads = [os.getloadavg()[0]]
-    lean_before = lean_byol_step_seconds(run_args, device)
+    lean_before = None if run_args.compile else time_steps(lean_byol_step(run_args, device, channels_last=True), device)
     with tempfile.TemporaryDirectory() as tmp:
-        run_flags = [*flags, "--eval-every", "1000", "--out-dir", str(Path(tmp) / "run")]
-        # two epochs: the first warms up (allocator, caches), the second is timed
-        cmd = [sys.executable, str(ROOT / "byol.py"), *run_flags, "--epochs", str(max(2, run_args.epochs))]
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:  # stop the run once its second epoch is written
-            if line.startswith("epoch    2"):
-                process.terminate()
-                break
-        process.wait()
-        metrics_path = Path(tmp) / "run" / "metrics.jsonl"
-        lines = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-        if len(lines) < 2:
-            raise SystemExit(f"byol.py {args.real_epoch} did not finish two epochs; run it alone to see why")
+        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
+        lines = two_epochs_of_byol(flags, run_args.epochs, run_dir)
+    if len(lines) < 2:
+        raise SystemExit(f"byol.py {args.real_epoch} did not finish two epochs; run it alone to see why")
     loads.append(os.getloadavg()[0])
-    lean_after = lean_byol_step_seconds(run_args, device)
+    step = lean_byol_step(run_args, device, channels_last=True)
+    lean_after = time_steps(step, device)
+    profile = profile_step(step, device) if args.profile else None
     loads.append(os.getloadavg()[0])
     steps_per_epoch = lines[0]["step"]
-    real = lines[1]["epoch_seconds"]
-    lean = (lean_before + lean_after) / 2 * steps_per_epoch
+    first, real = lines[0]["epoch_seconds"], lines[1]["epoch_seconds"]
+    timed = [lean for lean in (lean_before, lean_after) if lean is not None]
+    lean = sum(seconds for seconds, _ in timed) / len(timed) * steps_per_epoch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{name}, torch {torch.__version__}: byol.py {args.real_epoch}")
     print(f"load average (1 min) before, between, after: {', '.join(f'{x:.2f}' for x in loads)}")
     print(f"\n| | s / epoch ({steps_per_epoch} steps of {run_args.batch_size}) |\n|---|---|")
     print(f"| real (byol.py, the second epoch, kNN aside) | {real:.2f} |")
-    print(
-        f"| lean step x steps, before the run / after it | {lean_before * steps_per_epoch:.2f} / "
-        f"{lean_after * steps_per_epoch:.2f} |"
-    )
+    print(f"| real, the first epoch (its warm-up{', compilation' if run_args.compile else ''}) | {first:.2f} |")
+    shown = [(f"{lean[0] * steps_per_epoch:.2f}" if lean is not None else "-") for lean in (lean_before, lean_after)]
+    print(f"| lean step x steps, before the run / after it | {shown[0]} / {shown[1]} |")
+    if profile:
+        print(
+            f"\ntorch.profiler, one lean step: {profile['total_ms']:.1f} ms of {profile['clock']} time; the ops that "
+            f"took the most (their own time)\n\n| op | calls | ms | share |\n|---|---|---|---|"
+        )
+        for op in profile["ops"]:
+            print(f"| {op['name']} | {op['calls']} | {op['ms']:.2f} | {100 * op['share']:.1f} % |")
     summary = {
+        "device_name": name,
+        "torch": torch.__version__,
+        "flags": args.real_epoch,
+        "ema_stages": run_args.ema_stages,
+        "compile": run_args.compile,
+        "batch_size": run_args.batch_size,
+        "steps_per_epoch": steps_per_epoch,
         "real_epoch_seconds": real,
+        "first_epoch_seconds": first,
+        "first_epoch_extra_seconds": first - real,  # the warm-up; with --compile, mostly compiling
+        "images_per_second": lines[1]["images_per_second"],
+        "peak_memory_mb": lines[1]["peak_memory_mb"],
         "lean_epoch_seconds": lean,
         "overhead": real / lean,
-        "lean_before_after": [lean_before * steps_per_epoch, lean_after * steps_per_epoch],
+        "lean_before_after": [None if x is None else x[0] * steps_per_epoch for x in (lean_before, lean_after)],
+        "lean_warmup_seconds": [None if x is None else x[1] for x in (lean_before, lean_after)],
+        "profile": profile,
     }
     print(f"\noverhead (real / mean of the lean ones): {real / lean:.2f}\n" + json.dumps(summary))
     return summary

@@ -57,7 +57,8 @@ import time
 from pathlib import Path
 
 from experiments import CLAIMS, EXPERIMENTS, RANDOM, SCALES
-from report import ROOT, data_dir, results_dir, run_dir, write_claims, write_laptop_table, write_table
+from gpu_report import device_slug
+from report import ROOT, data_dir, results_dir, row_results, run_dir, write_claims, write_laptop_table, write_table
 
 # Names that the tests (and readers of earlier versions) reach as reproduce.<name>, though they live in
 # tools/report.py now: the statistics over seeds and the reading of kept results
@@ -144,12 +145,13 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--jobs",
-        type=int,
-        default=1,
+        default="1",
         help="run this many of the experiment's runs at once, on the same "
         "device, as separate processes; each writes its output to reproduce.log in its run directory. On a "
         "CPU each process gets an even share of the CPU threads (OMP_NUM_THREADS = threads // jobs, at "
-        "least 1, unless OMP_NUM_THREADS is set already); on a GPU all of them share it",
+        "least 1, unless OMP_NUM_THREADS is set already); on a GPU all of them share it. auto: on a GPU, the "
+        "number that gave the most images per second in this GPU's latest report (docs/results/gpu/<device>/"
+        "report.json, made by tools/gpu_report.py), else 1; on a CPU, one run per core with one thread each",
     )
     p.add_argument(
         "--nproc",
@@ -166,8 +168,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.list and args.experiment not in [*EXPERIMENTS, "claims"]:
         p.error(f"name an experiment ({', '.join(EXPERIMENTS)}, claims) or pass --list")
-    if args.jobs < 1:
-        refuse(f"--jobs {args.jobs}: run at least 1 at a time")
+    if args.jobs != "auto":
+        try:
+            args.jobs = int(args.jobs)
+        except ValueError:
+            refuse(f"--jobs {args.jobs!r}: give how many runs go at once (a number), or auto")
+        if args.jobs < 1:
+            refuse(f"--jobs {args.jobs}: run at least 1 at a time")
     if args.nproc < 1:
         refuse(f"--nproc {args.nproc}: launch at least 1 process per run (1, the default, runs without torchrun)")
     for name, least in [("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("queue_size", 1), ("warmup_epochs", 0)]:
@@ -380,6 +387,45 @@ def torch_version():
     return out.stdout.strip() or "unknown"
 
 
+GPU_REPORTS = ROOT / "docs" / "results" / "gpu"  # tools/gpu_report.py's reports, one folder per device
+
+
+def visible_gpu():
+    """The name of the GPU torch sees (its first), or None: asked in a subprocess, since this tool imports no
+    torch."""
+    script = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def auto_jobs(args, reports=GPU_REPORTS):
+    """--jobs auto: how many runs go at once. On a GPU, the number that gave the most images per second in the
+    latest report of this GPU that measured it (tools/gpu_report.py's best_jobs), else 1, with a note. On a
+    CPU, one run per core (per --nproc processes), each with one thread (threads_for): the runs are
+    independent, and one thread each keeps every core busy without two runs fighting over one."""
+    devices = re.findall(r"--device[= ](\S+)", args.extra)
+    gpu = None if devices and devices[-1] == "cpu" else visible_gpu()
+    if gpu is None:
+        jobs = max(1, (os.cpu_count() or 1) // args.nproc)
+        print(f"--jobs auto: {jobs} at once on the CPU ({os.cpu_count()} cores, one thread each)", flush=True)
+        return jobs
+    if args.nproc > 1:
+        print(f"--jobs auto: 1 at a time (each run already spans {args.nproc} GPUs with --nproc)", flush=True)
+        return 1
+    folder = reports / device_slug(gpu)
+    for path in [folder / "report.json", *sorted(folder.glob("earlier/*/report.json"), reverse=True)]:
+        best = json.loads(path.read_text()).get("best_jobs") if path.exists() else None
+        if best:
+            print(f"--jobs auto: {best} at once on the {gpu}, the best measured in {path}", flush=True)
+            return best
+    print(
+        f"--jobs auto: 1 at a time; no report of the {gpu} has measured runs at once yet (make one with: python "
+        f"tools/gpu_report.py --parts jobs)",
+        flush=True,
+    )
+    return 1
+
+
 def threads_for(args):
     """OMP_NUM_THREADS of each process: as set, or an even share of this machine's CPU threads."""
     return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))))
@@ -502,6 +548,16 @@ def main(argv=None):
         return 2
     jobs = [(row, seed) for seed in args.seeds for row in rows]  # seed by seed: a first seed of every row first
     failed = []
+    if args.jobs == "auto" and not args.table:
+        args.jobs = auto_jobs(args)
+    if args.table and not any(row_results(args, name, experiment, row) for row in rows):
+        again = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table")
+        print(
+            f"error: {args.experiment} has no results yet (seeds {','.join(map(str, args.seeds))}, scale "
+            f"{scale_name(args, experiment)}); make them with: python tools/reproduce.py {again}",
+            file=sys.stderr,
+        )
+        return 2
     if args.table:
         complete = [True]
     elif args.jobs == 1:
