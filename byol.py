@@ -79,7 +79,7 @@ def byol_loss(p_1, p_2, z_1m, z_2m):
 def build(args, num_classes):
     """The networks and their optimiser (tools/bench.py times a step of these): the online encoder E = g o b,
     the predictor h (online only, Eq. 4), the target with EMA stages, the online probe; LARS."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
     # the projector g (--bn-proj: Table C.8's BN2 on its output)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)

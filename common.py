@@ -105,7 +105,10 @@ ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4,
 
 
 class ResNetCIFAR(nn.Module):
-    """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool.
+    """ResNet with the CIFAR stem: conv1 = 3x3 conv (stride 1, padding 1) + BN + ReLU, no max-pool; or, with
+    stem="imagenet" (--stem, for 224-pixel views: Table 6), the ImageNet ResNet's: 7x7 conv (stride 2, padding 3)
+    + BN + ReLU + 3x3 max-pool (stride 2), which shrinks a 224-pixel image to 56 x 56 before block1. (The class
+    keeps the name of its default stem, which courses know it by.)
 
     Stages conv1, block1..block4 are attributes under the paper's names. Global average pooling
     follows block4 (in `run_stages`); it has no parameters and is not a stage. bn_block4 adds
@@ -116,15 +119,25 @@ class ResNetCIFAR(nn.Module):
     the MoCo CIFAR demo and the original ResNet do.
     """
 
-    def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False):
+    def __init__(self, arch="resnet18", width=64, zero_init_residual=False, bn_block4=False, stem="cifar"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
         block, depths = ARCHS[arch]
         # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        )
+        if stem == "cifar":
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            )
+        elif stem == "imagenet":
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        else:
+            raise ValueError(f"unknown stem '{stem}'; choose cifar or imagenet")
         in_planes, stages = width, []
         for planes, depth, stride in zip((width, 2 * width, 4 * width, 8 * width), depths, (1, 2, 2, 2)):
             layers = []
@@ -558,10 +571,18 @@ def augment(images, recipe, mean, std, generator):
     """One view of a batch: uint8 N x 3 x H x W in, normalised float N x 3 x size x size out."""
     n, _, height, width = images.shape
     dev = images.device
-    rand = lambda: torch.rand(n, generator=generator, device=dev)
     top, left, h, w = sample_crop_params(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, dev)
-    flip = rand() < recipe.flip_p
+    flip = torch.rand(n, generator=generator, device=dev) < recipe.flip_p
     x = resized_crop(images.float().div_(255), top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
+    return augment_crops(x, recipe, mean, std, generator)
+
+
+def augment_crops(x, recipe, mean, std, generator):
+    """The rest of a view, after its crop and flip: colour jitter, grayscale, blur, solarisation, normalisation.
+    x: the crops, floats in [0, 1], N x 3 x size x size (augment's own, or --loader stream's, cut from each whole
+    image by the loader's workers), changed in place."""
+    n, dev = x.shape[0], x.device
+    rand = lambda: torch.rand(n, generator=generator, device=dev)
     x = color_jitter(x, recipe, generator)
     x = _apply_to(x, rand() < recipe.gray_p, to_grayscale)
     sigma = _uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n, generator, dev)
@@ -620,15 +641,15 @@ def probe_loss(probe, features, labels):
 
 
 @torch.no_grad()
-def extract_features(backbone, images, mean, std, batch_size=1024):
-    """Backbone features of un-augmented images, backbone in eval mode. N x D float32."""
+def extract_features(backbone, batches, mean, std):
+    """Backbone features of un-augmented images, backbone in eval mode. N x D float32. batches: the images, as
+    uint8 B x 3 x H x W tensors (a split of a tensor in memory, or --loader stream's batches from disk)."""
     was_training = backbone.training
     backbone.eval()
-    device = images.device
     features = []
-    for chunk in images.split(batch_size):
+    for chunk in batches:
         x = normalize(chunk.float() / 255, mean, std).contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(x.device):
             features.append(backbone(x).float())
     backbone.train(was_training)
     return torch.cat(features)
@@ -684,8 +705,9 @@ def effective_rank(features):
 @torch.no_grad()
 def evaluate(backbone, probe, data, knn=True, projector=None):
     """Test-set top-1 (%) of the online linear probe and, if knn, of weighted kNN (k=200, T=0.1) and 1-NN;
-    with a projector, the collapse monitor on the test images too (output_spread, effective_rank)."""
-    test_features = extract_features(backbone, data.test_images, data.mean, data.std)
+    with a projector, the collapse monitor on the test images too (output_spread, effective_rank). The images
+    come in batches of 1024 from data.batches(split) (engine/data.py: from memory, or read from disk)."""
+    test_features = extract_features(backbone, data.batches("test"), data.mean, data.std)
     was_training = probe.training
     probe.eval()
     logits = probe(test_features)
@@ -698,14 +720,14 @@ def evaluate(backbone, probe, data, knn=True, projector=None):
     if projector is not None:
         was_training = projector.training
         projector.eval()
-        with autocast(data.test_images.device):
+        with autocast(test_features.device):
             z = torch.cat([projector(f) for f in test_features.split(1024)])
         projector.train(was_training)
         result["output_spread"] = output_spread(z)  # ~1 spread out, 0 collapsed
         result["feature_rank"] = effective_rank(test_features)  # dimensions in use, of backbone.feature_dim
     if knn:
-        labelled = data.train_labels >= 0
-        train_features = extract_features(backbone, data.train_images[labelled], data.mean, data.std)
+        labelled = data.train_labels >= 0  # (STL-10's unlabelled images are no kNN memory)
+        train_features = extract_features(backbone, data.batches("train", labelled=True), data.mean, data.std)
         result.update(
             knn_accuracies(
                 train_features, data.train_labels[labelled], test_features, data.test_labels, data.num_classes
@@ -748,7 +770,8 @@ class Run(engine.run.Run):
     """engine.run.Run -- resume, each epoch's order, checkpoints, evaluation and logs around a method's
     step -- with the three parts of it that are the paper's, from this file."""
 
-    augment = staticmethod(augment)  # each batch's views: section 3
+    augment = staticmethod(augment)  # each batch's views, from whole images in memory: section 3
+    augment_crops = staticmethod(augment_crops)  # ... from the crops --loader stream's workers cut from each image
 
     def evaluate(self, knn):
         """The epoch's evaluation: section 5 on the online backbone, its probe and its projector."""

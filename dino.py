@@ -145,7 +145,7 @@ def teacher_temperature(epoch, args):
 def build(args, num_classes):
     """The online (student) encoder E = g o b with the DINO head as g, the target (teacher) with EMA stages, the
     centre, the probe; LARS."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
     head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
     online = common.Encoder(backbone, head)
     target = common.NamedStageEMA(online, args.stages)

@@ -15,6 +15,7 @@ protocol; the method files log it as linear_top1). This script is the offline pr
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import common
 from engine.checkpoint import load_checkpoint
 from engine.cli import HelpFormatter, check_ranges
-from engine.data import load_dataset
+from engine.data import load_dataset, load_stream
 from engine.files import atomic_write
 from engine.optim import learning_rate_factor
 
@@ -43,6 +44,32 @@ def parse_args(argv=None):
         type=common.positive(int, at_most=2**10),
         default=64,
         help="backbone width for --random-init (a checkpoint's own is read from it)",
+    )
+    p.add_argument(
+        "--stem",
+        choices=("cifar", "imagenet"),
+        default=None,
+        help="--random-init: the backbone's first stage (a checkpoint's own is read from it); None means imagenet "
+        "for --image-size 128 or more, else cifar",
+    )
+    p.add_argument(
+        "--image-size",
+        type=common.positive(int, at_most=2**10),
+        default=None,
+        help="--random-init: the views' side (imagefolder, synthetic); a checkpoint's own is read from it",
+    )
+    p.add_argument(
+        "--loader",
+        choices=("memory", "stream"),
+        default=None,
+        help="memory, or stream: an image folder read from disk (see the method files' --loader); default: the "
+        "checkpoint's (--random-init: stream for an imagefolder at --image-size 128 or more)",
+    )
+    p.add_argument(
+        "--workers",
+        type=common.positive(int, at_most=256),
+        default=None,
+        help="--loader stream: processes that read the images; None means one per CPU core, at most 32",
     )
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
@@ -90,8 +117,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.random_init:  # a stand-in "checkpoint": the backbone as initialised with --seed, never trained
         common.check_arch(args.arch)
+        large = (args.image_size or 32) >= 128  # as the method files' --stem auto and --loader auto
+        stem = args.stem or ("imagenet" if large else "cifar")
         torch.manual_seed(args.seed)
-        fresh = {f"backbone.{k}": v for k, v in common.ResNetCIFAR(args.arch, width=args.width).state_dict().items()}
+        backbone = common.ResNetCIFAR(args.arch, width=args.width, stem=stem)
+        fresh = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
         state = {
             "method": "random-init",
             "arch": args.arch,
@@ -100,7 +130,9 @@ def main(argv=None):
             "args": {
                 "dataset": args.dataset,
                 "data_dir": args.data_dir or "./data",
-                "image_size": None,
+                "image_size": args.image_size,
+                "stem": stem,
+                "loader": "stream" if args.dataset == "imagefolder" and large else "memory",
                 "synthetic_size": 512,
                 "seed": args.seed,
                 "width": args.width,
@@ -116,23 +148,42 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key))
     args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
+    args.loader = args.loader or trained.get("loader", "memory")
+    if args.loader == "stream" and not args.no_augment:
+        raise common.ConfigError(
+            "--loader stream: linear_eval.py trains on fixed features of the evaluation views there; pass --no-augment"
+        )
     device = common.setup(args.device, args.seed)
-    data = load_dataset(
-        args.dataset,
-        args.data_dir,
-        device,
-        image_size=trained["image_size"],
-        train_subset=args.train_subset,
-        eval_split=args.eval_split,
-        val_size=args.val_size,
-        download=not args.no_download,
-        synthetic_size=trained["synthetic_size"],
-        seed=trained["seed"],
-    )
+    if args.loader == "stream":
+        data = load_stream(
+            args.data_dir,
+            device,
+            image_size=trained["image_size"] or 224,
+            train_subset=args.train_subset,
+            eval_split=args.eval_split,
+            val_size=args.val_size,
+            workers=args.workers or min(32, os.cpu_count() or 1),
+        )
+    else:
+        data = load_dataset(
+            args.dataset,
+            args.data_dir,
+            device,
+            image_size=trained["image_size"],
+            train_subset=args.train_subset,
+            eval_split=args.eval_split,
+            val_size=args.val_size,
+            download=not args.no_download,
+            synthetic_size=trained["synthetic_size"],
+            seed=trained["seed"],
+        )
 
     # The frozen backbone: the online network's b, in eval mode, without gradients.
     backbone = common.ResNetCIFAR(
-        state["arch"], width=trained.get("width", 64), bn_block4=trained.get("bn_block4", False)
+        state["arch"],
+        width=trained.get("width", 64),
+        bn_block4=trained.get("bn_block4", False),
+        stem=trained.get("stem", "cifar"),
     ).to(device)
     online = state["models"]["online"]
     backbone.load_state_dict({k[len("backbone.") :]: v for k, v in online.items() if k.startswith("backbone.")})
@@ -140,19 +191,23 @@ def main(argv=None):
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
     labelled = data.train_labels >= 0
-    train_images, train_labels = data.train_images[labelled], data.train_labels[labelled]
-    batch_size = min(args.batch_size, len(train_images))
+    train_labels = data.train_labels[labelled]
+    batch_size = min(args.batch_size, len(train_labels))
     classifier = nn.Linear(backbone.feature_dim, data.num_classes).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    steps_per_epoch = len(train_images) // batch_size
+    steps_per_epoch = len(train_labels) // batch_size
     total_steps = args.epochs * steps_per_epoch
     crop_flip = common.ViewRecipe(size=data.image_size, jitter_p=0.0, gray_p=0.0)  # crop + flip only
     generator = torch.Generator(device).manual_seed(args.seed)
-    fixed = None if not args.no_augment else common.extract_features(backbone, train_images, data.mean, data.std)
+    fixed = None
+    if args.no_augment:
+        fixed = common.extract_features(backbone, data.batches("train", labelled=True), data.mean, data.std)
+    else:  # (in memory: --loader stream was refused above without --no-augment)
+        train_images = data.train_images[labelled]
 
     step = 0
     for epoch in range(args.epochs):
-        order = torch.randperm(len(train_images), generator=generator, device=device)
+        order = torch.randperm(len(train_labels), generator=generator, device=device)
         for i in range(steps_per_epoch):
             index = order[i * batch_size : (i + 1) * batch_size]
             if fixed is None:
@@ -171,10 +226,10 @@ def main(argv=None):
         print(f"linear eval epoch {epoch + 1}/{args.epochs} | loss {loss.item():.4f}", flush=True)
 
     # Evaluate, then check the backbone is exactly what the checkpoint held.
-    test_features = common.extract_features(backbone, data.test_images, data.mean, data.std)
-    train_features = (
-        fixed if fixed is not None else common.extract_features(backbone, train_images, data.mean, data.std)
-    )
+    test_features = common.extract_features(backbone, data.batches("test"), data.mean, data.std)
+    train_features = fixed
+    if train_features is None:
+        train_features = common.extract_features(backbone, data.batches("train", labelled=True), data.mean, data.std)
     with torch.no_grad():
         logits = classifier(test_features)
     result = {

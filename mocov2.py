@@ -88,7 +88,7 @@ def moco_loss(q_1, q_2, k_1, k_2, queues, temperature):
 def build(args, num_classes):
     """The online (query) encoder E = g o b, the target (key encoder) with EMA stages, one key queue per view,
     the probe; SGD."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
     target = common.NamedStageEMA(online, args.stages)

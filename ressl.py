@@ -83,7 +83,7 @@ def ressl_loss(q, k, queue, student_temp, teacher_temp):
 def build(args, num_classes):
     """The online (student) encoder E = g o b, the target (teacher) with EMA stages, the key queue, the probe;
     SGD."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
     target = common.NamedStageEMA(online, args.stages)

@@ -106,7 +106,7 @@ def nt_xent(anchors, candidates, temperature, first=0):
 def build(args, num_classes):
     """The online encoder E = g o b, the target with EMA stages (none by default), the probe; LARS (the paper's)
     or momentum SGD (--optimizer sgd)."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
     projector = common.mlp(backbone.feature_dim, args.proj_hidden_dim, args.proj_dim, bn=False, last_bn=args.bn_proj)
     online = common.Encoder(backbone, projector)
     target = common.NamedStageEMA(online, args.stages)

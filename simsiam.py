@@ -74,7 +74,9 @@ def simsiam_loss(p_1, p_2, z_1m, z_2m):
 def build(args, num_classes):
     """The online encoder E = g o b (zero-initialised residual branches, as solo-learn's scripts of the paper's
     time), the predictor h (online only), the target with EMA stages (none by default), the probe; SGD."""
-    backbone = common.ResNetCIFAR(args.arch, width=args.width, zero_init_residual=True, bn_block4=args.bn_block4)
+    backbone = common.ResNetCIFAR(
+        args.arch, width=args.width, zero_init_residual=True, bn_block4=args.bn_block4, stem=args.stem
+    )
     projector = common.mlp(
         backbone.feature_dim,
         args.proj_hidden_dim,

@@ -155,6 +155,29 @@ SHARED_FLAGS = [
     ),
     Flag("--arch", "resnet18", "backbone: resnet18 or resnet50 (common.ARCHS; the paper's Table 5 uses resnet50)"),
     Flag(
+        "--stem",
+        "auto",
+        "the backbone's first stage: cifar (3x3 conv, stride 1, no max-pool) or imagenet (7x7 conv, stride 2, "
+        "3x3 max-pool: Table 6's ImageNet-100); auto: imagenet for views of 128 pixels or more, else cifar",
+        ("auto", "cifar", "imagenet"),
+    ),
+    Flag(
+        "--loader",
+        "auto",
+        "memory: every image decoded once and held on the run's device (CIFAR, STL-10, small folders); stream: "
+        "an imagefolder read from disk by --workers processes as the run goes, each view cut from the whole "
+        "image (ImageNet); auto: stream for an imagefolder at --image-size 128 or more, else memory",
+        ("auto", "memory", "stream"),
+    ),
+    Flag(
+        "--workers",
+        None,
+        "--loader stream: processes that read, decode and crop the images; None means one per CPU core, at most 32",
+        positive(int, at_most=256),
+        resume_may_change=True,
+        options={"metavar": "N"},
+    ),
+    Flag(
         "--width",
         64,
         "channels of conv1 and block1; block k has width * 2^(k-1). 64 is the paper's ResNet; 16 is the "
@@ -398,6 +421,20 @@ def check_args(args, method):
         args.device = default_device()
     if args.dataset not in DATASETS:  # (before anything is read)
         raise ConfigError(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    views = args.image_size or (96 if args.dataset == "stl10" else 32)  # the side of the views, in pixels
+    if args.stem == "auto":  # the ImageNet ResNet's stem for ImageNet-sized views, CIFAR's for small ones
+        args.stem = "imagenet" if views >= 128 else "cifar"
+    if (
+        args.loader == "auto"
+    ):  # an ImageNet-sized folder streams from disk; CIFAR, STL-10 and small folders stay in memory
+        args.loader = "stream" if args.dataset == "imagefolder" and views >= 128 else "memory"
+    if args.loader == "stream" and args.dataset != "imagefolder":
+        raise ConfigError(
+            f"--loader stream reads an image folder, not --dataset {args.dataset}; pass --dataset imagefolder "
+            f"--data-dir DIR, or --loader memory"
+        )
+    if args.workers is None:
+        args.workers = min(32, os.cpu_count() or 1)
     if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
         args.aug_chunk = 16 if args.device.startswith("cuda") else 1
     if args.warmup_epochs is None:  # the paper's 10 of 200 epochs, scaled to shorter runs

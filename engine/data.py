@@ -5,6 +5,7 @@ made by batched augmentation with per-sample random parameters (common.augment),
 at a time (Views).
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,18 @@ from engine.errors import ConfigError
 
 
 def load_data(args, device):
-    """The dataset the flags name (--dataset, --data-dir, --train-subset, --eval-split, ...): load_dataset."""
+    """The dataset the flags name (--dataset, --data-dir, --train-subset, --eval-split, ...): in memory
+    (load_dataset), or as files read from disk as the run goes (load_stream, --loader stream)."""
+    if args.loader == "stream":
+        return load_stream(
+            args.data_dir,
+            device,
+            image_size=args.image_size or 224,
+            train_subset=args.train_subset,
+            eval_split=args.eval_split,
+            val_size=args.val_size,
+            workers=args.workers,
+        )
     return load_dataset(
         args.dataset,
         args.data_dir,
@@ -43,6 +55,18 @@ class Data:
     @property
     def image_size(self):
         return self.train_images.shape[-1]
+
+    def batches(self, split, labelled=False, batch_size=1024):
+        """The images of a split ("train" or "test") in batches of batch_size, in order, for the evaluation;
+        labelled: only those with a label (not STL-10's unlabelled ones)."""
+        images = self.train_images if split == "train" else self.test_images
+        if labelled:
+            images = images[self.train_labels >= 0]
+        return images.split(batch_size)
+
+    def fixed_batch(self, n):
+        """The first n training images, as they are (--log-target-drift's fixed batch)."""
+        return self.train_images[:n]
 
 
 def _torchvision_dataset(name, root, download):
@@ -140,12 +164,12 @@ def split_train_val(labels, num_classes, train_subset=None, val_size=None):
     return train, val
 
 
-def _image_folder(root, image_size, subset=None, val_size=None):
-    """train/<class>/*.{jpg,png}, and val/<class>/... or test/<class>/..., resized to image_size.
-    Only the images a run uses are decoded (see split_train_val). With val_size, the held-out
-    training images take the place of the test split, and the test folder is not read."""
+def folder_samples(root, subset=None, val_size=None):
+    """The (path, label) samples of an image folder a run uses: train/<class>/*.{jpg,png}, and val/<class>/...
+    or test/<class>/... (see split_train_val: --train-subset, --eval-split val). Returns the training samples,
+    the evaluation samples (the held-out training images with val_size; else the test folder's) and the
+    number of classes. Nothing is decoded here."""
     import torchvision
-    from PIL import Image
 
     root = Path(root)
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
@@ -160,33 +184,54 @@ def _image_folder(root, image_size, subset=None, val_size=None):
         except (FileNotFoundError, RuntimeError) as error:
             raise ConfigError(f"no images in {split_dir} ({error}); put images in {split_dir}/<class>/") from None
 
-    def decode(samples):
-        images = []
-        for path, _ in samples:
-            try:
-                with Image.open(path) as opened:
-                    img = opened.convert("RGB")
-            except OSError as error:  # a corrupt, empty or unreadable file (PIL's UnidentifiedImageError too)
-                reason = error.strerror or "not an image that PIL can decode"
-                raise ConfigError(f"cannot read the image {path} ({reason}); delete or replace it") from None
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.BICUBIC)
-            images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
-        return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([label for _, label in samples])
-
     train = folder_of(root / "train")
     train_idx, val_idx = split_train_val(train.targets, len(train.classes), subset, val_size)
-    train_x, train_y = decode([train.samples[i] for i in train_idx.tolist()])
+    train_samples = [train.samples[i] for i in train_idx.tolist()]
     if val_idx is not None:  # --eval-split val
-        test_x, test_y = decode([train.samples[i] for i in val_idx.tolist()])
-        return train_x, train_y, test_x, test_y, len(train.classes)
+        return train_samples, [train.samples[i] for i in val_idx.tolist()], len(train.classes)
     test = folder_of(test_dir)
     if test.classes != train.classes:
         raise ConfigError(
             f"the class folders of {root / 'train'} and {test_dir} differ; give both the same class names"
         )
-    test_x, test_y = decode(test.samples)
-    return train_x, train_y, test_x, test_y, len(train.classes)
+    return train_samples, test.samples, len(train.classes)
+
+
+def open_image(path):
+    """The image at path in RGB, or ConfigError's one line naming it (a corrupt, empty or unreadable file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as error:  # (PIL's UnidentifiedImageError too)
+        reason = error.strerror or "not an image that PIL can decode"
+        raise ConfigError(f"cannot read the image {path} ({reason}); delete or replace it") from None
+
+
+def as_tensor(image):
+    """A PIL RGB image as a uint8 3 x H x W tensor."""
+    width, height = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+def _image_folder(root, image_size, subset=None, val_size=None):
+    """An image folder decoded once, every image resized to image_size x image_size (--loader memory)."""
+    from PIL import Image
+
+    def decode(samples):
+        images = []
+        for path, _ in samples:
+            img = open_image(path)
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.BICUBIC)
+            images.append(as_tensor(img))
+        return torch.stack(images).contiguous(), torch.tensor([label for _, label in samples])
+
+    train_samples, test_samples, num_classes = folder_samples(root, subset, val_size)
+    train_x, train_y = decode(train_samples)
+    test_x, test_y = decode(test_samples)
+    return train_x, train_y, test_x, test_y, num_classes
 
 
 def _synthetic(num_train, image_size, seed=0):
@@ -271,11 +316,11 @@ def load_dataset(
 
 def steps_per_epoch(data, batch_size):
     """Full batches per epoch (the last, incomplete batch is dropped, as solo-learn does)."""
-    if batch_size > len(data.train_images):
+    if batch_size > len(data.train_labels):
         raise ConfigError(
-            f"--batch-size {batch_size} is larger than the {len(data.train_images)} training images; lower --batch-size"
+            f"--batch-size {batch_size} is larger than the {len(data.train_labels)} training images; lower --batch-size"
         )
-    return len(data.train_images) // batch_size
+    return len(data.train_labels) // batch_size
 
 
 class Views:
@@ -328,3 +373,216 @@ class Views:
         """The generator's state for a checkpoint: as at the start of the chunk in progress, if one is."""
         inside_chunk = self.span is not None and self.next_batch < self.span[2]
         return self.state_at_chunk_start if inside_chunk else self.generator.get_state()
+
+
+# ----------------------------------------------------------------------------------------
+# --loader stream: an image folder read from disk as the run goes (ImageNet-100, ImageNet-1K)
+# ----------------------------------------------------------------------------------------
+# Holding ImageNet-100 in memory at 256 pixels takes about 25 GB, ImageNet-1K about 250 GB, and a thumbnail of
+# each image would make every view a crop of the thumbnail. Here DataLoader worker processes read and decode
+# each image as a batch needs it and cut each view from the whole photograph (RandomResizedCrop, flip) on the
+# CPU, where the image is; the rest of each view (colour jitter, grayscale, blur, solarisation) runs batched on
+# the run's device (common.augment_crops), as in memory. Host memory is bounded by what the workers prefetch:
+# --workers x 2 batches of views (about 77 MB a batch of 256 images with two 224-pixel views), plus the list
+# of file names; the dataset's size does not enter it.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision and solo-learn
+
+
+def crop_seed(seed, epoch, position, view):
+    """The seed of one view's crop and flip: the image at `position` of the epoch's order, view `view`. A resume,
+    the number of workers and torchrun's shares of each batch leave every crop as it was."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}:{view}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item i: this process's share of the epoch's batch i, each view cut from the whole image by a worker.
+
+    Returns ([one uint8 n x 3 x size x size tensor per view], labels), or the one line naming an image that
+    could not be read (the main process ends the run with it)."""
+
+    def __init__(self, files, labels, order, global_batch, share, views, seed, epoch):
+        self.files, self.labels, self.order = files, labels, order
+        self.global_batch, self.share, self.views, self.seed, self.epoch = global_batch, share, views, seed, epoch
+
+    def __len__(self):
+        return len(self.order) // self.global_batch
+
+    def __getitem__(self, i):
+        import torchvision.transforms as T
+        from PIL import Image
+
+        first = i * self.global_batch + self.share.start  # this process's first image in the epoch's order
+        positions = range(first, first + self.share.stop - self.share.start)
+        made = [[] for _ in self.views]
+        for position in positions:
+            try:
+                image = open_image(self.files[self.order[position]])
+            except ConfigError as error:
+                return str(error)
+            for v, (size, scale, ratio, flip_p) in enumerate(self.views):
+                torch.manual_seed(crop_seed(self.seed, self.epoch, position, v))  # (this worker's own generator)
+                top, left, height, width = T.RandomResizedCrop.get_params(image, scale, ratio)  # torchvision's
+                crop = image.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
+                if torch.rand(1).item() < flip_p:
+                    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                made[v].append(as_tensor(crop))
+        labels = torch.tensor([self.labels[self.order[p]] for p in positions])
+        return [torch.stack(crops) for crops in made], labels
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """The standard evaluation view: the image resized so that its shorter side is size * 8 / 7 (256 for 224),
+    then its centre size x size. Item i: a uint8 3 x size x size tensor, or the one line naming an unreadable image."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+
+        try:
+            image = open_image(self.files[i])
+        except ConfigError as error:
+            return str(error)
+        image = TF.center_crop(TF.resize(image, round(self.size * 8 / 7)), self.size)
+        return as_tensor(image)
+
+
+def first_error_or_stack(items):
+    """A DataLoader's collate for EvalImages: the batch as one tensor, or the first unreadable image's line."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
+def loader(dataset, workers, device, **options):
+    """A DataLoader over `dataset` in order, with `workers` processes; pinned memory on CUDA."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+        **options,
+    )
+
+
+@dataclass
+class StreamData:
+    """An image folder read from disk as the run goes (--loader stream): what a run uses of it, never the images.
+
+    train_labels and test_labels are on the run's device; image_size is the views' side (224 for ImageNet);
+    mean and std are ImageNet's (computing them would read every image)."""
+
+    train_files: list
+    train_labels: torch.Tensor
+    test_files: list
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    image_size: int
+    workers: int
+
+    def batches(self, split, labelled=False, batch_size=1024):
+        """The evaluation views of a split ("train" or "test"), in order, batch by batch, on the run's device.
+        (Every image of a folder has a label: `labelled` changes nothing.)"""
+        device = self.train_labels.device
+        files = self.train_files if split == "train" else self.test_files
+        batches = loader(
+            EvalImages(files, self.image_size),
+            self.workers,
+            device,
+            batch_size=batch_size,
+            collate_fn=first_error_or_stack,
+        )
+        for images in batches:
+            if isinstance(images, str):
+                raise ConfigError(images)
+            yield images.to(device, non_blocking=True)
+
+    def fixed_batch(self, n):
+        """The first n training images, in their evaluation view (--log-target-drift's fixed batch)."""
+        return next(iter(self.batches("train", batch_size=n)))
+
+
+def load_stream(data_dir, device, *, image_size, train_subset=None, eval_split="test", val_size=10000, workers=1):
+    """An image folder for --loader stream: its file lists and labels (nothing decoded). Returns a StreamData."""
+    if not data_dir or not Path(data_dir).is_dir():
+        raise ConfigError(
+            f"--loader stream needs --data-dir pointing at a folder with train/ and val/ or test/ (got {data_dir!r})"
+        )
+    val = val_size if eval_split == "val" else None
+    train_samples, test_samples, num_classes = folder_samples(data_dir, train_subset, val)
+    return StreamData(
+        train_files=[path for path, _ in train_samples],
+        train_labels=torch.tensor([label for _, label in train_samples], device=device),
+        test_files=[path for path, _ in test_samples],
+        test_labels=torch.tensor([label for _, label in test_samples], device=device),
+        num_classes=num_classes,
+        mean=torch.tensor(IMAGENET_MEAN, device=device),
+        std=torch.tensor(IMAGENET_STD, device=device),
+        image_size=image_size,
+        workers=workers,
+    )
+
+
+class StreamViews:
+    """Each training batch's views for --loader stream, with the interface of Views: batch(order, epoch, i).
+
+    DataLoader workers read this process's share of batch i from disk and cut each view from the whole image
+    (TrainBatches: torchvision's RandomResizedCrop sampling with the recipe's scale and ratio, resized to its
+    size, and the flip), in the epoch's order, prefetching ahead; here each view is finished on the run's
+    device by `augment_crops` (common.augment_crops), from the run's generator. The crops are seeded per image
+    and view (crop_seed), so a checkpoint needs only the generator's state, and a resume starts the workers at
+    the batch it stopped at. Under torchrun (world) each process reads images rank * n .. (rank + 1) * n - 1
+    of every global batch, n = batch_size / N."""
+
+    def __init__(self, data, recipes, batch_size, generator, augment_crops, world, seed):
+        self.data, self.recipes, self.global_batch, self.generator = data, list(recipes), batch_size, generator
+        self.augment_crops, self.seed = augment_crops, seed
+        rank, size = (world.rank, world.size) if world is not None else (0, 1)
+        n = batch_size // size
+        self.share = range(rank * n, (rank + 1) * n)
+        self.views = [(r.size, tuple(r.crop_scale), tuple(r.crop_ratio), r.flip_p) for r in self.recipes]
+        self.iterator, self.next_position = None, None
+
+    def batch(self, order, epoch, i):
+        if self.iterator is None or self.next_position != (epoch, i):  # a new epoch, or a resume inside one
+            batches = TrainBatches(
+                self.data.train_files,
+                self.data.train_labels.tolist(),
+                order.tolist(),
+                self.global_batch,
+                self.share,
+                self.views,
+                self.seed,
+                epoch,
+            )
+            steps = list(range(i, len(batches)))
+            device = self.data.train_labels.device
+            self.iterator = iter(loader(batches, self.data.workers, device, batch_size=None, sampler=steps))
+        item = next(self.iterator)
+        if isinstance(item, str):  # an image that could not be read: one line, and last.pt stays as it was
+            raise ConfigError(item)
+        crops, labels = item
+        self.next_position = (epoch, i + 1)
+        device, mean, std = self.data.train_labels.device, self.data.mean, self.data.std
+        views = []
+        for crop, recipe in zip(crops, self.recipes):
+            x = crop.to(device, non_blocking=True).float().div_(255)
+            views.append(self.augment_crops(x, recipe, mean, std, self.generator))
+        return views, labels.to(device, non_blocking=True)
+
+    def generator_state(self):
+        """The generator's state for a checkpoint (nothing is drawn ahead of the batch in progress)."""
+        return self.generator.get_state()
+
+
+def make_views(data, recipes, batch_size, chunk, generator, augment, augment_crops, world, seed):
+    """Each batch's views: from the images in memory (Views), or read from disk (StreamViews, --loader stream)."""
+    if isinstance(data, StreamData):
+        return StreamViews(data, recipes, batch_size, generator, augment_crops, world, seed)
+    return Views(data, recipes, batch_size, chunk, generator, augment, world)

@@ -3,7 +3,7 @@
 import torch
 
 from engine.checkpoint import checkpoint_due, exit_if_stopped, save_checkpoint, start_or_resume
-from engine.data import Views, steps_per_epoch
+from engine.data import make_views, steps_per_epoch
 from engine.device import compile_stages, eager, timer, to_device
 from engine.distributed import (
     WORLD,
@@ -42,8 +42,8 @@ class Run:
     batch; the step's index is the global step; rank 0 alone evaluates, writes the run directory and
     prints. The method file wraps what trains in DDP with run.data_parallel(...).
 
-    Three parts of a run are the paper's and live in common.py, which this package never imports:
-    common.Run is this class with them filled in (augment, evaluate, outputs below).
+    Four parts of a run are the paper's and live in common.py, which this package never imports:
+    common.Run is this class with them filled in (augment, augment_crops, evaluate, outputs below).
     """
 
     def augment(self, images, recipe, mean, std, generator):
@@ -53,6 +53,10 @@ class Run:
     def evaluate(self, knn):
         """The epoch's evaluation: the probe's accuracy, kNN when `knn`, the collapse monitor (common.evaluate)."""
         raise NotImplementedError("use common.Run, which has the evaluation")
+
+    def augment_crops(self, crops, recipe, mean, std, generator):
+        """The rest of a view after its crop and flip, on crops cut by --loader stream (common.augment_crops)."""
+        raise NotImplementedError("use common.Run, which has the augmentations")
 
     def outputs(self, images):
         """The online network's and the target's l2-normalised outputs on uint8 images, leaving no trace
@@ -68,7 +72,7 @@ class Run:
         self.args, self.data, self.optimizer = args, data, optimizer
         self.online, self.target, self.probe = online, target, probe
         self.models = {"online": online, "target": target, "probe": probe, **others}  # what last.pt holds
-        self.device = data.train_images.device
+        self.device = data.train_labels.device
         to_device(self.models.values(), self.device)  # in place, channels_last: the optimiser keeps its parameters
         check_world(args)  # under torchrun: the global batch divides among the processes
         sync_batch_norm(args, self.models.values(), self.device)  # under torchrun on GPUs: SyncBatchNorm
@@ -86,11 +90,19 @@ class Run:
             args, self.models, optimizer, self.augment_generator, self.device, self.generator
         )
         # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
-        self.views = Views(
-            data, view_recipes, args.batch_size, args.aug_chunk, self.augment_generator, self.augment, WORLD
+        self.views = make_views(
+            data,
+            view_recipes,
+            args.batch_size,
+            args.aug_chunk,
+            self.augment_generator,
+            self.augment,
+            self.augment_crops,
+            WORLD,
+            args.seed,
         )
         # --log-grad-norms, --track-weights, --log-target-drift (measured on rank 0's share of each batch)
-        fixed = data.train_images[: Instruments.DRIFT_IMAGES] if args.log_target_drift else None
+        fixed = data.fixed_batch(Instruments.DRIFT_IMAGES) if args.log_target_drift else None
         self.instruments = Instruments(
             args,
             online,
@@ -114,7 +126,7 @@ class Run:
             epoch, first_batch = divmod(progress.step, self.steps_per_epoch)
             if first_batch == 0:  # a new epoch: a new order of the training images, and a fresh loss tally
                 progress.order = torch.randperm(
-                    len(self.data.train_images), generator=self.generator, device=self.device
+                    len(self.data.train_labels), generator=self.generator, device=self.device
                 )
                 progress.loss_sum.zero_()
             for model in self.models.values():

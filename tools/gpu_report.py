@@ -14,10 +14,11 @@ or `epoch` chooses all of its parts):
                       all and projector; torch.profiler's summary of one lean step of each
   jobs-1 ... jobs-8   N short byol.py runs at once on the one GPU: their images per second together, the
                       peak memory of each; the best N, and what Table 1 (12 runs of 200 epochs) takes at it
-  learning            a short full-width BYOL run on the JPEG folder (--data-dir): kNN and linear top-1,
-                      its epochs and minutes (as many epochs as its share of the time allows, at most 15)
   random              the random backbone of the same architecture on the same images (linear_eval.py
-                      --random-init): how far above it the learning run ended
+                      --random-init --no-augment): what the learning run must end above
+  learning            a short full-width BYOL run on the JPEG folder (--data-dir): kNN and linear top-1,
+                      its epochs and minutes (as many epochs as its time allows, at most 15), and how far
+                      above the random backbone it ended
   epoch-compiled-all  the real epoch with --compile: the first epoch (mostly compiling) and the second,
   epoch-compiled-projector    each with a cold compiler cache of its own
 
@@ -28,6 +29,10 @@ the report then says that it ran out of time, and keeps what it had written by t
 metrics.jsonl). The limits are shares of --budget-seconds in proportion to each part's expected time
 (`seconds` in `all_parts`); what a part leaves unused goes to the next one. report.json and report.md are
 rewritten after every part, so that a report killed from outside still holds the parts it finished.
+Ctrl-C or a SIGTERM (what `timeout` sends) kills the running part with the report, which marks it
+interrupted; a SIGKILL cannot (the part would run on), so give an outer limit with `timeout`, not
+`timeout -s KILL`. A part that ran out can be given more time alone: for example
+`--parts epoch-compiled --budget-seconds 300`.
 
 Each part's output goes to logs/<part>.log beside the report; its runs (with their checkpoints, not for
 docs/) under --work-dir. A report already in the folder moves to earlier/<its date>-<its git revision>/
@@ -112,28 +117,67 @@ SIZES = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None (each such flag says its default itself)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    gpu, cpu = SIZES["cuda"], SIZES["cpu"]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default=None, help="the CIFAR-10 JPEG folder (train/, test/) of the learning run")
     p.add_argument("--out", default=None, help="default: docs/results/gpu on a GPU, runs/gpu-report on a CPU")
     p.add_argument("--work-dir", default=None, help="the runs' directories; default: runs/gpu-report/<device>/<date>")
     p.add_argument("--budget-seconds", type=float, default=BUDGET_SECONDS, help="all parts together, at most")
     p.add_argument("--parts", default=None, help="comma list of parts or groups (epoch, jobs, ...); default: all")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: every part at tiny sizes")
-    p.add_argument("--synthetic-size", type=int, default=None, help="images of the real-epoch parts (scale down)")
-    p.add_argument("--batch-size", type=int, default=None, help="of every run (scale down)")
-    p.add_argument("--width", type=int, default=None, help="the backbone's width in every run (scale down)")
-    p.add_argument("--jobs", default=None, help="comma list: how many runs at once, e.g. 1,2,4,8 (one part each)")
-    p.add_argument("--jobs-images", type=int, default=None, help="synthetic images of each run at once")
+    p.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=None,
+        help=f"images of the real-epoch parts; default: {gpu.images} on a GPU, {cpu.images} on a CPU",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"of every run; default: {gpu.batch_size} on a GPU, {cpu.batch_size} on a CPU",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help=f"the backbone's width in every run; default: {gpu.width} on a GPU, {cpu.width} on a CPU",
+    )
+    p.add_argument(
+        "--jobs",
+        default=None,
+        help="comma list: how many runs at once, one part each; default: "
+        f"{','.join(map(str, gpu.jobs))} on a GPU, {','.join(map(str, cpu.jobs))} on a CPU",
+    )
+    p.add_argument(
+        "--jobs-images",
+        type=int,
+        default=None,
+        help=f"synthetic images of each run at once; default: {gpu.jobs_images} on a GPU, {cpu.jobs_images} on a CPU",
+    )
     p.add_argument(
         "--learning-epochs",
         type=int,
         default=None,
         help=f"epochs of the learning run; default: as many as its time allows (at most {MAX_LEARNING_EPOCHS})",
     )
-    p.add_argument("--train-subset", type=int, default=None, help="images of the learning run (default: all)")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="training images of the learning run and the random backbone; default: all on a GPU, "
+        f"{' '.join(cpu.learning_images)} on a CPU",
+    )
     args = p.parse_args(argv)
     sizes = SIZES[args.device]
     for name in ("synthetic_size", "batch_size", "width", "jobs_images", "learning_epochs", "train_subset"):
@@ -351,11 +395,12 @@ def epoch_part(stages, compiled, seconds):
 
 def jobs_part(n):
     """N copies of a short byol.py run at once on the one device, each with its share of the CPU threads (as
-    tools/reproduce.py --jobs N gives them); the part's command is one shell line that starts them and waits."""
+    tools/reproduce.py --jobs N gives them: OMP_NUM_THREADS if set, else the cores // N); the part's command is
+    one shell line that starts them and waits."""
     name = f"jobs-{n}"
 
     def command(ctx, limit):
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // n)
         runs = []
         for k in range(n):
             flags = byol_flags(ctx, ctx.sizes.jobs_images) + ["--epochs", "2", "--eval-every", "1000"]
@@ -452,8 +497,9 @@ def read_random(ctx, log):
 
 
 def all_parts(sizes):
-    """Every part, in the order they run: the cheap and the most asked-for first, the compiled epochs last
-    (compiling is what most often takes longer than planned)."""
+    """Every part, in the order they run: the cheap and the most asked-for first; the random backbone before
+    the learning run, which sizes its epochs to the time it is given (and so uses up what the parts before it
+    left); the compiled epochs last (compiling is what most often takes longer than planned)."""
     return [
         Part(
             "versions",
@@ -473,19 +519,19 @@ def all_parts(sizes):
         epoch_part("projector", compiled=False, seconds=45),
         *[jobs_part(n) for n in sizes.jobs],
         Part(
-            "learning",
-            65,
-            "a short BYOL run on the JPEG folder: kNN and linear top-1, epochs, minutes",
-            learning_command,
-            read_learning,
-            needs_data=True,
-        ),
-        Part(
             "random",
             30,
             "the random backbone on the same images (linear_eval.py --random-init --no-augment)",
             random_command,
             read_random,
+            needs_data=True,
+        ),
+        Part(
+            "learning",
+            65,
+            "a short BYOL run on the JPEG folder: kNN and linear top-1, epochs, minutes",
+            learning_command,
+            read_learning,
             needs_data=True,
         ),
         epoch_part("all", compiled=True, seconds=60),
@@ -815,7 +861,7 @@ def learning_section(report, summary):
     if "learning_over_random_knn_points" in summary:
         linear = summary.get("learning_over_random_linear_points")
         lines.append(
-            f"The run ended {summary['learning_over_random_knn_points']:+.1f} points above the random backbone in kNN"
+            f"The run against the random backbone: {summary['learning_over_random_knn_points']:+.1f} points in kNN"
             + (f", {linear:+.1f} in linear top-1" if linear is not None else "")
             + "."
         )

@@ -4,7 +4,8 @@
     python tools/reproduce.py table1                       # Table 1 at full length (CIFAR-100, 200 epochs, GPU)
     python tools/reproduce.py table1 --only remove --dataset imagefolder --data-dir DIR --epochs 3 --batch-size 128
     python tools/reproduce.py table3 --jobs 4              # Table 3, four runs at a time on one GPU
-    python tools/reproduce.py table6 --nproc 2             # Table 6 on 2 GPUs, as the paper ran it (torchrun)
+    python tools/reproduce.py table6 --data-dir IMAGENET100 --nproc 2   # Table 6 on 2 GPUs, as the paper ran it
+    python tools/reproduce.py table4 --data-dir IMAGENET1K --max-steps N  # Table 4: time N steps of DINO ResNet-50
 
 An experiment is a list of rows, each made by one command of a method file (or, for the random
 encoder, of linear_eval.py); a run is one row with one seed. The runs go one after another, each
@@ -40,8 +41,9 @@ Deviations in how an experiment is set up (each also in docs/deviations.md):
   * Table 2 / Fig. 2: the paper puts EMA on FC2 only; our smallest EMA stage is the whole
     projector (FC1(512, 2), BN, ReLU, FC2(2, 256)), so EMA covers FC1 as well. beta is kept
     constant (no cosine schedule) so the target's weights follow beta as the figure shows.
-  * Table 6 (ImageNet-100): the backbone keeps its CIFAR stem; point --data-dir at an
-    ImageNet-100 folder (train/, val/) and choose --image-size through --extra.
+  * Table 6 (ImageNet-100) and Table 4 (ImageNet-1K) run with the ImageNet stem, 224-pixel views and the
+    streaming loader; how to make ImageNet-100, their recipe with its sources, and what still differs from
+    solo-learn's ImageNet-100 scripts are in docs/imagenet.md.
 """
 
 import argparse
