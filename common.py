@@ -567,16 +567,6 @@ def color_jitter(x, recipe, generator):
     return x
 
 
-def augment(images, recipe, mean, std, generator):
-    """One view of a batch: uint8 N x 3 x H x W in, normalised float N x 3 x size x size out."""
-    n, _, height, width = images.shape
-    dev = images.device
-    top, left, h, w = sample_crop_params(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, dev)
-    flip = torch.rand(n, generator=generator, device=dev) < recipe.flip_p
-    x = resized_crop(images.float().div_(255), top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
-    return augment_crops(x, recipe, mean, std, generator)
-
-
 def augment_crops(x, recipe, mean, std, generator):
     """The rest of a view, after its crop and flip: colour jitter, grayscale, blur, solarisation, normalisation.
     x: the crops, floats in [0, 1], N x 3 x size x size (augment's own, or --loader stream's, cut from each whole
@@ -590,6 +580,16 @@ def augment_crops(x, recipe, mean, std, generator):
     x = _apply_to(x, rand() < recipe.solarize_p, solarize)
     x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))  # normalise in place: x is this function's own
     return x.contiguous(memory_format=torch.channels_last)  # the layout of the models (to_device)
+
+
+def augment(images, recipe, mean, std, generator):
+    """One view of a batch: uint8 N x 3 x H x W in, normalised float N x 3 x size x size out."""
+    n, _, height, width = images.shape
+    dev = images.device
+    top, left, h, w = sample_crop_params(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, dev)
+    flip = torch.rand(n, generator=generator, device=dev) < recipe.flip_p
+    x = resized_crop(images.float().div_(255), top, left, h, w, recipe.size, flip)  # crop and flip in one resampling
+    return augment_crops(x, recipe, mean, std, generator)
 
 
 def normalize(x, mean, std):

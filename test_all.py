@@ -2761,6 +2761,162 @@ def test_reproduce_nproc_launches_each_run_under_torchrun(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# ImageNet-100 as the paper ran it (Table 6): the ImageNet stem, views cut from the whole image, a loader that
+# streams from disk (--loader stream), on a small generated folder of JPEGs of several sizes
+# ---------------------------------------------------------------------------------------------
+def test_the_imagenet_stem_is_torchvisions_and_keeps_the_paper_stage_names():
+    """--stem imagenet: conv1 is 7x7 conv (stride 2) + BN + ReLU + 3x3 max-pool (stride 2), so a 224-pixel image
+    enters block1 at 56 x 56; the stages keep the paper's names; one forward costs what torchvision's resnet18
+    costs without its classifier (its model table: 1.81 GFLOPS, that is multiply-adds)."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = common.ResNetCIFAR("resnet18", stem="imagenet").eval()
+    assert [name for name, _ in backbone.named_children()] == list(common.BACKBONE_STAGES)
+    x = torch.zeros(1, 3, 224, 224)
+    with torch.no_grad():
+        assert backbone.conv1(x).shape == (1, 64, 56, 56)
+        assert common.ResNetCIFAR("resnet18").conv1(x).shape == (1, 64, 224, 224)  # the CIFAR stem keeps the size
+        with FlopCounterMode(display=False) as ours:
+            assert backbone(x).shape == (1, 512)
+        reference = torchvision.models.resnet18()
+        reference.fc = nn.Identity()
+        with FlopCounterMode(display=False) as theirs:
+            reference.eval()(x)
+    assert ours.get_total_flops() == theirs.get_total_flops()
+    assert ours.get_total_flops() / 2 == pytest.approx(1.81e9, rel=0.01)  # multiply-adds
+    with pytest.raises(ValueError, match="unknown stem"):
+        common.ResNetCIFAR("resnet18", stem="vgg")
+
+
+def test_stem_and_loader_follow_the_view_size_unless_given():
+    big = byol.parse_args(["--dataset", "imagefolder", "--data-dir", "x", "--image-size", "224"])
+    small = byol.parse_args(["--dataset", "imagefolder", "--data-dir", "x"])
+    cifar = byol.parse_args(["--dataset", "cifar10"])
+    assert (big.stem, big.loader, small.stem, small.loader, cifar.stem, cifar.loader) == (
+        "imagenet",
+        "stream",
+        "cifar",
+        "memory",
+        "cifar",
+        "memory",
+    )
+    given = byol.parse_args(
+        ["--dataset", "imagefolder", "--image-size", "224", "--stem", "cifar", "--loader", "memory"]
+    )
+    assert (given.stem, given.loader) == ("cifar", "memory")
+    with pytest.raises(common.ConfigError, match="--loader stream reads an image folder"):
+        byol.parse_args(["--dataset", "cifar10", "--loader", "stream"])
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """train/ (3 classes x 12) and val/ (3 x 3) JPEGs of 300 to 500 pixels a side, each class its own hue."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("jpegs")
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 12), ("val", 3)):
+        for c in range(3):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                height, width = (int(v) for v in torch.randint(300, 501, (2,), generator=g))
+                colour = torch.zeros(3, 1, 1)
+                colour[c] = 160.0
+                pixels = (colour + 90 * torch.rand(3, height, width, generator=g)).to(torch.uint8)
+                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(root / split / f"class{c}" / f"{i}.jpg")
+    return root
+
+
+STREAM = [
+    "--dataset",
+    "imagefolder",
+    "--loader",
+    "stream",
+    "--workers",
+    "2",
+    "--stem",
+    "imagenet",
+    "--image-size",
+    "32",
+]
+STREAM += ["--batch-size", "8", "--width", "16", "--device", "cpu", "--epochs", "2", "--eval-every", "1"]
+
+
+def test_streamed_views_are_cut_from_the_whole_image(tmp_path):
+    """A worker's view of a whole-image crop holds all four quadrants of the photograph (not of a thumbnail or a
+    corner), at the recipe's size; the evaluation view is the centre crop after resizing to 8/7."""
+    from PIL import Image
+
+    quadrants = torch.zeros(3, 400, 600, dtype=torch.uint8)  # red, green, blue, white quarters
+    quadrants[0, :200, :300] = 255
+    quadrants[1, :200, 300:] = 255
+    quadrants[2, 200:, :300] = 255
+    quadrants[:, 200:, 300:] = 255
+    Image.fromarray(quadrants.permute(1, 2, 0).numpy()).save(tmp_path / "q.png")
+    whole = (48, (1.0, 1.0), (1.5, 1.5), 0.0)  # size, crop scale, ratio (600 / 400), no flip
+    batches = engine.data.TrainBatches([str(tmp_path / "q.png")], [0], [0], 1, range(0, 1), [whole], seed=0, epoch=0)
+    (view,), labels = batches[0]
+    assert view.shape == (1, 3, 48, 48) and labels.tolist() == [0]
+    corners = view[0, :, [6, 6, 42, 42], [6, 42, 6, 42]].T.tolist()  # top left, top right, bottom left, bottom right
+    assert corners == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], corners
+    evaluated = engine.data.EvalImages([str(tmp_path / "q.png")], 48)[0]
+    assert evaluated.shape == (3, 48, 48)
+
+
+def test_each_process_streams_a_disjoint_share_of_every_batch_with_the_crops_of_one_process(jpeg_folder):
+    """Under torchrun each process reads its own share of every global batch; every image's views are those a
+    single process would cut (the crops are seeded per image and view, not per process or worker)."""
+    data = engine.data.load_stream(jpeg_folder, torch.device("cpu"), image_size=32, workers=0)
+    views = [(32, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)] * 2
+    order = torch.randperm(36, generator=torch.Generator().manual_seed(3)).tolist()
+    labels = data.train_labels.tolist()
+    one = engine.data.TrainBatches(data.train_files, labels, order, 8, range(0, 8), views, seed=5, epoch=1)
+    shares = [
+        engine.data.TrainBatches(data.train_files, labels, order, 8, range(r * 4, r * 4 + 4), views, 5, 1)
+        for r in (0, 1)
+    ]
+    for i in range(len(one)):
+        (whole_1, whole_2), whole_labels = one[i]
+        parts = [share[i] for share in shares]
+        assert torch.equal(torch.cat([p[0][0] for p in parts]), whole_1)
+        assert torch.equal(torch.cat([p[0][1] for p in parts]), whole_2)
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole_labels)
+    assert not torch.equal(one[0][0][0], one[0][0][1])  # two views of an image differ
+
+
+@pytest.mark.parametrize("name", [m if m == "byol" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
+def test_every_method_trains_on_streamed_views_with_the_imagenet_stem(jpeg_folder, tmp_path, name):
+    flags = [*STREAM, *SMALL_HEADS[name], "--data-dir", jpeg_folder, "--max-steps", "2"]
+    run_here(METHOD_MODULES[name], *flags, "--out-dir", tmp_path)
+    (line,) = metrics(tmp_path)
+    assert line["step"] == 2 and math.isfinite(line["loss"]) and line["knn_top1"] is not None, line
+
+
+def test_streamed_run_resumed_inside_an_epoch_equals_one_never_cut(jpeg_folder, tmp_path):
+    args = [*STREAM, *SMALL_HEADS["byol"], "--data-dir", jpeg_folder, "--deterministic", "--ema-stages", "projector"]
+    run_here(byol, *args, "--out-dir", tmp_path / "straight")
+    run_here(byol, *args, "--max-steps", "6", "--out-dir", tmp_path / "cut")  # 4 steps an epoch: inside epoch 2
+    run_here(byol, *args, "--workers", "1", "--out-dir", tmp_path / "cut", "--resume")  # any number of workers
+    assert_same_run(tmp_path / "straight", tmp_path / "cut")
+
+
+@pytest.mark.slow  # two runs; the default run refuses a corrupt image in memory (test_bad_input_...)
+def test_a_corrupt_jpeg_met_mid_epoch_ends_in_one_line_and_leaves_last_pt_whole(jpeg_folder, tmp_path):
+    folder = tmp_path / "jpegs"
+    shutil.copytree(jpeg_folder, folder)
+    args = [*STREAM, *SMALL_HEADS["byol"], "--data-dir", folder, "--out-dir", tmp_path / "run"]
+    run_here(byol, *args, "--max-steps", "4")  # the first epoch, saved
+    saved = (tmp_path / "run" / "last.pt").read_bytes()
+    broken = folder / "train" / "class1" / "5.jpg"
+    broken.write_bytes(b"not a JPEG any more")
+    result = run_here(byol, *args, "--resume", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and f"cannot read the image {broken}" in lines[0], result.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == saved
+
+
+# ---------------------------------------------------------------------------------------------
 # The claims report (tools/experiments.py, tools/report.py, reproduce.py claims, plot.py --kept): statistics
 # against hand-computed values, the instruments' measures on short series, verdicts from made-up kept results
 # with known answers, the rendered tables, the forest plot, and where every kept run ran. No training.

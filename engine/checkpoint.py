@@ -125,7 +125,7 @@ _LOCKS = {}  # run directory -> the open lock file this process holds (the lock 
 
 
 def lock_run_directory(out_dir):
-    """Hold an OS lock (flock) on out_dir/.lock for as long as this process lives: a second run, or a
+    """Hold an OS lock (fcntl.lockf) on out_dir/.lock for as long as this process lives: a second run, or a
     --resume, in the same directory is refused in one line naming the live run's PID. The OS drops the
     lock when the process ends, however it ends (a SIGKILL too), so a dead run's lock is no obstacle."""
     import fcntl
@@ -142,8 +142,8 @@ def lock_run_directory(out_dir):
             f"cannot write to --out-dir {out_dir} ({error.strerror}); choose a writable directory"
         ) from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: --loader stream's workers do not share it
+    except (BlockingIOError, PermissionError):  # (lockf's refusal is either, by platform)
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()

@@ -369,6 +369,9 @@ class Views:
         self.views = [self.augment(images, recipe, mean, std, self.generator) for recipe in self.recipes]
         self.labels, self.span = self.data.train_labels[index], (epoch, first, end)
 
+    def close(self):
+        """Nothing to stop: the views are made in this process."""
+
     def generator_state(self):
         """The generator's state for a checkpoint: as at the start of the chunk in progress, if one is."""
         inside_chunk = self.span is not None and self.next_batch < self.span[2]
@@ -504,8 +507,12 @@ class StreamData:
             yield images.to(device, non_blocking=True)
 
     def fixed_batch(self, n):
-        """The first n training images, in their evaluation view (--log-target-drift's fixed batch)."""
-        return next(iter(self.batches("train", batch_size=n)))
+        """The first n training images, in their evaluation view (--log-target-drift's fixed batch), read here."""
+        images = EvalImages(self.train_files[:n], self.image_size)
+        batch = first_error_or_stack([images[i] for i in range(len(images))])
+        if isinstance(batch, str):
+            raise ConfigError(batch)
+        return batch.to(self.train_labels.device)
 
 
 def load_stream(data_dir, device, *, image_size, train_subset=None, eval_split="test", val_size=10000, workers=1):
@@ -565,7 +572,10 @@ class StreamViews:
             device = self.data.train_labels.device
             self.iterator = iter(loader(batches, self.data.workers, device, batch_size=None, sampler=steps))
         item = next(self.iterator)
+        if i + 1 == self.global_batches(order):  # the epoch's last batch: its workers may go
+            self.close()
         if isinstance(item, str):  # an image that could not be read: one line, and last.pt stays as it was
+            self.close()
             raise ConfigError(item)
         crops, labels = item
         self.next_position = (epoch, i + 1)
@@ -575,6 +585,13 @@ class StreamViews:
             x = crop.to(device, non_blocking=True).float().div_(255)
             views.append(self.augment_crops(x, recipe, mean, std, self.generator))
         return views, labels.to(device, non_blocking=True)
+
+    def global_batches(self, order):
+        return len(order) // self.global_batch
+
+    def close(self):
+        """Stop the workers (the end of an epoch, or of the run)."""
+        self.iterator, self.next_position = None, None
 
     def generator_state(self):
         """The generator's state for a checkpoint (nothing is drawn ahead of the batch in progress)."""

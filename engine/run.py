@@ -121,6 +121,12 @@ class Run:
     def batches(self):
         """Yield (step, views, labels) for every step left in the run: the step's index from 0, the views as
         the recipes list them, the labels."""
+        try:
+            yield from self._batches()
+        finally:  # however the run ends: --loader stream's workers stop
+            self.views.close()
+
+    def _batches(self):
         progress, args = self.progress, self.args
         while progress.step < self.last_step:
             epoch, first_batch = divmod(progress.step, self.steps_per_epoch)
