@@ -2916,6 +2916,18 @@ def test_a_corrupt_jpeg_met_mid_epoch_ends_in_one_line_and_leaves_last_pt_whole(
     assert (tmp_path / "run" / "last.pt").read_bytes() == saved
 
 
+@pytest.mark.slow  # a tool run: a 224-pixel step on the CPU
+def test_bench_loader_throughput_reports_images_per_second_per_core_and_the_cores_a_step_needs(jpeg_folder):
+    result = run(
+        "tools/bench.py", "--loader-throughput", jpeg_folder, "--device", "cpu", "--batch-size", "8", "--steps", "1"
+    )
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["loader_images_per_second_one_core"] > 0 and summary["loader_images_per_second_all_cores"] > 0
+    expected = summary["step_images_per_second"] / summary["loader_images_per_second_one_core"]
+    assert summary["cores_needed"] == pytest.approx(expected)
+    assert "| the loader, 1 worker (1 core) |" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The claims report (tools/experiments.py, tools/report.py, reproduce.py claims, plot.py --kept): statistics
 # against hand-computed values, the instruments' measures on short series, verdicts from made-up kept results

@@ -104,6 +104,18 @@ def parse_args(argv=None):
         help="with --real-epoch: the run's directory (metrics.jsonl, ...), kept; default: a temporary one",
     )
     p.add_argument(
+        "--loader-throughput",
+        default=None,
+        metavar="DIR",
+        help="--loader stream on the image folder DIR (train/ and val/ or test/): images per second its workers "
+        "deliver (two 224-pixel views each, cut from the whole image) with 1 worker and with one per CPU core, "
+        "against the images per second a lean BYOL step with the ImageNet stem consumes at 224 pixels on "
+        "--device (batch --batch-size, --steps timed steps); prints how many CPU cores that device needs",
+    )
+    p.add_argument(
+        "--loader-batches", type=common.positive(int), default=8, help="--loader-throughput: batches timed per run"
+    )
+    p.add_argument(
         "--efficiency",
         default=None,
         metavar="FLAGS",
@@ -506,8 +518,75 @@ def bench_real_epoch(args):
     return summary
 
 
+def loader_images_per_second(data, workers, batch_size, batches, size=224):
+    """Images per second --loader stream's workers deliver (engine.data.TrainBatches: BYOL's two views of each
+    image, cut from the whole image and resized to `size`), over `batches` batches after the first (the
+    workers' start-up aside), in the folder's order."""
+    from engine.data import TrainBatches, loader
+
+    views = [(size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)] * 2
+    order = list(range(len(data.train_files)))
+    labels = data.train_labels.tolist()
+    dataset = TrainBatches(data.train_files, labels, order, batch_size, range(batch_size), views, seed=0, epoch=0)
+    steps = list(range(min(batches + 1, len(dataset))))
+    if len(steps) < 2:
+        raise common.ConfigError(
+            f"--loader-throughput needs at least 2 batches of --batch-size {batch_size} in the folder; lower --batch-size"
+        )
+    read = iter(loader(dataset, workers, torch.device("cpu"), batch_size=None, sampler=steps))
+    next(read)  # the workers start and read their first batches
+    start, images = time.perf_counter(), 0
+    for item in read:
+        if isinstance(item, str):
+            raise common.ConfigError(item)
+        images += len(item[1])
+    return images / (time.perf_counter() - start)
+
+
+def bench_loader(args):
+    """--loader stream's images per second on 1 core and on all, against a 224-pixel step's appetite."""
+    import byol
+    from engine.data import load_stream
+
+    data = load_stream(args.loader_throughput, torch.device("cpu"), image_size=224)
+    cores = os.cpu_count() or 1
+    loads = [os.getloadavg()[0]]
+    one = loader_images_per_second(data, 1, args.batch_size, args.loader_batches)
+    every = loader_images_per_second(data, cores, args.batch_size, args.loader_batches)
+    loads.append(os.getloadavg()[0])
+    flags = ["--dataset", "imagefolder", "--data-dir", args.loader_throughput, "--image-size", "224"]
+    flags += ["--stem", "imagenet", "--batch-size", str(args.batch_size), "--device", args.device]
+    run_args = byol.parse_args(flags)
+    device = torch.device(run_args.device)
+    common.setup(run_args.device, 0)  # the run's own settings: cuDNN's autotuner, TF32 on a GPU
+    seconds, _ = time_steps(lean_byol_step(run_args, device, channels_last=True), device, steps=args.steps)
+    step_rate = args.batch_size / seconds
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n--loader stream on {args.loader_throughput}: {len(data.train_files)} training images; {cores} CPU cores")
+    print(f"load average (1 min) before, after the loader runs: {loads[0]:.2f}, {loads[1]:.2f}\n")
+    print("| | images / s |\n|---|---|")
+    print(f"| the loader, 1 worker (1 core) | {one:.0f} |")
+    print(f"| the loader, {cores} workers | {every:.0f} |")
+    print(f"| a BYOL step at 224 pixels, ImageNet stem, batch {args.batch_size}, on {name} | {step_rate:.0f} |")
+    needed = step_rate / one
+    print(f"\nthe step consumes what {needed:.1f} cores deliver at one core's pace")
+    summary = {
+        "loader_images_per_second_one_core": one,
+        "loader_images_per_second_all_cores": every,
+        "cores": cores,
+        "step_images_per_second": step_rate,
+        "device": name,
+        "cores_needed": needed,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def main():
     args = parse_args()
+    if args.loader_throughput is not None:
+        bench_loader(args)
+        return
     if args.real_epoch is not None:
         bench_real_epoch(args)
         return

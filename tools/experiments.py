@@ -377,7 +377,7 @@ EXPERIMENTS = {
         ],
     ),
     # Learn on a laptop: every method with its classic stage set, the projector only, and the other of
-    # none / all, against a random backbone of the same width; --preset laptop (common.LAPTOP) sets the scale.
+    # none / all, against a random backbone of the same width; --preset laptop (engine/cli.py's LAPTOP_SCALE) sets the scale.
     "laptop": Experiment(
         "Learn on a laptop: 6 methods x stage sets, quarter-width ResNet-18, 10,000 CIFAR-10 images, 10 epochs",
         "imagefolder",
