@@ -77,7 +77,7 @@ def tool(name):
     return importlib.import_module(name)
 
 
-def run(script, *args, check=True, env=None, launcher=()):
+def run_script(script, *args, check=True, env=None, launcher=()):
     """Run a script or tool (a path from the repository root) as a user would, from the root; return the
     CompletedProcess. check: fail the test, with the output, unless it exits 0. env: the environment.
     launcher: arguments of python before the script (torchrun's, for one)."""
@@ -100,7 +100,7 @@ def run_here(module, *args, check=True):
     (as a CompletedProcess), without a new interpreter's 3 s import of torch. An exception that escapes
     would have been a traceback and exit 1 in a process: here too. What a run changes in the process is put
     back afterwards: torch's generator, deterministic kernels, the SIGTERM and SIGINT handlers, and the run-directory
-    locks it took (so that a later process may use the directory). check: as run()'s."""
+    locks it took (so that a later process may use the directory). check: as run_script()'s."""
     argv = list(map(str, args))
     out, err = io.StringIO(), io.StringIO()
     rng, deterministic = torch.get_rng_state(), torch.are_deterministic_algorithms_enabled()
@@ -886,8 +886,8 @@ def test_only_listed_stages_have_ema_copies_and_they_moved_apart(smoke_runs, met
 def test_beta_zero_on_projector_equals_no_ema(tmp_path):
     """Table 1 "Remove": beta = 0 makes the EMA projector a copy of the online one -- weight sharing."""
     args = [*SYNTHETIC, "--epochs", "2", *SMALL_HEADS["byol"], "--beta", "0", "--deterministic"]
-    run("byol.py", *args, "--ema-stages", "projector", "--out-dir", tmp_path / "p")
-    run("byol.py", *args, "--ema-stages", "none", "--out-dir", tmp_path / "n")
+    run_script("byol.py", *args, "--ema-stages", "projector", "--out-dir", tmp_path / "p")
+    run_script("byol.py", *args, "--ema-stages", "none", "--out-dir", tmp_path / "n")
     with_copy, shared = metrics(tmp_path / "p"), metrics(tmp_path / "n")
     assert len(with_copy) == len(shared) == 2
     for a, b in zip(with_copy, shared):
@@ -1042,8 +1042,8 @@ def test_golden_runs_are_bit_identical_to_the_recorded_reference(tmp_path, metho
 def test_resume_inside_an_augmentation_chunk(tmp_path):
     """--aug-chunk 3 and a stop after step 2, inside the first chunk: the resumed run draws that chunk again."""
     args = [*resume_args("byol", 2), "--aug-chunk", "3"]  # 4 steps per epoch: chunks of 3 and 1 steps
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
-    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
+    run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run_script("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
     saved = (tmp_path / "split" / "last.pt").read_bytes()
     for changed, flag in [
         (resume_args("byol", 2), "--aug-chunk"),
@@ -1051,20 +1051,20 @@ def test_resume_inside_an_augmentation_chunk(tmp_path):
         ([*args, "--proj-dim", "32"], "--proj-dim"),
         ([*args, "--ema-stages", "all"], "--ema-stages"),
     ]:
-        other = run("byol.py", *changed, "--out-dir", tmp_path / "split", "--resume", check=False)
+        other = run_script("byol.py", *changed, "--out-dir", tmp_path / "split", "--resume", check=False)
         assert other.returncode == 2 and f"resume with the same {flag} " in other.stderr, other.stderr
         assert len(other.stderr.strip().splitlines()) == 1 and (tmp_path / "split" / "last.pt").read_bytes() == saved
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+    run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
 
 def test_resume_mid_epoch_after_max_steps(tmp_path):
     """--max-steps stops mid-epoch (a provisional metrics line); --resume continues bit-identically."""
     args = resume_args("byol", 2)
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
-    run("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
+    run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
+    run_script("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
     assert metrics(tmp_path / "split")[-1]["step"] == 2  # the provisional line of the cut epoch
-    run("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
+    run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
 
@@ -1086,7 +1086,7 @@ def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_pat
     """The issue's promise: a run killed (SIGKILL) at a random step inside an epoch, with --checkpoint-every,
     and then resumed, ends bit-identical to a run that was never interrupted."""
     args = [*resume_args(method, 2), "--batch-size", "8", "--checkpoint-every", "2"]  # 8 steps per epoch, 16 in all
-    run(f"{method}.py", *args, "--out-dir", tmp_path / "straight")
+    run_script(f"{method}.py", *args, "--out-dir", tmp_path / "straight")
     rng = random.Random(METHODS.index(method))
     kill_after = rng.choice([2, 4, 10, 12])  # a checkpoint inside epoch 1 or 2, at least 4 steps before its end
     killed = subprocess.Popen(
@@ -1108,7 +1108,7 @@ def test_sigkill_inside_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_pat
     assert checkpoint_step(tmp_path / "killed") % 8 != 0, "the kill should land inside an epoch"
     for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # whole lines only
-    run(f"{method}.py", *args, "--resume", tmp_path / "killed")  # --resume RUN_DIR
+    run_script(f"{method}.py", *args, "--resume", tmp_path / "killed")  # --resume RUN_DIR
     assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
@@ -1142,7 +1142,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path_that_loads_on
         (byol, [*TINY, "--resume", evil]),
         (byol, [*TINY, "--out-dir", evil, "--resume"]),
     ]:
-        result = run(script, *argv, check=False) if isinstance(script, str) else run_here(script, *argv, check=False)
+        result = run_script(script, *argv, check=False) if isinstance(script, str) else run_here(script, *argv, check=False)
         assert result.returncode == 2 and "refused to load" in result.stderr, result.stderr
         assert str(evil / "last.pt") in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not marker.exists(), f"{script} ran the checkpoint's code"
@@ -1170,12 +1170,12 @@ def test_one_live_run_per_directory_and_a_dead_runs_lock_is_no_obstacle(tmp_path
             time.sleep(0.05)
         assert (tmp_path / ".lock").read_text().strip() == str(first.pid)
         for extra in ([], ["--resume"]):  # a second start, and a --resume of the live run
-            second = run("byol.py", *args, *extra, check=False)
+            second = run_script("byol.py", *args, *extra, check=False)
             assert second.returncode == 2 and f"in use by a live run (pid {first.pid})" in second.stderr, second.stderr
             assert len(second.stderr.strip().splitlines()) == 1
         first.kill()
         first.wait()
-        resumed = run("byol.py", *args, "--resume", "--max-steps", str(checkpoint_step(tmp_path) + 1), check=False)
+        resumed = run_script("byol.py", *args, "--resume", "--max-steps", str(checkpoint_step(tmp_path) + 1), check=False)
         assert resumed.returncode == 0, resumed.stderr  # at once: the OS dropped the dead run's lock
     finally:
         first.kill()
@@ -1185,7 +1185,7 @@ def test_one_live_run_per_directory_and_a_dead_runs_lock_is_no_obstacle(tmp_path
 @pytest.mark.slow  # a run, stopped and resumed
 def test_sigterm_saves_at_the_end_of_the_step_and_resume_equals_an_uninterrupted_run(tmp_path):
     args = [*resume_args("mocov2", 2), "--batch-size", "8"]  # 8 steps per epoch, no --checkpoint-every
-    run("mocov2.py", *args, "--out-dir", tmp_path / "straight")
+    run_script("mocov2.py", *args, "--out-dir", tmp_path / "straight")
     stopped = subprocess.Popen(
         [sys.executable, str(ROOT / "mocov2.py"), *args, "--out-dir", str(tmp_path / "stopped")],
         stdout=subprocess.DEVNULL,
@@ -1203,7 +1203,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_resume_equals_an_uninterrupted
     assert len(err.strip().splitlines()) == 1
     step = checkpoint_step(tmp_path / "stopped")
     assert step > 8 or step == 16, step  # saved at a step of epoch 2 (or the run had ended)
-    run("mocov2.py", *args, "--out-dir", tmp_path / "stopped", "--resume")
+    run_script("mocov2.py", *args, "--out-dir", tmp_path / "stopped", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
 
@@ -1212,7 +1212,7 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_a_second_one_quits_at_once(tmp_
     """A first Ctrl-C does what SIGTERM does (last.pt at the end of the step, one line, exit 130) and the resumed
     run equals an uninterrupted one; two at once quit at once, and the line names only files that exist."""
     args = [*resume_args("mocov2", 2), "--batch-size", "8"]  # 8 steps per epoch, no --checkpoint-every
-    run("mocov2.py", *args, "--out-dir", tmp_path / "straight")
+    run_script("mocov2.py", *args, "--out-dir", tmp_path / "straight")
     command = [sys.executable, str(ROOT / "mocov2.py"), *args]
     stopped = subprocess.Popen(
         [*command, "--out-dir", str(tmp_path / "stopped")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -1225,7 +1225,7 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_a_second_one_quits_at_once(tmp_
     out, err = stopped.communicate(timeout=120)
     assert stopped.returncode == 130 and "Ctrl-C: last.pt" in err and "--resume" in err, err
     assert len(err.strip().splitlines()) == 1 and "Ctrl-C: saving last.pt at the end of this step" in out
-    run("mocov2.py", *args, "--out-dir", tmp_path / "stopped", "--resume")
+    run_script("mocov2.py", *args, "--out-dir", tmp_path / "stopped", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
     hurried = subprocess.Popen(
         [*command, "--out-dir", str(tmp_path / "hurried")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -1278,18 +1278,18 @@ def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tmp_path):
     try:
         out = disk / "run"
         args = [*SYNTHETIC, *SMALL_HEADS["byol"], "--width", "8", "--epochs", "3", "--out-dir", str(out)]
-        first = run("byol.py", *args, "--max-steps", "2", check=False)  # fits: a checkpoint of about 1 MB
+        first = run_script("byol.py", *args, "--max-steps", "2", check=False)  # fits: a checkpoint of about 1 MB
         assert first.returncode == 0, first.stderr
         good, lines = (out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - len(good) // 2))  # room for half a checkpoint
-        result = run("byol.py", *args, "--resume", check=False)
+        result = run_script("byol.py", *args, "--resume", check=False)
         assert result.returncode == 2 and "No space left on device" in result.stderr, result.stderr
         assert "the previous last.pt is intact" in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert (out / "last.pt").read_bytes() == good and (out / "metrics.jsonl").read_text() == lines
         assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
         (disk / "filler").unlink()
-        assert run("byol.py", *args, "--resume", check=False).returncode == 0  # space freed: it goes on
+        assert run_script("byol.py", *args, "--resume", check=False).returncode == 0  # space freed: it goes on
     finally:
         shutil.rmtree(disk / "run", ignore_errors=True)
         subprocess.run(["umount", str(disk)], capture_output=True)
@@ -1298,9 +1298,9 @@ def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tmp_path):
 @pytest.mark.slow  # the default run checks the loss every epoch; test_bad_input_... checks exit 2
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*SYNTHETIC, *SMALL_HEADS["simsiam"], "--epochs", "2"]  # 2 steps per epoch
-    run("simsiam.py", *args, "--max-steps", "2", "--out-dir", tmp_path)
+    run_script("simsiam.py", *args, "--max-steps", "2", "--out-dir", tmp_path)
     good = (tmp_path / "last.pt").read_bytes()
-    result = run("simsiam.py", *args, "--lr", "1e38", "--out-dir", tmp_path, "--resume", check=False)
+    result = run_script("simsiam.py", *args, "--lr", "1e38", "--out-dir", tmp_path, "--resume", check=False)
     assert result.returncode == 2 and "the loss became" in result.stderr and "last.pt" in result.stderr, result.stderr
     assert (tmp_path / "last.pt").read_bytes() == good
 
@@ -1308,11 +1308,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.slow  # the default run: test_linear_eval_reads_width_and_subset_from_the_checkpoint
 def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     out = tmp_path / "eval.json"
-    result = run("linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
+    result = run_script("linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
     saved = json.loads(out.read_text())
     assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["knn_top1"] is not None and "top-1" in result.stdout
-    run(
+    run_script(
         "linear_eval.py",
         "--random-init",
         "--dataset",
@@ -1389,7 +1389,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     # In this process (run_here), but for the first case: that one is a real `python byol.py`, the contract's proof
     # that run_here answers as a process does.
     if bad == ["--ema-stages", "blok4"]:
-        result = run("byol.py", *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
+        result = run_script("byol.py", *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
     else:
         result = run_here(byol, *TINY, "--out-dir", tmp_path / "run", *bad, check=False)
     assert result.returncode == 2
@@ -1420,7 +1420,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     ],
 )
 def test_method_specific_bad_input(tmp_path, method, bad, message):
-    result = run(f"{method}.py", *tiny_args(method), "--out-dir", tmp_path / "run", *bad, check=False)
+    result = run_script(f"{method}.py", *tiny_args(method), "--out-dir", tmp_path / "run", *bad, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
@@ -1582,7 +1582,7 @@ def test_tools_answer_bad_input_in_one_line(tmp_path, tool, argv, message):
     (tmp_path / "edited" / "args.json").write_text("{}")
     (tmp_path / "edited" / "metrics.jsonl").write_text('{"epoch": 1, \n')  # a line cut in half by hand
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    result = run(tool, *argv, check=False)
+    result = run_script(tool, *argv, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "figures").exists()
@@ -1672,25 +1672,25 @@ def test_corrupt_or_foreign_checkpoint_is_rejected(smoke_runs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes()[:5000])  # truncated
-    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    result = run_script("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "truncated or corrupt" in result.stderr
     (out / "last.pt").write_bytes(b"\x00" * 4096)  # garbage
-    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    result = run_script("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "truncated or corrupt" in result.stderr
     (out / "last.pt").write_bytes((smoke_runs["byol", "all"][0] / "last.pt").read_bytes())
-    result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--arch", "resnet50", check=False)
+    result = run_script("byol.py", *TINY, "--out-dir", out, "--resume", "--arch", "resnet50", check=False)
     assert result.returncode == 2 and "pass --arch resnet18" in result.stderr
-    result = run("byol.py", *TINY, "--out-dir", out, check=False)  # no --resume: never overwrite a run
+    result = run_script("byol.py", *TINY, "--out-dir", out, check=False)  # no --resume: never overwrite a run
     assert result.returncode == 2 and "already holds a run" in result.stderr
-    result = run("simclr.py", *tiny_args("simclr"), "--out-dir", out, "--resume", check=False)
+    result = run_script("simclr.py", *tiny_args("simclr"), "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "written by byol.py, not simclr.py" in result.stderr
-    result = run("byol.py", *TINY, "--out-dir", out, "--resume", "--ema-stages", "projector", check=False)
+    result = run_script("byol.py", *TINY, "--out-dir", out, "--resume", "--ema-stages", "projector", check=False)
     assert result.returncode == 2 and "trained with --ema-stages" in result.stderr
     assert (out / "last.pt").read_bytes() == (smoke_runs["byol", "all"][0] / "last.pt").read_bytes()  # untouched
     old = torch.load(out / "last.pt", weights_only=True)
     old["step"] = old.pop("run")["step"]  # the layout before engine.checkpoint.Progress
     torch.save(old, out / "last.pt")
-    result = run("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
+    result = run_script("byol.py", *TINY, "--out-dir", out, "--resume", check=False)
     assert result.returncode == 2 and "older version of these scripts" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -1809,7 +1809,7 @@ def test_target_drift_changes_nothing_is_zero_for_a_frozen_target_and_the_online
 
 @pytest.mark.slow  # the default run: test_bad_input_...; instrumented_runs track weights
 def test_track_weights_needs_a_narrow_last_layer(tmp_path):
-    result = run("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
+    result = run_script("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "--proj-hidden-dim 2" in lines[0], result.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -1820,10 +1820,10 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
     """Cut at step 3 (mid-epoch), leave junk past the checkpoint, resume: the files equal an uninterrupted run's."""
     out = tmp_path / "run"
     args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--log-target-drift", "--out-dir", out]
-    run("byol.py", *args, "--max-steps", "3")
+    run_script("byol.py", *args, "--max-steps", "3")
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave
-    run("byol.py", *args, "--resume")
+    run_script("byol.py", *args, "--resume")
     for name in ("grad_norms.jsonl", "weights.jsonl", "target_drift.jsonl"):
         assert (out / name).read_text() == (instrumented_runs / "beta0.9" / name).read_text(), name
 
@@ -1832,7 +1832,7 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
 @pytest.mark.parametrize("method", ["byol", "mocov2"])
 def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, method):
     out = tmp_path / "run"
-    run(
+    run_script(
         f"{method}.py",
         *tiny_args(method),
         "--max-steps",
@@ -1855,7 +1855,7 @@ def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, me
 @pytest.mark.slow  # the default run: test_bad_input_...
 def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path):
     for method in ("dino", "simsiam"):
-        result = run(f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False)
+        result = run_script(f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False)
         assert result.returncode == 2 and "--bn-proj" in result.stderr
 
 
@@ -1863,11 +1863,11 @@ def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path)
 def test_plot_writes_every_figure(instrumented_runs, smoke_runs, tmp_path):
     pytest.importorskip("matplotlib")
     dirs = [instrumented_runs / "beta1", instrumented_runs / "beta0.9", smoke_runs["byol", "all"][0]]
-    run("tools/plot.py", *dirs, "--out", tmp_path)
+    run_script("tools/plot.py", *dirs, "--out", tmp_path)
     for name in ("top1", "accuracy-per-stage-set", "collapse", "grad-norms", "weights-2d", "weights-3d"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
-    bad = run("tools/plot.py", tmp_path, "--out", tmp_path, check=False)
+    bad = run_script("tools/plot.py", tmp_path, "--out", tmp_path, check=False)
     assert bad.returncode != 0 and "not a run directory" in bad.stderr
 
 
@@ -1912,7 +1912,7 @@ PAPER_EXPERIMENTS = {
 def test_reproduce_list_covers_every_experiment_with_valid_commands():
     reproduce = tool("reproduce")
     assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
-    result = run("tools/reproduce.py", "--list")
+    result = run_script("tools/reproduce.py", "--list")
     modules = {
         "byol": byol,
         "simsiam": simsiam,
@@ -1952,7 +1952,7 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --proj-hidden-dim 32 --pred-hidden-dim 32",
     ]
-    first = run(*cmd, check=False)
+    first = run_script(*cmd, check=False)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("[run]") == 4
     (table,) = tmp_path.glob("*/table7.md")
@@ -1963,12 +1963,12 @@ def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     done.unlink()  # as if that run had been interrupted after its checkpoint, before its results were kept
     (kept,) = [p for p in (tmp_path / "kept").glob("*/*/*lr_4.0*/seed0/provenance.json") if "projector" in str(p)]
     kept.unlink()
-    second = run(*cmd, check=False)
+    second = run_script(*cmd, check=False)
     assert second.returncode == 0 and second.stdout.count("[done]") == 3 and second.stdout.count("[resume]") == 1
     # a fresh clone: no run directory, only the kept (committed) results; nothing runs again
     for directory in tmp_path.glob("synthetic-*"):
         shutil.rmtree(directory)
-    third = run(*cmd, check=False)
+    third = run_script(*cmd, check=False)
     assert third.returncode == 0 and third.stdout.count("[kept]") == 4 and "[run]" not in third.stdout, third.stdout
 
 
@@ -2003,7 +2003,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     (broken / "last.pt").write_bytes(b"not a checkpoint")  # its resume fails; the other rows must not care
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     cmd = ["tools/reproduce.py", *argv]
-    first = run(*cmd, check=False, env=env)
+    first = run_script(*cmd, check=False, env=env)
     out = first.stdout
     assert first.returncode == 1, out + first.stderr
     assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)} for each" in out
@@ -2027,7 +2027,7 @@ def test_reproduce_jobs_runs_rows_at_once_each_in_its_own_log_and_reports_a_fail
     }  # row -> our linear top-1
     assert ours.pop("BYOL, lr 1.0") == "-" and len(ours) == 2 and all(float(v) >= 0 for v in ours.values()), ours
     (broken / "last.pt").unlink()  # the cause fixed: the same command runs that row only
-    second = run(*cmd, check=False, env=env)
+    second = run_script(*cmd, check=False, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("[done]") == 2 and second.stdout.count("[run]") == 1 and "failed" not in second.stdout
     assert "[finished] BYOL, lr 1.0, seed 0: exit 0" in second.stdout
@@ -2149,7 +2149,7 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
     # A run records the split; linear_eval.py scores its checkpoint on the same split unless told otherwise.
     out = tmp_path / "run"
     flags = ["--dataset", "imagefolder", "--data-dir", MINI, "--train-subset", "30", "--eval-split", "val"]
-    run(
+    run_script(
         "simsiam.py",
         *flags,
         "--val-size",
@@ -2164,7 +2164,7 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
         "--out-dir",
         out,
     )
-    run("linear_eval.py", out, "--no-augment", "--epochs", "1")
+    run_script("linear_eval.py", out, "--no-augment", "--epochs", "1")
     assert json.loads((out / "linear_eval.json").read_text())["eval_split"] == "val"
 
 
@@ -2249,7 +2249,7 @@ def test_effective_rank_counts_the_dimensions_in_use():
 
 @pytest.mark.slow  # the default run: test_output_spread_..., test_effective_rank_...
 def test_the_collapse_monitor_is_in_metrics_and_the_epoch_line(tmp_path):
-    result = run("byol.py", *TINY, "--out-dir", tmp_path / "run")
+    result = run_script("byol.py", *TINY, "--out-dir", tmp_path / "run")
     last = metrics(tmp_path / "run")[-1]
     assert 0 <= last["output_spread"] <= 1.5 and 1 <= last["feature_rank"] <= 512
     assert f"spread {last['output_spread']:.2f} rank {last['feature_rank']:.1f}" in result.stdout
@@ -2290,8 +2290,8 @@ def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
 
 @pytest.mark.slow  # the default run: test_resume_mid_epoch_... resumes with the same flags
 def test_resume_refuses_another_train_subset(tmp_path):
-    run("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
-    result = run("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
+    run_script("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
+    result = run_script("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
     assert result.returncode == 2 and "--train-subset 30" in result.stderr
 
 
@@ -2427,7 +2427,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
         "--extra",
         "--synthetic-size 32 --image-size 16 --device cpu --train-subset 30 --width 8 --proj-hidden-dim 32",
     ]
-    result = run(*cmd, check=False)
+    result = run_script(*cmd, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("[finished]") == 6 and "seed 1" in result.stdout  # 3 rows x 2 seeds, with --jobs
     assert len(list(kept.glob("laptop/*/*/seed*/provenance.json"))) == 6
@@ -2438,7 +2438,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
         assert f"--seed {seed} " in json.loads((directory / "provenance.json").read_text())["command"]
     shutil.rmtree(tmp_path / "runs")  # no run directory left: the table comes from the kept results alone
     table_cmd = [c for c in cmd if c not in ("--jobs", "2", "--only", cmd[3])] + ["--table"]  # every row
-    again = run(*table_cmd, check=False)
+    again = run_script(*table_cmd, check=False)
     assert again.returncode == 0 and "[run]" not in again.stdout, again.stdout + again.stderr
     (table,) = (tmp_path / "runs").glob("*/laptop.md")
     cells = laptop_table(table)
@@ -2463,7 +2463,7 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
     assert "git " in mine[-2] and "cpu" in mine[-2]
     (metrics,) = kept.glob("laptop/*/simclr*none*/seed1/metrics.jsonl")  # a run cut short: its last line
     metrics.write_text(metrics.read_text().replace('"epoch": 1,', '"epoch": 0,'))  # is from an earlier epoch
-    run(*table_cmd)
+    run_script(*table_cmd)
     assert "simclr: EMA none (classic) (unfinished: seed 1)" in table.read_text()
 
 
@@ -2500,11 +2500,11 @@ def test_simclr_learns_on_real_images(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs below inherit it
     mini = ["--dataset", "imagefolder", "--data-dir", MINI, "--width", "8", "--device", "cpu", "--seed", "0"]
     pretrain = ["--batch-size", "64", "--epochs", "10", "--warmup-epochs", "1", "--eval-every", "10", "--blur-p", "0"]
-    run("simclr.py", *mini, *pretrain, "--out-dir", tmp_path / "run")
+    run_script("simclr.py", *mini, *pretrain, "--out-dir", tmp_path / "run")
     trained_run = metrics(tmp_path / "run")[-1]
     probe = ["--epochs", "20", "--no-augment", "--device", "cpu"]
-    run("linear_eval.py", tmp_path / "run", *probe, "--out", tmp_path / "trained.json")
-    run("linear_eval.py", "--random-init", *mini, *probe, "--out", tmp_path / "random.json")
+    run_script("linear_eval.py", tmp_path / "run", *probe, "--out", tmp_path / "trained.json")
+    run_script("linear_eval.py", "--random-init", *mini, *probe, "--out", tmp_path / "random.json")
     trained = json.loads((tmp_path / "trained.json").read_text())
     random_backbone = json.loads((tmp_path / "random.json").read_text())
     margin = trained["top1"] - random_backbone["top1"]
@@ -2645,7 +2645,7 @@ TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2
 
 def torchrun(script, *args, check=True):
     """`torchrun --standalone --nproc_per_node 2 script args` from the root, one thread per process."""
-    return run(script, *args, check=check, env=dict(os.environ, OMP_NUM_THREADS="1"), launcher=TORCHRUN_2)
+    return run_script(script, *args, check=check, env=dict(os.environ, OMP_NUM_THREADS="1"), launcher=TORCHRUN_2)
 
 
 @pytest.mark.slow
@@ -2678,7 +2678,7 @@ ONE_AGAINST_TWO = {"simclr": (4, 0.05), "byol": (1, 0.03)}
 @pytest.mark.parametrize("method", ONE_AGAINST_TWO)
 def test_two_processes_end_near_one_process_with_the_same_global_batch(tmp_path, method):
     args = [*resume_args(method, 4), "--synthetic-size", "128"]
-    run(f"{method}.py", *args, "--out-dir", tmp_path / "one")
+    run_script(f"{method}.py", *args, "--out-dir", tmp_path / "one")
     torchrun(f"{method}.py", *args, "--out-dir", tmp_path / "two")
     one, two = ([row["loss"] for row in metrics(tmp_path / name)] for name in ("one", "two"))
     assert len(one) == len(two) == 4 and one != two  # the views differ: not the same run
@@ -2739,7 +2739,7 @@ def test_torchrun_resume_after_sigkill_is_exact(tmp_path):
 def test_torchrun_refuses_an_indivisible_batch_and_another_world_size_on_resume(tmp_path):
     result = torchrun("byol.py", *TINY, "--batch-size", "15", "--out-dir", tmp_path / "odd", check=False)
     assert result.returncode != 0 and "--batch-size 15 does not divide among 2 processes" in result.stderr
-    run("byol.py", *TINY, "--out-dir", tmp_path / "one")
+    run_script("byol.py", *TINY, "--out-dir", tmp_path / "one")
     result = torchrun("byol.py", *TINY, "--out-dir", tmp_path / "one", "--resume", check=False)
     assert result.returncode != 0
     assert "last.pt was written by 1 process(es) but this run has 2" in result.stderr
@@ -2749,7 +2749,7 @@ def test_torchrun_refuses_an_indivisible_batch_and_another_world_size_on_resume(
 @pytest.mark.slow
 def test_reproduce_nproc_launches_each_run_under_torchrun(tmp_path):
     argv = ["table7", "--only", "lr 1.0", *REPRODUCE_TINY, "--nproc", "2", "--out-root", tmp_path]
-    result = run("tools/reproduce.py", *argv, "--results", tmp_path / "kept")
+    result = run_script("tools/reproduce.py", *argv, "--results", tmp_path / "kept")
     assert (
         result.stdout.count("[run]") == 2
         and "python -m torch.distributed.run --standalone --nproc_per_node=2 " in result.stdout
@@ -2918,7 +2918,7 @@ def test_a_corrupt_jpeg_met_mid_epoch_ends_in_one_line_and_leaves_last_pt_whole(
 
 @pytest.mark.slow  # a tool run: a 224-pixel step on the CPU
 def test_bench_loader_throughput_reports_images_per_second_per_core_and_the_cores_a_step_needs(jpeg_folder):
-    result = run(
+    result = run_script(
         "tools/bench.py", "--loader-throughput", jpeg_folder, "--device", "cpu", "--batch-size", "8", "--steps", "1"
     )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -3655,7 +3655,7 @@ def test_without_a_gpu_it_refuses_in_one_line(monkeypatch, capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_the_command_refuses_in_one_line(tmp_path):
-    result = run("tools/gpu_report.py", "--out", tmp_path, check=False)
+    result = run_script("tools/gpu_report.py", "--out", tmp_path, check=False)
     assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
     assert len(result.stderr.splitlines()) == 1 and "no CUDA GPU is visible" in result.stderr
 
@@ -3768,7 +3768,7 @@ def test_device_cpu_runs_the_versions_and_a_short_real_part_end_to_end(tmp_path)
     # one thread per run: a tiny model's many small ops slow down by far more than the load where the cores
     # are shared with other work (as on a CI machine)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = run(
+    result = run_script(
         "tools/gpu_report.py",
         *("--device", "cpu", "--parts", "versions,jobs-1", "--out", out, "--work-dir", tmp_path / "work"),
         *("--budget-seconds", "200"),
@@ -4004,7 +4004,7 @@ def test_reproduce_jobs_auto_on_a_gpu_reads_the_latest_report_that_measured_it(t
 def test_bench_real_epoch_profiles_the_lean_step_and_keeps_the_run(tmp_path):
     flags = "--dataset synthetic --synthetic-size 64 --image-size 16 --batch-size 16 --width 8 --device cpu"
     flags += " --proj-hidden-dim 64 --pred-hidden-dim 64"
-    result = run("tools/bench.py", "--real-epoch", flags, "--profile", "--run-dir", tmp_path / "run")
+    result = run_script("tools/bench.py", "--real-epoch", flags, "--profile", "--run-dir", tmp_path / "run")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps_per_epoch"] == 4 and summary["batch_size"] == 16 and summary["ema_stages"] == "all"
     assert summary["first_epoch_extra_seconds"] == pytest.approx(
@@ -4021,7 +4021,7 @@ def test_bench_real_epoch_profiles_the_lean_step_and_keeps_the_run(tmp_path):
 
 
 def test_bench_refuses_profile_without_real_epoch():
-    result = run("tools/bench.py", "--profile", check=False)
+    result = run_script("tools/bench.py", "--profile", check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "--profile belongs to --real-epoch" in result.stderr
 
@@ -4033,7 +4033,7 @@ def test_bench_refuses_profile_without_real_epoch():
 
 @pytest.mark.slow  # a tool run: tools/bench.py times every method
 def test_bench_prints_the_table_and_the_headline_ratios():
-    result = run("tools/bench.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--aug-images", "64")
+    result = run_script("tools/bench.py", "--device", "cpu", "--batch-size", "8", "--steps", "1", "--aug-images", "64")
     assert result.returncode == 0, result.stderr
     headline = json.loads(result.stdout.strip().splitlines()[-1])
     assert headline["aug_speedup"] > 0 and headline["byol_projector_over_all_step_time"] > 0
@@ -4044,7 +4044,7 @@ def test_bench_prints_the_table_and_the_headline_ratios():
 @pytest.mark.slow
 def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
     flags = "--dataset synthetic --synthetic-size 64 --image-size 16 --batch-size 16 --width 8 --device cpu"
-    result = run("tools/bench.py", "--real-epoch", f"{flags} {' '.join(SMALL_HEADS['byol'])}")
+    result = run_script("tools/bench.py", "--real-epoch", f"{flags} {' '.join(SMALL_HEADS['byol'])}")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["real_epoch_seconds"] > 0 and summary["lean_epoch_seconds"] > 0
@@ -4055,7 +4055,7 @@ def test_bench_real_epoch_sets_a_real_epoch_beside_the_lean_step():
 @pytest.mark.slow
 def test_bench_efficiency_counts_the_steps_flops_against_the_matmul_peak():
     flags = f"--preset laptop --width 8 --batch-size 16 --train-subset 100 {' '.join(SMALL_HEADS['byol'])}"
-    result = run("tools/bench.py", "--efficiency", flags, "--steps", "1")
+    result = run_script("tools/bench.py", "--efficiency", flags, "--steps", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     # The count, against the closed form for the projector's first layer alone: 2 views x (forward 2 + backward 4)
@@ -4097,7 +4097,7 @@ def assignment_check(tmp_path_factory):
     """One run of `tools/assignment.py --check` (about 40 s): the student edition's grading tests on the blanks,
     with the reference bodies filled in, against the project itself, and on every wrong answer in MUTATIONS."""
     report = tmp_path_factory.mktemp("assignment") / "check.json"
-    run("tools/assignment.py", "--check", "--json", report)
+    run_script("tools/assignment.py", "--check", "--json", report)
     return json.loads(report.read_text())
 
 
@@ -4107,7 +4107,7 @@ def test_assignment_writes_a_student_edition_with_only_the_bodies_blanked(tmp_pa
 
     files = assignment_tool.project_files()
     before = {f: (ROOT / f).read_bytes() for f in files}
-    result = run("tools/assignment.py", "--out", tmp_path / "hw")
+    result = run_script("tools/assignment.py", "--out", tmp_path / "hw")
     assert "python -m pytest -q test_assignment.py" in result.stdout
     assert all((ROOT / f).read_bytes() == data for f, data in before.items()), "the project itself must not change"
     hw = tmp_path / "hw"
@@ -4144,13 +4144,13 @@ def test_assignment_writes_a_student_edition_with_only_the_bodies_blanked(tmp_pa
 
 @needs_assignment_tool
 def test_assignment_list_subset_and_bad_input(tmp_path):
-    listing = run("tools/assignment.py", "--list").stdout
+    listing = run_script("tools/assignment.py", "--list").stdout
     positions = [
         listing.index(f"{n:2d}. {e.name}  (about {e.minutes} min)\n    paper: {e.paper}")
         for n, e in enumerate(assignment_tool.EXERCISES, 1)
     ]
     assert positions == sorted(positions)
-    run("tools/assignment.py", "--out", tmp_path / "hw", "--exercises", "2,simclr.nt_xent")
+    run_script("tools/assignment.py", "--out", tmp_path / "hw", "--exercises", "2,simclr.nt_xent")
     byol_text, simclr_text = (tmp_path / "hw" / "byol.py").read_text(), (tmp_path / "hw" / "simclr.py").read_text()
     assert "Exercise 2: " in byol_text and "Exercise 3: " not in byol_text and "Exercise 9: " in simclr_text
     assert (tmp_path / "hw" / "common.py").read_bytes() == (ROOT / "common.py").read_bytes()
@@ -4160,7 +4160,7 @@ def test_assignment_list_subset_and_bad_input(tmp_path):
         (["--out", tmp_path / "new", "--exercises", "13"], "no exercise '13'"),
         (["--out", ROOT], "write over the project"),
     ):
-        result = run("tools/assignment.py", *bad, check=False)
+        result = run_script("tools/assignment.py", *bad, check=False)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, bad
 
 

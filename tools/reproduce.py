@@ -62,6 +62,10 @@ from experiments import CLAIMS, EXPERIMENTS, RANDOM, SCALES
 from gpu_report import device_slug
 from report import ROOT, data_dir, results_dir, row_results, run_dir, write_claims, write_laptop_table, write_table
 
+sys.path.insert(0, str(ROOT))
+from engine.cli import HelpFormatter  # noqa: E402  (no torch: --table stays fast)
+from engine.files import git_revision  # noqa: E402
+
 # Names that the tests (and readers of earlier versions) reach as reproduce.<name>, though they live in
 # tools/report.py now: the statistics over seeds and the reading of kept results
 from report import T_975, Summary, final_metrics, knn_rise, paired, scale_name, show_both, show_mean, summarise  # noqa: F401
@@ -74,13 +78,10 @@ def refuse(message):
     sys.exit(2)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """As common.HelpFormatter (this tool imports nothing of the project, so that --table needs no torch)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+def _get_help_string(self, action):
+    if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+        return action.help
+    return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -372,14 +373,6 @@ def mark_done(args, name, experiment, row, seed, threads, started, load, env):
         "wall_seconds": round(time.time() - started),
     }
     (kept / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-
-
-def git_revision():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def torch_version():
