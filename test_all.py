@@ -1142,7 +1142,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path_that_loads_on
         (byol, [*TINY, "--resume", evil]),
         (byol, [*TINY, "--out-dir", evil, "--resume"]),
     ]:
-        result = run_script(script, *argv, check=False) if isinstance(script, str) else run_here(script, *argv, check=False)
+        result = (
+            run_script(script, *argv, check=False) if isinstance(script, str) else run_here(script, *argv, check=False)
+        )
         assert result.returncode == 2 and "refused to load" in result.stderr, result.stderr
         assert str(evil / "last.pt") in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not marker.exists(), f"{script} ran the checkpoint's code"
@@ -1175,7 +1177,9 @@ def test_one_live_run_per_directory_and_a_dead_runs_lock_is_no_obstacle(tmp_path
             assert len(second.stderr.strip().splitlines()) == 1
         first.kill()
         first.wait()
-        resumed = run_script("byol.py", *args, "--resume", "--max-steps", str(checkpoint_step(tmp_path) + 1), check=False)
+        resumed = run_script(
+            "byol.py", *args, "--resume", "--max-steps", str(checkpoint_step(tmp_path) + 1), check=False
+        )
         assert resumed.returncode == 0, resumed.stderr  # at once: the OS dropped the dead run's lock
     finally:
         first.kill()
@@ -1308,7 +1312,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.slow  # the default run: test_linear_eval_reads_width_and_subset_from_the_checkpoint
 def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
     out = tmp_path / "eval.json"
-    result = run_script("linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out)
+    result = run_script(
+        "linear_eval.py", smoke_runs["byol", "projector"][0], "--epochs", "2", "--device", "cpu", "--out", out
+    )
     saved = json.loads(out.read_text())
     assert saved["method"] == "byol" and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["knn_top1"] is not None and "top-1" in result.stdout
@@ -1855,7 +1861,9 @@ def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, me
 @pytest.mark.slow  # the default run: test_bad_input_...
 def test_bn_proj_is_not_offered_where_the_projector_already_normalises(tmp_path):
     for method in ("dino", "simsiam"):
-        result = run_script(f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False)
+        result = run_script(
+            f"{method}.py", *tiny_args(method), "--bn-proj", "--out-dir", tmp_path / method, check=False
+        )
         assert result.returncode == 2 and "--bn-proj" in result.stderr
 
 
