@@ -63,6 +63,7 @@ import simsiam
 
 ROOT = Path(__file__).resolve().parent
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_mini = pytest.mark.skipif(
     not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)"
 )
@@ -473,6 +474,25 @@ def test_compile_keeps_the_stages_their_outputs_and_the_checkpoint_keys():
             outputs.append((f, predictor_(z), target_(activations)))
     for compiled, reference in zip(*outputs):
         assert torch.allclose(compiled, reference, rtol=1e-4, atol=1e-4)  # inductor reorders float sums
+
+
+@pytest.mark.slow  # torch.compile on a CPU takes a minute
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_a_compiled_run_compiles_in_its_first_epoch_only(tmp_path, monkeypatch, device):
+    """--compile: the graphs are compiled while the first epoch trains; the evaluation (eager) and the later
+    epochs compile nothing new."""
+    graphs = []
+    end_epoch = engine.run.Run.end_epoch
+
+    def count_then_end(self, *args):
+        result = end_epoch(self, *args)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return result
+
+    monkeypatch.setattr(engine.run.Run, "end_epoch", count_then_end)
+    flags = [*SYNTHETIC, "--synthetic-size", "32", "--epochs", "3", "--width", "16", *SMALL_HEADS["byol"]]
+    run_here(byol, *flags, "--device", device, "--compile", "--eval-every", "1", "--out-dir", tmp_path)
+    assert len(graphs) == 3 and graphs[0] > 0 and graphs[2] == graphs[0], graphs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4228,7 +4248,6 @@ def test_assignment_grading_tests_catch_each_wrong_answer(assignment_check, inde
 # On a CUDA GPU (skipped without one): bf16 autocast, the masked augmentation path, resume, --compile
 # ---------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Each CUDA test runs the scripts in this process (run_here: torch and the GPU's context are set up once), at a
 # width of 8 and a few steps: the whole set in about a minute on one GPU.
 CUDA_RUN = [
