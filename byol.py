@@ -48,6 +48,13 @@ RECIPE = common.Recipe(
         common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
         common.Flag("--pred-hidden-dim", 4096, "hidden width of the predictor h", positive(int, 2**16)),
         common.Flag("--lars-eta", 0.02, "LARS trust coefficient", positive(float)),
+        common.Flag(  # solo-learn's CIFAR recipe blurs neither view; its ImageNet-100 recipe: 1.0 and 0.1
+            "--blur-p",
+            [0.0, 0.0],
+            "probability of a Gaussian blur on view 1 and on view 2",
+            common.fraction(),
+            options={"nargs": 2, "metavar": ("P1", "P2")},
+        ),
     ],
     # --preset laptop (the scale: engine/cli.py's LAPTOP_SCALE): LARS lr 0.3 in place of 1.0. With a warm-up of 39
     # steps in place of 1,950, lr 1.0 did not learn in 10 epochs (docs/small-scale.md).
@@ -102,8 +109,8 @@ def main(argv=None):
     data = common.load_data(args, device)
 
     # Views: solo-learn's asymmetric CIFAR recipe -- the second view is solarised with p = 0.2.
-    view_1 = common.ViewRecipe(size=data.image_size)
-    view_2 = common.ViewRecipe(size=data.image_size, solarize_p=0.2)
+    view_1 = common.ViewRecipe(size=data.image_size, blur_p=args.blur_p[0])
+    view_2 = common.ViewRecipe(size=data.image_size, blur_p=args.blur_p[1], solarize_p=0.2)
 
     online, predictor, target, probe, optimizer = build(args, data.num_classes)
     # common.Run does the rest: resume, each epoch's image order, checkpoints, evaluation and logs.

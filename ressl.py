@@ -52,6 +52,9 @@ RECIPE = common.Recipe(
         common.Flag("--student-temp", 0.1, "student temperature", positive(float)),
         common.Flag("--teacher-temp", 0.04, "teacher temperature (sharper)", positive(float)),
         common.Flag("--queue-size", 65536, "keys in the queue; a multiple of --batch-size", positive(int, 2**21)),
+        # the strong view of solo-learn's CIFAR scripts of the paper's time; its ImageNet-100 script: 0.4 and 0.5
+        common.Flag("--strong-saturation", 0.2, "colour jitter's saturation on the strong view", common.fraction()),
+        common.Flag("--strong-blur-p", 0.0, "probability of a Gaussian blur on the strong view", common.fraction()),
     ],
     # --preset laptop: CIFAR values as in MoCo's demo, which the CIFAR copies of ReSSL's code also use (lr 0.06,
     # weight decay 5e-4, a queue of 4,096 keys).
@@ -104,7 +107,7 @@ def main(argv=None):
     data = common.load_data(args, device)
 
     # Views: a strong one for the student and a weak one (crop, flip, grayscale) for the teacher.
-    strong = common.ViewRecipe(size=data.image_size)
+    strong = common.ViewRecipe(size=data.image_size, saturation=args.strong_saturation, blur_p=args.strong_blur_p)
     weak = common.ViewRecipe(size=data.image_size, jitter_p=0.0)
 
     online, target, queue, probe, optimizer = build(args, data.num_classes)

@@ -68,7 +68,7 @@ def load_checkpoint(path, method=None, arch=None):
         ) from None
     if not isinstance(state, dict) or "method" not in state or "models" not in state:
         raise ConfigError(f"{path} is not a checkpoint written by these scripts; pass a last.pt from a run directory")
-    if "run" not in state:  # last.pt from before common.RunState: the step and order were stored apart
+    if "run" not in state:  # last.pt from before Progress (then common.RunState): the step and order were stored apart
         raise ConfigError(f"{path} was written by an older version of these scripts; start a new run")
     resuming = method is not None  # --resume needs all of it; linear_eval.py the model and the flags
     missing = [key for key in CHECKPOINT_FIELDS + (("optimizer", "rng") if resuming else ()) if key not in state]

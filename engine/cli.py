@@ -62,20 +62,21 @@ def fraction():
 
 def check_ranges(args, parser):
     """One line for a numeric flag that is NaN, infinite, or outside the range its type (a Range) allows,
-    with its default."""
+    with its default. A flag of several numbers (nargs) has each of them checked."""
     for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if not isinstance(action.type, Range) or value is None:  # None: left at "none" (--max-steps, ...)
+        given = getattr(args, action.dest, None)
+        if not isinstance(action.type, Range) or given is None:  # None: left at "none" (--max-steps, ...)
             continue
         flag = max(action.option_strings, key=len)
         default = parser.get_default(action.dest)
         fix = "leave it out" if default is None else f"the default is {default}"
-        if not (math.isfinite(value) and action.type.contains(value)):
-            raise ConfigError(f"{flag} must be {action.type.allowed} (got {value}); {fix}")
-        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
-            raise ConfigError(f"{flag} must be at most 3.4e38, float32's largest (got {value}); {fix}")
-        if action.type.at_most is not None and value > action.type.at_most:
-            raise ConfigError(f"{flag} must be at most {action.type.at_most} (got {value}); {fix}")
+        for value in given if isinstance(given, (list, tuple)) else [given]:
+            if not (math.isfinite(value) and action.type.contains(value)):
+                raise ConfigError(f"{flag} must be {action.type.allowed} (got {value}); {fix}")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                raise ConfigError(f"{flag} must be at most 3.4e38, float32's largest (got {value}); {fix}")
+            if action.type.at_most is not None and value > action.type.at_most:
+                raise ConfigError(f"{flag} must be at most {action.type.at_most} (got {value}); {fix}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -103,13 +103,14 @@ FULL_WIDTH = "--width 64 --train-subset 50000"
 IMAGENET = "--stem imagenet --loader stream --image-size 224 --checkpoint-every 500"
 # The values of solo-learn's ImageNet-100 scripts (vturrisi/solo-learn be3de80, the last argparse version:
 # scripts/pretrain/imagenet-100/<method>.sh) that differ from our CIFAR presets; the rest already match
-# (docs/imagenet.md has every value with its source). BYOL: lr 0.5 and a predictor 8,192 wide; MoCo V2+: queues of
-# 65,536 keys; ReSSL: lr 0.3, and no --sync_batchnorm in its script (BatchNorm per GPU under --nproc 2; nothing
-# changes on one GPU). DINO's script matches the preset.
+# (docs/imagenet.md has every value with its source). BYOL: lr 0.5, a predictor 8,192 wide, and a Gaussian blur on
+# view 1 always and on view 2 with p 0.1; DINO: the same blur; MoCo V2+: queues of 65,536 keys; ReSSL: lr 0.3, a
+# strong view with saturation 0.4 and blur p 0.5, and no --sync_batchnorm in its script (BatchNorm per GPU under
+# --nproc 2; nothing changes on one GPU).
 IMAGENET100 = {
-    "byol": "--lr 0.5 --pred-hidden-dim 8192",
-    "dino": "",
-    "ressl": "--lr 0.3 --no-sync-bn",
+    "byol": "--lr 0.5 --pred-hidden-dim 8192 --blur-p 1.0 0.1",
+    "dino": "--blur-p 1.0 0.1",
+    "ressl": "--lr 0.3 --no-sync-bn --strong-saturation 0.4 --strong-blur-p 0.5",
     "mocov2": "--queue-size 65536",
 }
 
