@@ -739,11 +739,14 @@ def evaluate(backbone, probe, data, knn=True, projector=None):
 # ========================================================================================
 # The machinery, handed on: engine/ (which never imports this file) runs the loop around a step
 # ========================================================================================
+# What a method file reaches through common: its recipe block and flags (engine/cli.py), the device and the
+# data (device.py, data.py), LARS and the learning rate's schedule (optim.py), what crosses processes under
+# torchrun (distributed.py), and Run, defined below on engine/run.py's.
 import engine.run  # noqa: E402  (here, after the paper's parts: they use nothing of it)
 from engine.cli import Flag, Recipe, check_queue_size, fraction, non_negative, positive, run_cli  # noqa: E402
+from engine.data import load_data  # noqa: E402
 from engine.device import setup  # noqa: E402
 from engine.distributed import WORLD, gather, gather_with_gradient, mean_over_processes  # noqa: E402
-from engine.data import load_data  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from engine.optim import LARS, learning_rate_schedule, param_groups, set_learning_rate  # noqa: E402
 
@@ -768,7 +771,8 @@ def parse_args(recipe, argv=None):
 
 class Run(engine.run.Run):
     """engine.run.Run -- resume, each epoch's order, checkpoints, evaluation and logs around a method's
-    step -- with the three parts of it that are the paper's, from this file."""
+    step -- with the four parts of it that are the paper's, from this file: the views (two ways), the
+    evaluation, and the outputs the stability instrument watches."""
 
     augment = staticmethod(augment)  # each batch's views, from whole images in memory: section 3
     augment_crops = staticmethod(augment_crops)  # ... from the crops --loader stream's workers cut from each image
