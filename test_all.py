@@ -3535,6 +3535,7 @@ def test_every_part_command_is_built_right(fake_gpu, tmp_path):
         "jobs-8",
         "random",
         "learning",
+        "loader",
         "epoch-compiled-all",
         "epoch-compiled-projector",
     ]
@@ -3544,6 +3545,9 @@ def test_every_part_command_is_built_right(fake_gpu, tmp_path):
 
     assert commands["versions"][:2] == [python, "-c"] and "torch.backends.cudnn.version()" in commands["versions"][2]
     assert commands["cuda-tests"] == [python, "-m", "pytest", "-q", "test_all.py", "-m", "", "-k", "cuda"]
+    loader = commands["loader"]  # generated ImageNet-sized JPEGs, then bench.py --loader-throughput on the GPU
+    assert loader[:2] == [python, "-c"] and "--loader-throughput" in loader[2]
+    assert loader[3:] == [str(tmp_path / "work" / "loader-jpegs"), "2560", "256", "cuda"]
 
     for stages in ("all", "projector"):
         eager = commands[f"epoch-{stages}"]

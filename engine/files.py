@@ -7,16 +7,21 @@ from pathlib import Path
 from engine.errors import ConfigError
 
 
-def git_revision():
+def git_revision(mark_changes=False):
+    """The short git revision of the code; with mark_changes, "+changes" after it when the working tree differs
+    from it (a measurement of code not yet committed says so)."""
+    root = Path(__file__).parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         )
-        return out.stdout.strip() or "unknown"
+        revision = out.stdout.strip() or "unknown"
+        if mark_changes:
+            changes = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            )
+            revision += "+changes" if changes.stdout.strip() else ""
+        return revision
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -19,6 +19,8 @@ or `epoch` chooses all of its parts):
   learning            a short full-width BYOL run on the JPEG folder (--data-dir): kNN and linear top-1,
                       its epochs and minutes (as many epochs as its time allows, at most 15), and how far
                       above the random backbone it ended
+  loader              --loader stream (ImageNet's path) at 224 pixels on generated JPEGs: images per second
+                      per CPU core and on all, against a 224-pixel step: the cores one GPU needs
   epoch-compiled-all  the real epoch with --compile: the first epoch (mostly compiling) and the second,
   epoch-compiled-projector    each with a cold compiler cache of its own
 
@@ -57,6 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from engine.cli import HelpFormatter  # noqa: E402  (no torch at import)
+from engine.files import git_revision  # noqa: E402
+
 BUDGET_SECONDS = 480  # eight minutes: the default budget, at which each part's `seconds` is its share
 RESERVE_SECONDS = 5  # of the budget, kept for the report's own start-up and last writing
 CONTEXT_MB = 500  # memory a CUDA process holds beyond what torch allocates (its context): for the jobs' fit
@@ -87,6 +93,7 @@ class Sizes:
     learning_epochs: int  # of the learning run, when no real epoch was measured to size it by
     learning_overhead: int  # seconds of the learning run that are not epochs: start-up, decoding, the last kNN
     learning_images: tuple  # flags of the learning run (and the random backbone) that choose their images
+    loader_images: int  # generated JPEGs of 300 to 500 pixels a side for the loader part (--loader stream at 224)
 
 
 SIZES = {
@@ -101,6 +108,7 @@ SIZES = {
         learning_epochs=5,
         learning_overhead=30,
         learning_images=(),  # all 50,000 training images, scored on the test split
+        loader_images=2560,
     ),
     "cpu": Sizes(
         images=128,
@@ -113,17 +121,9 @@ SIZES = {
         learning_epochs=1,
         learning_overhead=15,
         learning_images=("--train-subset", "200", "--eval-split", "val", "--val-size", "100"),
+        loader_images=40,
     ),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except None (each such flag says its default itself)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -205,6 +205,7 @@ def parse_args(argv=None):
         learning_epochs=args.learning_epochs or sizes.learning_epochs,
         learning_overhead=sizes.learning_overhead,
         learning_images=("--train-subset", str(args.train_subset)) if args.train_subset else sizes.learning_images,
+        loader_images=sizes.loader_images,
     )
     if args.data_dir is not None and not (Path(args.data_dir) / "train").is_dir():
         refuse(f"--data-dir {args.data_dir} has no train/ folder; point it at the CIFAR-10 JPEG folder (train/, test/)")
@@ -241,18 +242,6 @@ def find_device(device):
     if not torch.cuda.is_available():
         refuse("no CUDA GPU is visible here; pass --device cpu to run every part at tiny sizes")
     return "cuda", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**20
-
-
-def git_revision():
-    """The short git revision of the code measured, with +changes when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    return (head.stdout.strip() or "unknown") + ("+changes" if changes.stdout.strip() else "")
 
 
 # ---- the parts -----------------------------------------------------------------------------
@@ -496,6 +485,39 @@ def read_random(ctx, log):
     return {key: result.get(key) for key in ("top1", "top5", "knn_top1", "knn1_top1")}
 
 
+LOADER_SCRIPT = """
+import subprocess, sys, torch
+from pathlib import Path
+from PIL import Image
+root, count, batch, device = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+g = torch.Generator().manual_seed(0)
+for split, n in (("train", count), ("val", max(count // 10, 3))):
+    for i in range(n):
+        folder = root / split / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{i}.jpg").exists():
+            height, width = (int(v) for v in torch.randint(300, 501, (2,), generator=g))
+            pixels = (torch.rand(3, height, width, generator=g) * 255).to(torch.uint8)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
+bench = ["tools/bench.py", "--loader-throughput", str(root), "--device", device, "--batch-size", batch]
+sys.exit(subprocess.run([sys.executable, *bench, "--loader-batches", "8", "--steps", "10"]).returncode)
+"""
+
+
+def loader_part():
+    """--loader stream's images per second on one core and on all, against a 224-pixel step on the device: the
+    cores one GPU needs for ImageNet (tools/bench.py --loader-throughput), on JPEGs of ImageNet's sizes made
+    here (300 to 500 pixels a side, random pixels: they decode as slowly as photographs or slower)."""
+
+    def command(ctx, limit):
+        folder = from_root(ctx.work / "loader-jpegs")
+        batch = str(256 if ctx.device == "cuda" else 4)
+        return [sys.executable, "-c", LOADER_SCRIPT, folder, str(ctx.sizes.loader_images), batch, ctx.device]
+
+    what = "--loader stream at 224 pixels: images per second per CPU core and on all, the cores a 224-pixel step needs"
+    return Part("loader", 35, what, command, lambda ctx, log: last_json_line(log) or {})
+
+
 def all_parts(sizes):
     """Every part, in the order they run: the cheap and the most asked-for first; the random backbone before
     the learning run, which sizes its epochs to the time it is given (and so uses up what the parts before it
@@ -503,24 +525,24 @@ def all_parts(sizes):
     return [
         Part(
             "versions",
-            15,
+            10,
             "torch, CUDA, cuDNN and the device, as a fresh process sees them",
             lambda ctx, limit: [sys.executable, "-c", VERSIONS_SCRIPT],
             read_versions,
         ),
         Part(
             "cuda-tests",
-            55,
+            50,
             'python -m pytest -q test_all.py -m "" -k cuda: passed, failed, seconds',
             lambda ctx, limit: [sys.executable, "-m", "pytest", "-q", "test_all.py", "-m", "", "-k", "cuda"],
             read_tests,
         ),
-        epoch_part("all", compiled=False, seconds=50),
-        epoch_part("projector", compiled=False, seconds=45),
+        epoch_part("all", compiled=False, seconds=45),
+        epoch_part("projector", compiled=False, seconds=40),
         *[jobs_part(n) for n in sizes.jobs],
         Part(
             "random",
-            30,
+            25,
             "the random backbone on the same images (linear_eval.py --random-init --no-augment)",
             random_command,
             read_random,
@@ -528,12 +550,13 @@ def all_parts(sizes):
         ),
         Part(
             "learning",
-            65,
+            55,
             "a short BYOL run on the JPEG folder: kNN and linear top-1, epochs, minutes",
             learning_command,
             read_learning,
             needs_data=True,
         ),
+        loader_part(),
         epoch_part("all", compiled=True, seconds=60),
         epoch_part("projector", compiled=True, seconds=40),
     ]
@@ -733,8 +756,30 @@ def markdown(report):
         "",
     ]
     lines += tests_section(parts) + epochs_section(parts, summary) + jobs_section(parts, summary)
-    lines += learning_section(report, summary)
+    lines += learning_section(report, summary) + loader_section(parts)
     return "\n".join(lines) + "\n"
+
+
+def loader_section(parts):
+    """--loader stream's images per second against a 224-pixel step's: the CPU cores one GPU needs (ImageNet)."""
+    loader = parts.get("loader", {}).get("results") or {}
+    if not loader.get("step_images_per_second"):
+        return []
+    return [
+        "## ImageNet's loader: how many CPU cores one GPU needs",
+        "",
+        "| | images / s |",
+        "|---|---|",
+        f"| --loader stream, 1 worker (1 core), two 224-pixel views an image | "
+        f"{number(loader['loader_images_per_second_one_core'], 0)} |",
+        f"| --loader stream, {loader['cores']} workers | {number(loader['loader_images_per_second_all_cores'], 0)} |",
+        f"| a BYOL step at 224 pixels, ImageNet stem, on {loader['device']} | "
+        f"{number(loader['step_images_per_second'], 0)} |",
+        "",
+        f"The step consumes what {number(loader['cores_needed'], 1)} cores deliver at one core's pace (generated "
+        f"JPEGs of 300 to 500 pixels a side).",
+        "",
+    ]
 
 
 def tests_section(parts):
@@ -942,7 +987,7 @@ def main(argv=None, parts=None):
     report = {
         "command": shown([sys.executable, "tools/gpu_report.py", *(sys.argv[1:] if argv is None else argv)]),
         "started": stamp,
-        "git_revision": git_revision(),
+        "git_revision": git_revision(mark_changes=True),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "device": device,
