@@ -102,6 +102,8 @@ def restore(state, models, optimizer, generator, args):
         if was == now or key == "ema_stages" or key in MAY_CHANGE_ON_RESUME:
             continue
         flag = "--" + key.replace("_", "-")
+        if key == "stages":  # (parsed from --ema-stages: say it as the flag was written)
+            flag, was, now = "--ema-stages", saved.get("ema_stages", was), args.ema_stages
         raise ConfigError(
             f"the checkpoint was trained with {flag} {was} but this run has {now}; "
             f"resume with the same {flag} (the run's args.json lists them all)"
