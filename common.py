@@ -3,8 +3,9 @@
 Read a method file (byol.py first) next to the paper; come here when it calls something. In the order
 a method file meets them:
 
-    1. the encoder      the CIFAR ResNet-18/50 whose stages carry the paper's names (Fig. 1, Sec. 4),
-                        the MLP heads, the encoder E = g o b with activation reuse
+    1. the encoder      the ResNet-18/50 whose stages carry the paper's names (Fig. 1, Sec. 4), with
+                        the CIFAR stem or the ImageNet one; the MLP heads; the encoder E = g o b
+                        with activation reuse
     2. the EMA          --ema-stages, the target network (Eq. 2-3, Eq. 7, Algorithm 1), Eq. (6) and
                         beta's schedule
     3. the views        batched augmentation with per-sample random parameters, in plain torch
@@ -13,7 +14,7 @@ a method file meets them:
 
 Everything else a run needs -- flags, checkpoints, data loading, logging, several GPUs, measurement --
 is machinery, in the engine/ package; the last section here hands on the few names of it that the
-method files use, and plugs sections 3 and 5 into its run loop (Run). Sections 1-5 use nothing but
+method files use, and plugs sections 3, 5 and the encoder into its run loop (Run). Sections 1-5 use nothing but
 torch and each other, in the order written.
 
 The paper: "On the Pros and Cons of Momentum Encoder in Self-Supervised Visual Representation
@@ -31,11 +32,9 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------
-# 1. The encoder: CIFAR ResNet with named stages, MLP heads
+# 1. The encoder: the ResNet with named stages, MLP heads
 # ----------------------------------------------------------------------------------------
 BACKBONE_STAGES = ("conv1", "block1", "block2", "block3", "block4")
-
-
 STAGES = BACKBONE_STAGES + ("projector",)  # the paper's names, input to output (Fig. 1)
 
 
