@@ -2583,7 +2583,7 @@ def two_process_units(rank, port, out_dir):
     simclr.nt_xent(anchors, common.gather_with_gradient(anchors), 0.2, first=rank * 2 * n).backward()
     out["ddp_grad"] = encoder.module.weight.grad.clone()
     # MoCo v2: the keys of both processes enter the queue, in rank order
-    queues = mocov2.KeyQueues(2, 16, 5)
+    queues = common.KeyQueue(16, 5, views=2)
     queues.push(common.gather(z_1[rows]), common.gather(z_2[rows]))
     out["queue"] = queues.keys.clone()
     # DINO: the centre's batch mean over both processes
@@ -2630,7 +2630,7 @@ def test_cross_process_operations_equal_one_process_on_the_concatenated_batch(tm
     for r in range(2):
         assert torch.allclose(ranks[r]["ddp_grad"], encoder.weight.grad, atol=1e-6)
     # MoCo v2: one queue push of the whole batch, bit for bit, on both processes
-    reference = mocov2.KeyQueues(2, 16, 5)
+    reference = common.KeyQueue(16, 5, views=2)
     reference.keys.copy_(ranks[0]["queue"])  # slots 8..15, which the push left as they were
     reference.push(z_1, z_2)  # slots 0..7: the whole batch of 8 keys per view, in order
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
