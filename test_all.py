@@ -2462,8 +2462,10 @@ def test_reproduce_seeds_keep_results_and_the_table_is_rebuilt_from_them_alone(t
     for directory in kept.glob("laptop/*/simclr*/seed*"):
         assert {p.name for p in directory.iterdir()} == {"args.json", "metrics.jsonl", "provenance.json"}
         seed = int(directory.name[4:])
-        assert json.loads((directory / "args.json").read_text())["seed"] == seed
-        assert f"--seed {seed} " in json.loads((directory / "provenance.json").read_text())["command"]
+        trained = json.loads((directory / "args.json").read_text())
+        command = json.loads((directory / "provenance.json").read_text())["command"]
+        assert trained["seed"] == seed and f"--seed {seed} " in command
+        assert command.endswith(f"--out-dir {trained['out_dir']}")  # the run directory as the command names it
     shutil.rmtree(tmp_path / "runs")  # no run directory left: the table comes from the kept results alone
     table_cmd = [c for c in cmd if c not in ("--jobs", "2", "--only", cmd[3])] + ["--table"]  # every row
     again = run_script(*table_cmd, check=False)
@@ -3393,6 +3395,9 @@ def test_every_kept_run_says_where_it_ran():
         provenance = json.loads(file.read_text())
         where = file.relative_to(ROOT)
         assert isinstance(provenance.get("cpu"), str) and provenance["cpu"], where
+        trained = file.with_name("args.json")
+        if trained.exists():  # its run directory from the repository root, never a path of the machine it ran on
+            assert not Path(json.loads(trained.read_text())["out_dir"]).is_absolute(), where
         assert "jobs_at_once" not in provenance and "jobs_asked" in provenance, where
         if provenance.get("load") is None:
             assert provenance["load_note"].startswith("not measured"), where

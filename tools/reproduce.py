@@ -250,11 +250,14 @@ def command(args, experiment, row, seed=0):
     ]
 
 
+def relative_to_root(path):
+    """A path under the repository as a user types it from the repository root; any other path as it is."""
+    return str(Path(path).relative_to(ROOT)) if str(path).startswith(str(ROOT)) else str(path)
+
+
 def show(cmd):
     """A command as a user types it from the repository root."""
-    return "python " + " ".join(
-        shlex.quote(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c) for c in cmd[1:]
-    )
+    return "python " + " ".join(shlex.quote(relative_to_root(c)) for c in cmd[1:])
 
 
 def pending(args, name, experiment, row, seed):
@@ -358,6 +361,9 @@ def mark_done(args, name, experiment, row, seed, threads, started, load, env):
         if (directory / file).exists():
             shutil.copyfile(directory / file, kept / file)
     trained = json.loads((directory / "args.json").read_text()) if (directory / "args.json").exists() else {}
+    if trained:  # the kept copy names its run directory as the command does, from the repository root
+        kept_args = dict(trained, out_dir=relative_to_root(trained.get("out_dir", "")))
+        (kept / "args.json").write_text(json.dumps(kept_args, indent=2))
     provenance = {
         "command": shown,
         "git_revision": trained.get("git_revision", git_revision()),
