@@ -357,7 +357,7 @@ def mark_done(args, name, experiment, row, seed, threads, started, load, env):
     (directory / "reproduce-done.json").write_text(json.dumps({"command": shown}))
     kept = results_dir(args, name, experiment, row, seed)
     kept.mkdir(parents=True, exist_ok=True)
-    for file in KEPT:
+    for file in [f for f in KEPT if f != "args.json"]:  # args.json is written below, its out_dir relative
         if (directory / file).exists():
             shutil.copyfile(directory / file, kept / file)
     trained = json.loads((directory / "args.json").read_text()) if (directory / "args.json").exists() else {}
