@@ -3295,6 +3295,14 @@ def test_claims_table_is_written_with_both_metrics_holm_and_its_figure(tmp_path)
         in rows["MoCo v2: projector-only EMA is comparable or preferable to full EMA"]
     )
     assert "lag = 1 / (1 − β)" in text and "What it changes here" in text
+    # the stability summary names each stability claim with its verdict, Table C.8's among them
+    summary = text.split("**Which stability claims hold at this scale**")[1].split("\n\n")[1].splitlines()
+    bn = next(line for line in summary if line.startswith("- BN1 + BN2 raise projector-only EMA: **"))
+    assert any(f"**{verdict}" in bn for verdict in ("confirmed", "refuted", "not seen", "not yet measured"))
+    assert any(line.startswith("- EMA on every stage makes the target move less") for line in summary)
+    # the made-up stability run's projector fluctuates ten times more than any other stage
+    fluctuation = "- The projector's gradient fluctuates most (no EMA, stability run): **confirmed**"
+    assert any(line.startswith(fluctuation) for line in summary)
     figure = tmp_path / "docs" / "figures" / "claims-forest.png"
     if importlib.util.find_spec("matplotlib"):
         data = figure.read_bytes()

@@ -1303,6 +1303,7 @@ def stability_section(measured, accuracy, results, docs=None):
         "",
         *measured_table(not_time),
     ]
+    lines += stability_verdicts(not_time, accuracy)
     lines += fluctuation_table(results)
     lines += drift_table(results)
     lines += two_wide_table(accuracy, results)
@@ -1325,6 +1326,26 @@ def stability_section(measured, accuracy, results, docs=None):
         "",
     ]
     return lines
+
+
+def stability_verdicts(instrument_claims, accuracy):
+    """Which of the paper's stability claims hold at this scale: one line per claim, its verdict and Holm's,
+    from the same tests as the tables (kNN top-1 for the accuracy claims of Tables 2, 7 and C.8)."""
+    lines = ["**Which stability claims hold at this scale** (verdict; after Holm):", ""]
+    for v in instrument_claims:
+        test = v.tests[v.claim.measure]
+        lines.append(
+            f"- {v.claim.text}: **{test.verdict}**; {test.holm} ({v.claim.measure}, a / b = "
+            f"{show_ratio(test.summary)}, {v.seeds} seeds)"
+        )
+    for v in accuracy:
+        if v.claim.paper.startswith(("Table 2", "Table 7", "Table C.8")):
+            test = v.tests["knn_top1"]
+            lines.append(
+                f"- {v.claim.text}: **{test.verdict}**; {test.holm} (kNN top-1, a − b = "
+                f"{show_difference(test.summary)} points, {v.seeds} seeds)"
+            )
+    return lines + [""]
 
 
 def fluctuation_table(results):
