@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -475,7 +476,8 @@ def run_cli(main):
     """Run `main()`; a ConfigError or DivergedError ends the program with one line on stderr and exit code 2;
     SIGTERM or a first Ctrl-C with last.pt saved at the end of the step (exit 143 or 130); a second Ctrl-C at
     once, saying what was saved. Under torchrun every process meets the same error (the same flags, files and
-    averaged gradients), and rank 0 alone prints it; every process leaves the process group on the way out."""
+    averaged gradients), and rank 0 alone prints it (the others wait 5 s, as torchrun ends them all once
+    one fails); every process leaves the process group on the way out."""
     from engine.checkpoint import interrupted_note
     from engine.distributed import WORLD, end_distributed
 
@@ -485,6 +487,8 @@ def run_cli(main):
     except (ConfigError, DivergedError) as error:
         if WORLD.main:
             print(f"error: {error}", file=sys.stderr)
+        else:  # torchrun stops every process once one fails: give rank 0 the time to say why first
+            time.sleep(5)
         code = 2
     except Preempted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
