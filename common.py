@@ -286,9 +286,9 @@ class NamedStageEMA(nn.Module):
       the backbone runs once per view (Algorithm 1); with all it is Eq. (2)-(3), twice.
       from_image(x) runs the target from an image the online network did not see (ReSSL).
     * update(beta) -- Eq. (6), xi <- beta * xi + (1 - beta) * theta, on the EMA stages' parameters
-      only, called after the optimiser step; self.beta keeps the last beta used (the epoch line's). BatchNorm running statistics are buffers, not
-      parameters: they are not averaged; each EMA copy keeps its own, from its own train-mode
-      forward passes (as in solo-learn and BYOL).
+      only, called after the optimiser step; self.beta keeps the last beta used (the epoch line's).
+      BatchNorm running statistics are buffers, not parameters: they are not averaged; each EMA copy
+      keeps its own, from its own train-mode forward passes (as in solo-learn and BYOL).
     """
 
     def __init__(self, online: Encoder, ema_stages):

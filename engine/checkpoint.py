@@ -52,7 +52,9 @@ def load_checkpoint(path, method=None, arch=None):
         # the pickle -- which could run code as it loads -- is refused before it is built.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "GLOBAL" in str(error):  # torch names the class or function the pickle would have called
+        # torch names the class or function the pickle would have called: "GLOBAL x.y" (torch 2.6 and
+        # later), "Unsupported class x.y" (before)
+        if "GLOBAL" in str(error) or "Unsupported class" in str(error):
             raise ConfigError(
                 f"refused to load {path}: it holds objects other than tensors and plain data, which could run "
                 f"code when loaded; use a last.pt written by these scripts"

@@ -67,8 +67,11 @@ def compile_stages(models, mode, device):
         print("note: --compile reduce-overhead (CUDA graphs) needs a GPU; compiling with mode default instead")
         mode = "default"
     # Modules of one class share one forward code object (nn.Sequential's), and dynamo caps the variants
-    # of one code object at 8: stages x train/eval x with/without gradients need more.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # of one code object at 8: stages x train/eval x with/without gradients need more. (Older torch, 2.2 for
+    # one, calls that limit cache_size_limit.)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
     for model in models:
         if hasattr(model, "ema"):  # the target (common.NamedStageEMA): its EMA copies; shared stages are online
             modules = model.ema.values()

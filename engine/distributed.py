@@ -77,13 +77,20 @@ def check_world(args):
 
 def data_parallel(device, *modules):
     """The modules that train, in DistributedDataParallel under torchrun: backward averages their
-    gradients over the processes, so each takes the same optimiser step. One process: the modules."""
+    gradients over the processes, so each takes the same optimiser step. One process: the modules.
+
+    broadcast_buffers=False: DDP's default copies rank 0's BatchNorm running statistics into every process
+    before each forward, in place. The methods call the online network once per view before backward, and
+    where BatchNorm keeps its running statistics for backward (the CPU's, cuDNN's without SyncBatchNorm) the
+    second view's copy invalidates the first view's graph (torch 2.11: "modified by an inplace operation").
+    Nothing is lost: rank 0 alone evaluates and saves, and its statistics are its own either way; the other
+    processes' running statistics are never read (BatchNorm trains on batch statistics)."""
     if WORLD.size == 1:
         return modules if len(modules) > 1 else modules[0]
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if device.type == "cuda" else None
-    wrapped = [DistributedDataParallel(m, device_ids=ids) for m in modules]
+    wrapped = [DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False) for m in modules]
     return wrapped if len(wrapped) > 1 else wrapped[0]
 
 
