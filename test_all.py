@@ -3883,6 +3883,20 @@ def test_an_epoch_part_reads_the_summary_or_what_the_run_had_written(tmp_path):
     assert part.read(ctx, "epoch    1 | ...\n") == {"epochs_written": [{"epoch": 1, "epoch_seconds": 95.0}]}
 
 
+def test_a_compiled_epoch_part_gives_the_compiler_absolute_caches():
+    """inductor runs the C++ compiler from a folder of its own: a relative cache path failed every compiled part on
+    torch 2.11 when the report ran into its default folder under the root. The report still shows it relative."""
+    args = gpu_report.parse_args(["--device", "cpu"])
+    ctx = gpu_report.context(args, "cpu", ROOT / "runs" / "gpu-report" / "x")
+    command = gpu_report.epoch_part("all", compiled=True, seconds=1).command(ctx, 10)
+    caches = dict(item.split("=", 1) for item in command if item.startswith(("TORCHINDUCTOR_", "TRITON_")))
+    assert sorted(caches) == ["TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"]
+    assert all(Path(path).is_absolute() for path in caches.values()), caches
+    shown = gpu_report.shown(command)
+    assert "TORCHINDUCTOR_CACHE_DIR=runs/gpu-report/x/epoch-compiled-all/compiler-cache " in shown
+    assert str(ROOT) not in shown
+
+
 def test_table1_time_runs_the_left_over_runs_as_a_last_round():
     images_per_run = 200 * 195 * 256
     rates = {1: 1000.0, 4: 3000.0, 8: 3200.0}

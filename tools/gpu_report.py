@@ -358,8 +358,10 @@ def epoch_part(stages, compiled, seconds):
         bench = ["tools/bench.py", "--real-epoch", shlex.join(flags), "--run-dir", from_root(ctx.work / name / "run")]
         if not compiled:
             return [sys.executable, *bench, "--profile"]
-        # a cold compiler cache of its own: the compile time is the one a user's first compiled run pays
-        cache = from_root(ctx.work / name / "compiler-cache")
+        # a cold compiler cache of its own: the compile time is the one a user's first compiled run pays. Its
+        # path is absolute: inductor runs the C++ compiler from a folder of its own (torch 2.11 failed with a
+        # relative one); shown() writes it relative to the root in the report
+        cache = str((ctx.work / name / "compiler-cache").absolute())
         return [
             "env",
             f"TORCHINDUCTOR_CACHE_DIR={cache}",
@@ -579,8 +581,9 @@ def select_parts(parts, wanted):
 
 
 def shown(command):
-    """A command as one line a user can paste, from the repository root (this interpreter shown as python)."""
-    return shlex.join(command).replace(sys.executable, "python")
+    """A command as one line a user can paste, from the repository root (this interpreter shown as python, the
+    paths inside the repository relative to it)."""
+    return shlex.join(command).replace(sys.executable, "python").replace(f"{ROOT}{os.sep}", "")
 
 
 def from_root(path):
