@@ -1665,6 +1665,7 @@ def test_accepted_extremes_run_or_end_in_one_line(tmp_path, capsys):
             ran += 1
         except (common.ConfigError, engine.errors.DivergedError) as error:
             assert len(str(error).splitlines()) == 1, (method, flag, value, error)
+        shutil.rmtree(tmp_path / str(k), ignore_errors=True)  # its checkpoint: 2.7 GB for all the cases if kept
     assert ran > 10
 
 
