@@ -519,6 +519,29 @@ def test_lars_step_matches_its_formula():
     assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # 1-D: plain SGD, no decay
 
 
+def test_eq6_and_lars_take_as_many_operations_for_any_number_of_parameters():
+    """The EMA update (Eq. 6) and the LARS step are fused over the parameters (torch._foreach_*): on a GPU each
+    costs a fixed number of kernel launches, where a Python loop over the parameters launches one or more per
+    tensor. Each counts as many operations for a few tensors as for a whole ResNet-18 with its heads."""
+    operations = engine.measure.operations_dispatched
+    online, predictor, everything, _ = small_setup("all")
+    _, _, projector_only, _ = small_setup("projector")
+    assert len(everything.parameter_pairs()[0]) > 10 * len(projector_only.parameter_pairs()[0]) > 0
+    assert operations(lambda: everything.update(0.99)) == 2  # xi *= beta; xi += (1 - beta) theta
+    assert operations(lambda: projector_only.update(0.99)) == 2
+
+    def lars_operations(modules):
+        optimizer = common.LARS(common.param_groups(modules, 1e-5), lr=1.0, eta=0.02, weight_decay=1e-5)
+        for _ in range(2):  # the first step makes the momentum buffers; the second is every later step
+            for p in optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"]:
+                p.grad = torch.randn_like(p)
+            count = operations(optimizer.step)
+        return count
+
+    small = [nn.Linear(3, 4)]  # one weight, one bias
+    assert lars_operations([online, predictor]) == lars_operations(small)
+
+
 def test_simclr_lightly_settings_each_change_the_run_and_the_defaults_are_the_papers(tmp_path):
     """--optimizer sgd (torch's SGD, weight decay on every parameter) and --jitter-strength 0.5 (0.4/0.4/0.4/0.1)
     each change a 2-step run; at their defaults the golden runs hold (test_golden_runs_...)."""
@@ -3928,6 +3951,7 @@ def full_report():
             "steps_per_epoch": 195,
             "batch_size": 256,
             "profile": profile,
+            "lean_step_operations": 1200,
         }
 
     def jobs(n, rate_each, memory_mb, finished=True):
@@ -4011,7 +4035,8 @@ def test_the_summary_and_the_page_of_a_full_report():
         "| epoch-all | 5.80 | 9.80 | 6.00 | 0.97 | 8,607 | 3,000 |",
         "| epoch-compiled-projector | ran out of time; the run had written epoch 1: 95.0 s | | | | | |",
         "projector / all, real epoch: eager 0.90 (lean step 0.80) (FLOPs: 0.75).",
-        "### epoch-all: where one lean step's time goes (torch.profiler, GPU time, 30.0 ms in all)",
+        "### epoch-all: where one lean step's time goes (torch.profiler, GPU time, 30.0 ms in all; 1,200 operations "
+        "dispatched)",
         "| sm90_xmma/conv | 40 | 9.00 | 30.0 % |",
         "| 8 | 18,400 | 10,650 | 20,000, 20,000, 20,000, 20,000, 20,000, 20,000, 20,000, 20,000 | yes | no |",
         "Best: 4 at once",
@@ -4079,6 +4104,9 @@ def test_bench_real_epoch_profiles_the_lean_step_and_keeps_the_run(tmp_path):
         summary["first_epoch_seconds"] - summary["real_epoch_seconds"]
     )
     assert all(seconds > 0 for seconds in summary["lean_before_after"])
+    # two online forwards of a ResNet-18 (20 convolutions each) and their backward, at the least
+    assert summary["lean_step_operations"] > 4 * 20
+    assert f"operations dispatched by one lean step: {summary['lean_step_operations']}" in result.stdout
     profile = summary["profile"]
     assert profile["clock"] == "CPU" and profile["ops"] and profile["total_ms"] > 0
     assert sum(op["share"] for op in profile["ops"]) <= 1 + 1e-6

@@ -203,6 +203,24 @@ class ForwardCounter:
         return self.flops_run / self.flops_with_grad if self.flops_with_grad else 0.0
 
 
+def operations_dispatched(fn):
+    """How many tensor operations fn() runs, as torch's dispatcher sees them. On a GPU most of them are one
+    kernel launch each (views and allocations launch nothing): when the GPU waits for Python, what a step costs
+    grows with this count, not with its FLOPs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.count
+
+
 def peak_memory_mb(device):
     """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
     if device.type == "cuda":

@@ -27,6 +27,8 @@ warm-up, and with --compile mostly the compilation. With --compile the lean step
 the run only, so that the run compiles first, as a user's run does (before it, the lean step
 would fill the compiler's cache for the run). --profile adds torch.profiler's summary of one
 lean step: the ops that took the most GPU time (CPU time on a CPU), to show what costs the time.
+Without --compile it also counts the operations one lean step dispatches (engine.measure.operations_dispatched):
+on a GPU most are a kernel launch each, so when the GPU waits for Python a step costs what this count says.
 --run-dir keeps the run's directory (metrics.jsonl) where a caller can read it, even if this
 tool is stopped (tools/gpu_report.py does).
 
@@ -66,6 +68,7 @@ import common  # noqa: E402
 from engine.cli import HelpFormatter, check_ranges  # noqa: E402
 from engine.data import Data, Views  # noqa: E402
 from engine.device import check_device, compile_stages, timer, to_device  # noqa: E402
+from engine.measure import operations_dispatched  # noqa: E402
 
 CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", "dino": "all", "ressl": "all"}
 
@@ -474,6 +477,8 @@ def bench_real_epoch(args):
     loads.append(os.getloadavg()[0])
     step = lean_byol_step(run_args, device, channels_last=True)
     lean_after = time_steps(step, device)
+    # the operations one eager lean step dispatches: what its cost grows with when the GPU waits for Python
+    operations = None if run_args.compile else operations_dispatched(step)
     profile = profile_step(step, device) if args.profile else None
     loads.append(os.getloadavg()[0])
     steps_per_epoch = lines[0]["step"]
@@ -488,6 +493,8 @@ def bench_real_epoch(args):
     print(f"| real, the first epoch (its warm-up{', compilation' if run_args.compile else ''}) | {first:.2f} |")
     shown = [(f"{lean[0] * steps_per_epoch:.2f}" if lean is not None else "-") for lean in (lean_before, lean_after)]
     print(f"| lean step x steps, before the run / after it | {shown[0]} / {shown[1]} |")
+    if operations is not None:
+        print(f"\noperations dispatched by one lean step: {operations}")
     if profile:
         print(
             f"\ntorch.profiler, one lean step: {profile['total_ms']:.1f} ms of {profile['clock']} time; the ops that "
@@ -512,6 +519,7 @@ def bench_real_epoch(args):
         "overhead": real / lean,
         "lean_before_after": [None if x is None else x[0] * steps_per_epoch for x in (lean_before, lean_after)],
         "lean_warmup_seconds": [None if x is None else x[1] for x in (lean_before, lean_after)],
+        "lean_step_operations": operations,
         "profile": profile,
     }
     print(f"\noverhead (real / mean of the lean ones): {real / lean:.2f}\n" + json.dumps(summary))

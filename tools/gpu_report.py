@@ -840,9 +840,11 @@ def epochs_section(parts, summary):
     for name, part in epochs.items():
         profile = part["results"].get("profile")
         if profile:
+            operations = part["results"].get("lean_step_operations")
+            dispatched = f"; {operations:,} operations dispatched" if operations else ""
             lines += [
                 f"### {name}: where one lean step's time goes (torch.profiler, {profile['clock']} time, "
-                f"{profile['total_ms']:.1f} ms in all)",
+                f"{profile['total_ms']:.1f} ms in all{dispatched})",
                 "",
                 "| op | calls | ms | share |",
                 "|---|---|---|---|",
