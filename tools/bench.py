@@ -27,8 +27,9 @@ warm-up, and with --compile mostly the compilation. With --compile the lean step
 the run only, so that the run compiles first, as a user's run does (before it, the lean step
 would fill the compiler's cache for the run). --profile adds torch.profiler's summary of one
 lean step: the ops that took the most GPU time (CPU time on a CPU), to show what costs the time.
-Without --compile it also counts the operations one lean step dispatches (engine.measure.operations_dispatched):
-on a GPU most are a kernel launch each, so when the GPU waits for Python a step costs what this count says.
+Without --compile (with or without --profile) it counts the operations one lean step dispatches
+(engine.measure.operations_dispatched): on a GPU most are a kernel launch each, so when the GPU waits
+for Python a step costs what this count says.
 --run-dir keeps the run's directory (metrics.jsonl) where a caller can read it, even if this
 tool is stopped (tools/gpu_report.py does).
 
