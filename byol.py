@@ -125,14 +125,14 @@ def main(argv=None):
     for step, (x_1, x_2), y in run.batches():  # the step's index, two random views of each image, the labels
         common.set_learning_rate(optimizer, lr_factors[step])
         # ---- Algorithm 1 (Appendix B), for any set of EMA stages ----
-        with common.autocast(device):
+        with common.autocast(device):  # the networks' forward passes (bf16 on a GPU); the losses after it
             f_1, z_1, activations_1 = online(x_1)  # f = b(x): Eq. (1); z = g(f): Eq. (3); each stage's input
             f_2, z_2, activations_2 = online(x_2)
             # momentum projections: Eq. (2)-(3), or Eq. (7) if only g has EMA
             z_1m, z_2m = target(activations_1), target(activations_2)
             p_1, p_2 = predictor(z_1), predictor(z_2)  # Eq. (4)
-            loss = byol_loss(p_1, p_2, z_1m, z_2m)  # Eq. (5)
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
+        loss = byol_loss(p_1, p_2, z_1m, z_2m)  # Eq. (5), in float32
+        loss_probe = common.probe_loss(probe, (f_1, f_2), y)  # trained on sg(f): no gradient reaches b
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()  # update(f, g, h) and the probe

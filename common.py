@@ -148,7 +148,7 @@ class ResNetCIFAR(nn.Module):
         self.feature_dim = in_planes  # 8W for ResNet-18, 32W for ResNet-50: 512 and 2048 at the paper's W = 64
         if bn_block4:  # BN1 of Table C.8: BatchNorm on block4's output, part of the block4 stage
             self.block4.append(nn.BatchNorm2d(in_planes))
-        for m in self.modules():
+        for m in self.modules():  # torchvision's init, the CIFAR stem's conv1 too (solo-learn's keeps torch's default)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_residual:  # each residual branch starts as the identity (SimSiam's setting)
@@ -626,8 +626,10 @@ class KeyQueue(nn.Module):
 # 5. Evaluation: the online linear probe, weighted kNN, the collapse monitor
 # ----------------------------------------------------------------------------------------
 def autocast(device):
-    """bf16 autocast on CUDA; a no-op on CPU (exact float32, for tests and determinism). The method files
-    run their step under it; evaluation runs under it too."""
+    """bf16 autocast on CUDA; a no-op on CPU (exact float32, for tests and determinism). The method files run
+    their networks' forward passes under it and their losses after it, in float32: bf16 keeps 8 significant bits,
+    so a cosine similarity rounded to it and divided by a temperature of 0.04 is off by up to about 0.05. The
+    evaluation's forward passes run under it too."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 

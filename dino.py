@@ -140,13 +140,13 @@ def dino_loss(student_logits, teacher_logits, centre, student_temp, teacher_temp
 
 
 def teacher_temperature(epoch, args):
-    """Linear warm-up from --warmup-teacher-temp to --teacher-temp over the first epochs."""
-    if epoch >= args.warmup_teacher_temp_epochs:
+    """Linear warm-up from --warmup-teacher-temp at epoch 0 to --teacher-temp at the warm-up's last epoch W - 1
+    (DINO's and solo-learn's np.linspace(warm-up temperature, temperature, W)), then constant."""
+    warmup_epochs = args.warmup_teacher_temp_epochs
+    if epoch >= warmup_epochs:
         return args.teacher_temp
-    return (
-        args.warmup_teacher_temp
-        + (args.teacher_temp - args.warmup_teacher_temp) * epoch / args.warmup_teacher_temp_epochs
-    )
+    fraction = epoch / (warmup_epochs - 1) if warmup_epochs > 1 else 0.0  # 0 at epoch 0, 1 at epoch W - 1
+    return args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * fraction
 
 
 def build(args, num_classes):
@@ -201,10 +201,10 @@ def main(argv=None):
                 _, s, _ = online(x_local)
                 s_local.append(s)
             t_1, t_2 = target(activations_1), target(activations_2)  # teacher logits, global views only
-            loss = dino_loss(
-                [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(epoch, args)
-            )
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
+        loss = dino_loss(
+            [s_1, s_2, *s_local], [t_1, t_2], centre.value, args.student_temp, teacher_temperature(epoch, args)
+        )
+        loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         if epoch < args.freeze_last_layer_epochs:  # DINO keeps the prototypes fixed at first

@@ -85,8 +85,9 @@ def parse_args(argv=None):
         "--eval-split",
         choices=("test", "val"),
         default=None,
-        help="score on the test split or on val (held-out training images, see the method files' --eval-split); "
-        "default: the checkpoint's (test for --random-init)",
+        help="score on the test split or on val (held-out training images, see the method files' --eval-split; "
+        "refused where the checkpoint's pre-training trained on them); default: the checkpoint's (test for "
+        "--random-init)",
     )
     p.add_argument(
         "--val-size", type=common.positive(int), default=None, metavar="N", help="default: the checkpoint's (10000)"
@@ -148,6 +149,17 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key))
     args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
+    # val scores only images the pre-training held out (the last --val-size / classes of each class): its own val
+    # split or a part of it, or another dataset's
+    trained_val = trained.get("val_size") or 10000
+    held_out = trained.get("eval_split") == "val" and args.val_size <= trained_val
+    pretrained = state["method"] != "random-init" and args.dataset == trained.get("dataset")
+    if args.eval_split == "val" and pretrained and not held_out:
+        raise common.ConfigError(
+            f"--eval-split val --val-size {args.val_size}: the checkpoint was pre-trained on some of those images (it "
+            f"ran with --eval-split {trained.get('eval_split') or 'test'} --val-size {trained_val}); score it on "
+            "--eval-split test, or on the val split it held out"
+        )
     args.loader = args.loader or trained.get("loader", "memory")
     if args.loader == "stream" and not args.no_augment:
         raise common.ConfigError(

@@ -122,8 +122,9 @@ def main(argv=None):
             f_1, q_1, activations_1 = online(x_1)  # f = b(x); queries q = g(f)
             f_2, q_2, activations_2 = online(x_2)
             k_1, k_2 = target(activations_1), target(activations_2)  # keys: the momentum encoder's (sg(q) without)
-            loss = moco_loss(q_1, q_2, k_1, k_2, queues, args.temperature)  # negatives: the queues as they were
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
+        # the losses in float32, outside autocast: bf16 would round each similarity to 1 part in 256 before / T
+        loss = moco_loss(q_1, q_2, k_1, k_2, queues, args.temperature)  # negatives: the queues as they were
+        loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()

@@ -120,8 +120,9 @@ def main(argv=None):
         with common.autocast(device):
             f_s, q, _ = online(x_s)  # f = b(x); q = g(f)
             k = target.from_image(x_w)  # the teacher runs from the weak image: nothing to reuse
-            loss = ressl_loss(q, k, queue.keys, args.student_temp, args.teacher_temp)  # the queue as it was
-            loss_probe = common.probe_loss(probe, (f_s,), y)
+        # the losses in float32, outside autocast: bf16 would round each similarity to 1 part in 256 before / T
+        loss = ressl_loss(q, k, queue.keys, args.student_temp, args.teacher_temp)  # the queue as it was
+        loss_probe = common.probe_loss(probe, (f_s,), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()

@@ -153,8 +153,8 @@ def main(argv=None):
                 candidates = anchors
             # under torchrun: the candidates of every process (with gradient), and where this one's start
             candidates = common.gather_with_gradient(candidates)
-            loss = nt_xent(anchors, candidates, args.temperature, first=common.WORLD.rank * len(anchors))
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
+        loss = nt_xent(anchors, candidates, args.temperature, first=common.WORLD.rank * len(anchors))
+        loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()

@@ -125,8 +125,8 @@ def main(argv=None):
             f_2, z_2, activations_2 = online(x_2)
             z_1m, z_2m = target(activations_1), target(activations_2)  # sg(z) without EMA; momentum ones with it
             p_1, p_2 = predictor(z_1), predictor(z_2)
-            loss = simsiam_loss(p_1, p_2, z_1m, z_2m)
-            loss_probe = common.probe_loss(probe, (f_1, f_2), y)
+        loss = simsiam_loss(p_1, p_2, z_1m, z_2m)
+        loss_probe = common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         (loss + loss_probe).backward()
         optimizer.step()

@@ -243,10 +243,47 @@ def test_dino_head_is_bounded_by_its_weight_norm():
 
 
 def test_dino_teacher_temperature_warms_up():
+    # DINO's schedule, np.linspace(0.04, 0.07, 50) over epochs 0-49, then 0.07: the warm-up ends at 0.07 on its
+    # last epoch, 49, not one epoch later
     args = dino.parse_args(["--dataset", "synthetic"])
-    assert dino.teacher_temperature(0, args) == pytest.approx(0.04)
-    assert dino.teacher_temperature(25, args) == pytest.approx(0.055)
-    assert dino.teacher_temperature(50, args) == dino.teacher_temperature(199, args) == pytest.approx(0.07)
+    assert args.warmup_teacher_temp_epochs == 50
+    linspace = [0.04 + 0.03 * e / 49 for e in range(50)]
+    assert [dino.teacher_temperature(e, args) for e in range(50)] == pytest.approx(linspace, abs=1e-12)
+    assert dino.teacher_temperature(49, args) == dino.teacher_temperature(199, args) == pytest.approx(0.07)
+    short = dino.parse_args(["--dataset", "synthetic", "--warmup-teacher-temp-epochs", "1"])  # linspace of 1 point
+    assert [dino.teacher_temperature(e, short) for e in (0, 1)] == pytest.approx([0.04, 0.07])
+    none = dino.parse_args(["--dataset", "synthetic", "--warmup-teacher-temp-epochs", "0"])  # the laptop preset's
+    assert dino.teacher_temperature(0, none) == pytest.approx(0.07)
+
+
+LOSSES = {"byol": "byol_loss", "simsiam": "simsiam_loss", "simclr": "nt_xent", "mocov2": "moco_loss"}
+LOSSES.update(dino="dino_loss", ressl="ressl_loss")
+
+
+@pytest.mark.parametrize("method", list(METHOD_MODULES))
+def test_the_losses_run_in_float32_after_the_bf16_forward_passes(method, tmp_path, monkeypatch):
+    """On a GPU the networks run under bf16 autocast and the losses after it: a loss under autocast would take its
+    similarities from a bf16 matrix product (8 significant bits) before dividing them by a temperature. Here
+    common.autocast is made bf16 on the CPU, and each method's loss and the probe's record whether autocast was on
+    when they ran, and the precision of what they were given."""
+    module = METHOD_MODULES[method]
+    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    calls = []
+
+    def watched(loss):
+        def loss_watched(*args, **kwargs):
+            tensors = [a for arg in args for a in (arg if isinstance(arg, list) else [arg]) if torch.is_tensor(a)]
+            calls.append((loss.__name__, torch.is_autocast_enabled("cpu"), {t.dtype for t in tensors}))
+            return loss(*args, **kwargs)
+
+        return loss_watched
+
+    monkeypatch.setattr(module, LOSSES[method], watched(getattr(module, LOSSES[method])))
+    monkeypatch.setattr(common, "probe_loss", watched(common.probe_loss))
+    args = [*SYNTHETIC, "--width", "8", *SMALL_HEADS[method], "--epochs", "1", "--max-steps", "1"]
+    run_here(module, *args, "--ema-stages", "projector", "--out-dir", tmp_path)
+    assert [(name, on) for name, on, _ in calls] == [(LOSSES[method], False), ("probe_loss", False)], calls
+    assert torch.bfloat16 in calls[0][2], calls  # the networks did run in bf16 before the loss
 
 
 def test_ressl_teacher_runs_from_the_image_and_counts_its_backbone_pass():
@@ -2218,6 +2255,9 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
     )
     run_script("linear_eval.py", out, "--no-augment", "--epochs", "1")
     assert json.loads((out / "linear_eval.json").read_text())["eval_split"] == "val"
+    # a larger val split than the run held out reaches into its training images: refused
+    refused = run_script("linear_eval.py", out, "--val-size", "100", "--no-augment", "--epochs", "1", check=False)
+    assert refused.returncode == 2 and "--val-size 50" in refused.stderr, refused.stderr
 
 
 def test_preset_laptop_changes_defaults_and_flags_given_still_win():
@@ -2322,6 +2362,10 @@ def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
     )
     saved = json.loads((tmp_path / "e.json").read_text())
     assert (saved["width"], saved["train_subset"]) == (8, 30)
+    # its pre-training held out no images (--eval-split test): the val split would score images it trained on
+    refused = run_here(linear_eval, tmp_path / "run", "--eval-split", "val", "--device", "cpu", check=False)
+    assert refused.returncode == 2 and "pre-trained on some of those images" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
     run_here(
         linear_eval,
         "--random-init",
@@ -3083,6 +3127,12 @@ def test_holm_against_a_hand_worked_example():
     assert [t.holm_p for t in tests] == pytest.approx(report.holm(raw))
     assert tests[1].holm == "not seen" and tests[0].holm == "confirmed" and tests[2].holm == "refuted"
     assert tests[4].holm.startswith("not yet measured")
+    # a comparable-or-preferable claim is confirmed at 5 % on its side, but Holm's column takes it at 2.5 % as the
+    # others: alone in its family (Holm's p = its p, 0.037), confirmed before the correction and not after it
+    (close,) = tests = [report.test_claim(report.summarise([0.3, 0.45, 0.15]), "close", margin=0.0)]
+    report.apply_holm(tests)
+    assert close.holm_p == pytest.approx(close.p) and 0.025 < close.p < 0.05
+    assert (close.verdict, close.holm) == ("confirmed", "not seen")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -283,11 +283,11 @@ def lean_byol_step(run_args, device, channels_last=False, compile=False):
     forward = torch.compile(online) if compile else online
 
     def step():
-        with common.autocast(device):
+        with common.autocast(device):  # the forward passes under autocast, the losses after it (as byol.py)
             f_1, z_1, activations_1 = forward(x_1)
             f_2, z_2, activations_2 = forward(x_2)
-            loss = byol.byol_loss(predictor(z_1), predictor(z_2), target(activations_1), target(activations_2))
-            loss = loss + common.probe_loss(probe, (f_1, f_2), y)
+            p_1, p_2, z_1m, z_2m = predictor(z_1), predictor(z_2), target(activations_1), target(activations_2)
+        loss = byol.byol_loss(p_1, p_2, z_1m, z_2m) + common.probe_loss(probe, (f_1, f_2), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
