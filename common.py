@@ -521,13 +521,16 @@ def solarize(x, threshold=128 / 255):
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def _apply_to(x, selected, op, *per_image_args, masked=None):
+def _apply_to(x, selected, op, *per_image_args, masked=None, chance=1.0):
     """x[selected] = op(x[selected], ...) for the images picked by the boolean mask `selected`.
 
     On the CPU only the selected images are computed. On CUDA every image is computed and
     torch.where keeps the selected results: picking a subset would need its size on the host,
     a synchronisation that stalls the GPU; computing a little more does not. Same result.
+    chance: the probability `selected` was drawn with; at 0 no image is picked and op is not run.
     """
+    if chance == 0:
+        return x
     use_mask = x.is_cuda if masked is None else masked
     if use_mask:
         return torch.where(selected.view(-1, 1, 1, 1), op(x, *per_image_args), x)
@@ -556,6 +559,8 @@ def color_jitter(x, recipe, generator):
         dim=1,
     )
     order = torch.rand(n, 4, generator=generator, device=dev).argsort(dim=1)  # a random order of the 4 ops per image
+    if recipe.jitter_p == 0:  # drawn all the same, so that what follows draws the same numbers
+        return x
     for slot in range(4):
         op = order[:, slot]  # n: the op each image takes in this slot, 0..3 = brightness, contrast, saturation, hue
         # Blend every image, with factor 1 (no change) where this slot has no blend for it: cheaper than picking them.
@@ -573,10 +578,13 @@ def augment_crops(x, recipe, mean, std, generator):
     n, dev = x.shape[0], x.device
     rand = lambda: torch.rand(n, generator=generator, device=dev)
     x = color_jitter(x, recipe, generator)
-    x = _apply_to(x, rand() < recipe.gray_p, to_grayscale)
+    # each op's draw is made whatever its probability; an op of probability 0 is then not run (on a GPU it would
+    # be, on every image: _apply_to)
+    x = _apply_to(x, rand() < recipe.gray_p, to_grayscale, chance=recipe.gray_p)
     sigma = _uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n, generator, dev)
-    x = _apply_to(x, rand() < recipe.blur_p, lambda v, s: gaussian_blur(v, s, recipe.blur_kernel), sigma)
-    x = _apply_to(x, rand() < recipe.solarize_p, solarize)
+    blur = lambda v, s: gaussian_blur(v, s, recipe.blur_kernel)
+    x = _apply_to(x, rand() < recipe.blur_p, blur, sigma, chance=recipe.blur_p)
+    x = _apply_to(x, rand() < recipe.solarize_p, solarize, chance=recipe.solarize_p)
     x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))  # normalise in place: x is this function's own
     return x.contiguous(memory_format=torch.channels_last)  # the layout of the models (to_device)
 

@@ -64,6 +64,10 @@ import simsiam
 ROOT = Path(__file__).resolve().parent
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# torch reads CUBLAS_WORKSPACE_CONFIG once a process, at its first GPU matrix product: engine.device.setup sets it for
+# --deterministic, which a script's own process meets first, but here the CUDA tests share one process and a
+# deterministic run comes after others' products. So it is set before any of them.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 needs_mini = pytest.mark.skipif(
     not MINI.is_dir(), reason="../shared/data/cifar10-mini is absent (only in the dev tree)"
 )
@@ -554,6 +558,14 @@ def test_lars_step_matches_its_formula():
     trust = min(0.02 * w0.norm() / (gw.norm() + 0.1 * w0.norm() + 1e-8) / 0.5, 1.0)
     assert torch.allclose(w.detach(), w0 - 0.5 * (gw + 0.1 * w0) * trust, atol=1e-6)
     assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # 1-D: plain SGD, no decay
+    # where a norm is 0, d = grad (solo-learn's LARS): a zero weight takes the plain gradient step, a zero gradient
+    # leaves its weight as it is (no decay)
+    zero_w, zero_g = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.randn(4, 3))
+    kept = zero_g.detach().clone()
+    opt = common.LARS([zero_w, zero_g], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    zero_w.grad, zero_g.grad = torch.randn(4, 3), torch.zeros(4, 3)
+    opt.step()
+    assert torch.allclose(zero_w.detach(), -0.5 * zero_w.grad) and torch.equal(zero_g.detach(), kept)
 
 
 def test_eq6_and_lars_take_as_many_operations_for_any_number_of_parameters():
@@ -761,6 +773,28 @@ def test_augment_is_the_same_on_the_masked_path(monkeypatch):
     monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
     masked = common.augment(images, recipe, mean, std, torch.Generator().manual_seed(0))
     assert torch.allclose(indexed, masked, atol=1e-5)
+
+
+def test_an_op_of_probability_0_is_not_run_and_draws_the_same(monkeypatch):
+    """On the GPU's path every image goes through every op: one of probability 0 (SimCLR's blur in the laptop
+    preset, most views' solarisation) is skipped instead, after its random draw, so the views and the generator's
+    next numbers are those of the path that runs it."""
+    images = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    ran = []
+    for name in ("to_grayscale", "gaussian_blur", "solarize", "adjust_brightness_contrast_or_saturation"):
+        monkeypatch.setattr(
+            common, name, lambda *a, f=getattr(common, name), name=name, **k: ran.append(name) or f(*a, **k)
+        )
+    never = common.ViewRecipe(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+    indexed = common.augment(images, never, mean, std, generators[0])
+    monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
+    masked = common.augment(images, never, mean, std, generators[1])
+    assert ran == [] and torch.equal(indexed, masked)
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+    common.augment(images, common.ViewRecipe(blur_p=0.0, solarize_p=1.0), mean, std, generators[1])
+    assert "solarize" in ran and "gaussian_blur" not in ran and "to_grayscale" in ran  # gray: p 0.2 on the masked path
 
 
 def views_data(n, seed=0):
@@ -2019,6 +2053,17 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
         script = Path(argv[0]).stem
         modules[script].parse_args(argv[1:])
     assert len(commands) == sum(len(e.rows) for e in reproduce.EXPERIMENTS.values())
+    # one experiment's commands, and --only's rows of them; the runs two tables share are one directory
+    table7 = run_script("tools/reproduce.py", "table7", "--list", "--only", "lr 4.0").stdout.splitlines()
+    assert table7[0].startswith("table7: ") and len(table7) == 3 and all("--lr 4.0" in line for line in table7[1:])
+    listing = (
+        run_script("tools/reproduce.py", "table1", "--list").stdout
+        + run_script("tools/reproduce.py", "table7", "--list").stdout
+    )
+    out_dirs = [
+        line.split("--out-dir ")[1] for line in listing.splitlines() if "byol.py --ema-stages all --dataset" in line
+    ]
+    assert len(out_dirs) == 2 and out_dirs[0] == out_dirs[1]  # Table 7's BYOL at lr 1.0 is Table 1's run
 
 
 @pytest.mark.slow  # a tool run of four method runs; test_reproduce_list_... checks every command
@@ -2384,6 +2429,39 @@ def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["width"] == 8
 
 
+def test_target_drift_under_torchrun_with_sync_batch_norm_is_refused(monkeypatch):
+    """--log-target-drift's passes run on rank 0 alone, and a SyncBatchNorm there would wait for the other processes
+    (a hang): refused in one line on several GPUs, unless --no-sync-bn (checked before any GPU is touched)."""
+    monkeypatch.setattr(engine.distributed.WORLD, "size", 2)
+    args = byol.parse_args(["--log-target-drift", "--dataset", "synthetic"])
+    with pytest.raises(engine.errors.ConfigError, match="add --no-sync-bn"):
+        engine.distributed.sync_batch_norm(args, [nn.BatchNorm2d(4)], torch.device("cuda"))
+    args.no_sync_bn = True
+    engine.distributed.sync_batch_norm(args, [nn.BatchNorm2d(4)], torch.device("cuda"))  # each process's own BN
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path):
+    """The probe can diverge while the method's loss stays finite: the run stops at its checkpoint in one line that
+    names the probe and --probe-lr, and saves nothing that is not finite."""
+    result = run_here(simclr, *tiny_args("simclr"), "--probe-lr", "1e38", "--out-dir", tmp_path, check=False)
+    assert result.returncode == 2 and "the probe's weights are no longer finite" in result.stderr, result.stderr
+    assert "lower --probe-lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_refuses_another_kind_of_device(tmp_path):
+    """A GPU's random generator cannot continue on a CPU (nor the other way): a resume on the other kind is refused
+    in one line that names the device to resume on, and last.pt is left as it was."""
+    run_here(byol, *TINY, "--out-dir", tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["args"]["device"] = "cuda"  # as if the run had begun on a GPU
+    torch.save(state, tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    result = run_here(byol, *TINY, "--out-dir", tmp_path, "--resume", check=False)
+    assert result.returncode == 2 and "resume with --device cuda" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "last.pt").read_bytes() == before
+
+
 @pytest.mark.slow  # the default run: test_resume_mid_epoch_... resumes with the same flags
 def test_resume_refuses_another_train_subset(tmp_path):
     run_script("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
@@ -2414,6 +2492,30 @@ def test_confidence_intervals_against_known_cases():
     assert reproduce.verdict(unsure, "close") != "confirmed"
     assert reproduce.verdict(reproduce.Summary(3, -5, 0.1, -6, -4), "close", margin=1.0) == "refuted"
     assert reproduce.verdict(one, "higher").startswith("not yet measured")
+
+
+def test_table4_shows_what_ema_costs_beside_the_paper(tmp_path, capsys):
+    """Table 4's other columns: the EMA target's parameters, the backbone forwards per image and the speed, from
+    made-up kept results of one seed; the time per image against the first row, the paper's and ours."""
+    reproduce = tool("reproduce")
+    argv = ["table4", "--results", str(tmp_path / "kept"), "--max-steps", "20", "--out-root", str(tmp_path / "runs")]
+    args = reproduce.parse_args(argv)
+    experiment = reproduce.EXPERIMENTS["table4"]
+    args.epochs = experiment.epochs
+    for row, (ema, forwards, speed) in zip(experiment.rows, [(47e6, 2.0, 100.0), (23.5e6, 1.0, 125.0)]):
+        directory = reproduce.results_dir(args, "table4", experiment, row, 0)
+        directory.mkdir(parents=True)
+        (directory / "args.json").write_text("{}")
+        metrics = {"epoch": 0, "linear_top1": 1.0, "ema_params": ema, "backbone_forwards_per_image": forwards}
+        (directory / "metrics.jsonl").write_text(json.dumps({**metrics, "images_per_second": speed}) + "\n")
+    assert reproduce.main([*argv, "--table"]) == 0
+    table = (tmp_path / "runs" / reproduce.scale_name(args, experiment) / "table4.md").read_text()
+    costs = table[table.index("What EMA costs") :]
+    assert [line for line in costs.splitlines() if line.startswith("| dino:")] == [
+        "| dino: EMA backbone + projector | 53 | 47.0 | 2 | 56.5 | 47.00 | 2.00 | 100.00 | 1.00 | 1.00 |",
+        "| dino: EMA projector only | 3 | 23.5 | 1 | 38.5 | 23.50 | 1.00 | 125.00 | 0.68 | 0.80 |",
+    ], table
+    capsys.readouterr()
 
 
 def test_claims_table_from_kept_results(tmp_path):
@@ -3639,7 +3741,7 @@ def test_every_part_command_is_built_right(fake_gpu, tmp_path):
     python = sys.executable
 
     assert commands["versions"][:2] == [python, "-c"] and "torch.backends.cudnn.version()" in commands["versions"][2]
-    assert commands["cuda-tests"] == [python, "-m", "pytest", "-q", "test_all.py", "-m", "", "-k", "cuda"]
+    assert commands["cuda-tests"] == [python, "-m", "pytest", "-q", "test_all.py", "-k", "cuda"]
     loader = commands["loader"]  # generated ImageNet-sized JPEGs, then bench.py --loader-throughput on the GPU
     assert loader[:2] == [python, "-c"] and "--loader-throughput" in loader[2]
     assert loader[3:] == [str(tmp_path / "work" / "loader-jpegs"), "2560", "256", "cuda"]

@@ -98,6 +98,12 @@ def restore(state, models, optimizer, generator, args):
             f"last.pt was written by {saved_world} process(es) but this run has {WORLD.size}; resume it with "
             f"{launch}: each process's random state is in the checkpoint"
         )
+    was, now = torch.device(saved.get("device") or "cpu").type, generator.device.type
+    if was != now:  # a CPU generator's state and a GPU's differ in kind (and --aug-chunk's default with them)
+        raise ConfigError(
+            f"last.pt was written by a run on {was} and this one is on {now}: the augmentations' random generator "
+            f"cannot move between them; resume with --device {was}"
+        )
     for key, now in vars(args).items():
         was = saved.get(key, now)
         # --ema-stages is compared as the stage list it was parsed into (args.stages): "all" = "backbone,projector"
@@ -238,16 +244,27 @@ def start_or_resume(args, models, optimizer, generator, device, order_generator)
 def save_checkpoint(args, progress, models, optimizer, views, instruments, order_generator):
     """Write last.pt, atomically: the run state, every model's weights and buffers (EMA target, queues,
     centre, probe), the optimiser and the random generators -- what --resume needs to go on bit-exactly.
-    A run whose loss is no longer finite is not saved: last.pt keeps the last good state.
+    A run whose loss or weights are no longer finite is not saved: last.pt keeps the last good state.
     Under torchrun every process calls it: rank 0 writes, with each process's generator and loss tally."""
     own = {"rng": rng_state(views), "loss_sum": progress.loss_sum.cpu()}
     processes = gather_objects(own)
+    last = Path(args.out_dir) / "last.pt"
+
+    def way_on(flag):
+        if last.exists():
+            return f"{last} still holds the last good state: lower {flag}, then --resume"
+        return f"no checkpoint was saved before: lower {flag} and start again"
+
     for process in processes:
         if not torch.isfinite(process["loss_sum"]):
             raise DivergedError(
-                f"the loss became {process['loss_sum'].item()} by step {progress.step}; "
-                f"{Path(args.out_dir) / 'last.pt'} still holds the last good state: lower --lr, then --resume"
+                f"the loss became {process['loss_sum'].item()} by step {progress.step}; {way_on('--lr')}"
             )
+    for name, model in models.items():  # a finite loss can leave weights that are not (the probe's, say)
+        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            flag = "--probe-lr" if name == "probe" else "--lr"
+            raise DivergedError(f"the {name}'s weights are no longer finite at step {progress.step}; {way_on(flag)}")
     if not WORLD.main:
         return
     instruments.write()  # before the checkpoint: a resume cuts the instrument files back to its step
@@ -270,7 +287,7 @@ def save_checkpoint(args, progress, models, optimizer, views, instruments, order
         state.update(processes=processes, order_generator=order_generator.get_state())
     serialized = io.BytesIO()  # in memory first, so that a full disk fails as a plain write (ENOSPC)
     torch.save(state, serialized)
-    atomic_write(Path(args.out_dir) / "last.pt", lambda f: f.write(serialized.getbuffer()))
+    atomic_write(last, lambda f: f.write(serialized.getbuffer()))
 
 
 def rng_state(views):

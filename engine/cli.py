@@ -221,7 +221,13 @@ SHARED_FLAGS = [
         "images per step; each gives two views (the paper: 256)",
         positive(int, at_most=2**16),
     ),
-    Flag("--lr", FROM_RECIPE, "base learning rate (batch 256, one GPU)", positive(float), resume_may_change=True),
+    Flag(
+        "--lr",
+        FROM_RECIPE,
+        "base learning rate, as given (the recipes' values are for batch 256; never rescaled with --batch-size)",
+        positive(float),
+        resume_may_change=True,
+    ),
     Flag(
         "--weight-decay",
         FROM_RECIPE,

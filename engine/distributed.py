@@ -100,6 +100,11 @@ def sync_batch_norm(args, models, device):
     if WORLD.size == 1:
         return
     if device.type == "cuda" and not args.no_sync_bn:
+        if args.log_target_drift:  # its passes run on rank 0 alone: a SyncBatchNorm there would wait for the others
+            raise ConfigError(
+                "--log-target-drift runs its forward passes on rank 0 alone, where SyncBatchNorm would wait for the "
+                "other processes; add --no-sync-bn, or measure the drift in one process"
+            )
         for model in models:
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the root: same parameters
     elif WORLD.main:

@@ -9,7 +9,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), configured as solo-learn's CIFAR runs.
 
     For each parameter w of a group with lars=True: trust = eta * |w| / (|grad| + wd * |w|),
-    clipped (clip=True) so that the step never exceeds plain SGD's: d = (grad + wd * w) * min(trust / lr, 1).
+    clipped (clip=True) so that the step never exceeds plain SGD's: d = (grad + wd * w) * min(trust / lr, 1);
+    where |w| or |grad| is 0, d = grad.
     Groups with lars=False (biases, BatchNorm, the probe) take plain SGD steps, d = grad.
     Then buf = momentum * buf + d and w <- w - lr * buf.
     """
@@ -33,7 +34,9 @@ class LARS(torch.optim.Optimizer):
                 trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
                 if group["clip"]:
                     trust = (trust / lr).clamp(max=1.0)
-                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                # solo-learn: no trust ratio and no decay where a norm is 0, d = grad (a zero gradient moves nothing)
+                trust = torch.where(w_norm > 0, trust, torch.ones_like(trust))
+                trust = torch.where(g_norm > 0, trust, torch.zeros_like(trust))
                 updates = torch._foreach_add(grads, params, alpha=wd)
                 torch._foreach_mul_(updates, list(trust.unbind(0)))
             else:

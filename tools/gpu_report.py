@@ -8,7 +8,8 @@ nvidia-h200), the parts below, in this order (--parts chooses some; a group name
 or `epoch` chooses all of its parts):
 
   versions            torch, CUDA, cuDNN, the GPU (name, memory, compute capability), the CPU
-  cuda-tests          python -m pytest -q test_all.py -m "" -k cuda: passed, failed, seconds
+  cuda-tests          python -m pytest -q test_all.py -k cuda: passed, failed, seconds (the default run's
+                      CUDA tests; the slow one, compiling over 3 epochs, is -m "" -k cuda's)
   epoch-all           tools/bench.py --real-epoch --profile: a real epoch of byol.py (batch 256, full
   epoch-projector     width, 50,000 synthetic CIFAR-sized images) against the lean step, with --ema-stages
                       all and projector; torch.profiler's summary of one lean step of each
@@ -534,9 +535,9 @@ def all_parts(sizes):
         ),
         Part(
             "cuda-tests",
-            50,
-            'python -m pytest -q test_all.py -m "" -k cuda: passed, failed, seconds',
-            lambda ctx, limit: [sys.executable, "-m", "pytest", "-q", "test_all.py", "-m", "", "-k", "cuda"],
+            60,
+            "python -m pytest -q test_all.py -k cuda: passed, failed, seconds",
+            lambda ctx, limit: [sys.executable, "-m", "pytest", "-q", "test_all.py", "-k", "cuda"],
             read_tests,
         ),
         epoch_part("all", compiled=False, seconds=45),
@@ -552,7 +553,7 @@ def all_parts(sizes):
         ),
         Part(
             "learning",
-            55,
+            45,
             "a short BYOL run on the JPEG folder: kNN and linear top-1, epochs, minutes",
             learning_command,
             read_learning,

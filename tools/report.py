@@ -537,7 +537,44 @@ def write_table(args, name, experiment, rows):
             f"| {row.label} | {' | '.join(fmt(v) for v in paper)} | {' | '.join(ours)} | {len(found)} | "
             f"{', '.join(map(str, epochs)) or '-'} | {provenance_of(found)} |"
         )
+    if any("min_per_epoch" in row.paper for row in rows):  # Table 4: what EMA costs, beside the accuracy
+        lines += cost_table(args, name, experiment, rows)
     save_table(args, experiment, name, lines)
+
+
+def cost_table(args, name, experiment, rows):
+    """Table 4's other columns: the paper's EMA layers, parameters, backbone forwards per image and minutes per
+    epoch (on its 2 GPUs) next to ours, from each run's last metrics row, mean over the seeds: the EMA target's
+    parameters, the backbone forwards per image, and the training images per second (of a partial epoch too,
+    with --max-steps), with each row's time per image against the first row's."""
+    lines = [
+        "",
+        "What EMA costs (Table 4's other columns). The paper's Params (MB) read as millions of parameters (ours: "
+        "the EMA target's, in millions; float32 MB = 4 x that). Time: the paper's minutes per epoch on its 2 GPUs; "
+        "ours, training images per second and each row's time per image against the first row's.",
+        "",
+        "| row | paper: EMA layers | paper: params (MB) | paper: forwards | paper: min / epoch | ours: EMA parameters "
+        "(millions) | ours: forwards per image | ours: images / s | time per image, against the first row: paper "
+        "| ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first_paper, first_ours = None, None
+    for row in rows:
+        found = row_results(args, name, experiment, row)
+        ema = summarise([v / 1e6 for v in values(found, "ema_params").values() if v is not None])
+        forwards = summarise(values(found, "backbone_forwards_per_image").values())
+        speed = summarise(values(found, "images_per_second").values())
+        paper_time = row.paper.get("min_per_epoch")
+        first_paper = first_paper or paper_time
+        first_ours = first_ours or (speed.mean if speed else None)
+        paper_ratio = fmt(paper_time / first_paper) if paper_time and first_paper else "-"
+        ours_ratio = fmt(first_ours / speed.mean) if speed and first_ours else "-"
+        paper = [row.paper.get(key) for key in ("ema_layers", "params_mb", "forwards", "min_per_epoch")]
+        lines.append(
+            f"| {row.label} | {' | '.join('-' if v is None else str(v) for v in paper)} | {show_mean(ema)} | "
+            f"{show_mean(forwards)} | {show_mean(speed)} | {paper_ratio} | {ours_ratio} |"
+        )
+    return lines
 
 
 def write_laptop_table(args, name, experiment, rows):

@@ -87,7 +87,11 @@ def _get_help_string(self, action):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}, or claims (see --list)")
-    p.add_argument("--list", action="store_true", help="print every experiment and its commands, run nothing")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print the commands of EXPERIMENT (of every experiment without one; --only filters), run nothing",
+    )
     p.add_argument("--dataset", default=None, help="override the paper's dataset (e.g. imagefolder for a small folder)")
     p.add_argument("--data-dir", default=None, help="default: the experiment's (./data; laptop: cifar10-images)")
     p.add_argument(
@@ -169,7 +173,9 @@ def parse_args(argv=None):
         help="start no run: write the table from the results already there (rows without one show '-')",
     )
     args = p.parse_args(argv)
-    if not args.list and args.experiment not in [*EXPERIMENTS, "claims"]:
+    if args.experiment is not None and args.experiment not in [*EXPERIMENTS, "claims"]:
+        p.error(f"no experiment {args.experiment!r}: name one of {', '.join(EXPERIMENTS)}, claims")
+    if args.experiment is None and not args.list:
         p.error(f"name an experiment ({', '.join(EXPERIMENTS)}, claims) or pass --list")
     if args.jobs != "auto":
         try:
@@ -529,19 +535,27 @@ def claim_rows(experiment):
 def main(argv=None):
     args = parse_args(argv)
     given_epochs = args.epochs
+    wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
     if args.list:
-        for name, experiment in EXPERIMENTS.items():
+        if args.experiment == "claims":
+            name = SCALES[args.scale][0]
+            listed = {f"claims (the {name} rows they need)": (EXPERIMENTS[name], claim_rows(EXPERIMENTS[name]))}
+        else:
+            chosen = [args.experiment] if args.experiment else list(EXPERIMENTS)
+            listed = {name: (EXPERIMENTS[name], EXPERIMENTS[name].rows) for name in chosen}
+        for name, (experiment, rows) in listed.items():
             args.epochs = given_epochs or experiment.epochs
             print(f"{name}: {experiment.title} (paper dataset: {experiment.dataset})")
-            for row in experiment.rows:
-                print(f"    {show(command(args, experiment, row, args.seeds[0]))}")
-        print("claims: the paper's claims at the laptop scale (docs/claims.md), from the laptop runs they need;")
-        print("    with --scale full, at full width (docs/claims-gpu.md), from the full-width runs they need")
+            for row in rows:
+                if not wanted or any(w in row.label.lower() for w in wanted):
+                    print(f"    {show(command(args, experiment, row, args.seeds[0]))}")
+        if not args.experiment:
+            print("claims: the paper's claims at the laptop scale (docs/claims.md), from the laptop runs they need;")
+            print("    with --scale full, at full width (docs/claims-gpu.md), from the full-width runs they need")
         return 0
     name = SCALES[args.scale][0] if args.experiment == "claims" else args.experiment
     experiment = EXPERIMENTS[name]
     args.epochs = given_epochs or experiment.epochs
-    wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
     rows = claim_rows(experiment) if args.experiment == "claims" else experiment.rows
     rows = [r for r in rows if not wanted or any(w in r.label.lower() for w in wanted)]
     if not rows:
