@@ -19,6 +19,7 @@ batched augmentation, schedules, BatchNorm in shared stages -- are listed in doc
     paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
 """
 
+import torch  # (unused by the reference: there for an answer to the course's exercises that needs it)
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -4317,14 +4317,14 @@ def test_bench_efficiency_counts_the_steps_flops_against_the_matmul_peak():
 
 
 # ---------------------------------------------------------------------------------------------
-# Course assignments: tools/assignment.py writes a student edition and its grading tests
+# Course assignments: course/assignment.py writes a student edition and its grading tests
 # (docs/teaching.md). The student edition leaves the tool out, so these tests skip there.
 # ---------------------------------------------------------------------------------------------
 
-ASSIGNMENT_TOOL = ROOT / "tools" / "assignment.py"
+ASSIGNMENT_TOOL = ROOT / "course" / "assignment.py"
 needs_assignment_tool = pytest.mark.skipif(
     not ASSIGNMENT_TOOL.is_file(),
-    reason="tools/assignment.py is absent (the student edition leaves the instructor's tool out)",
+    reason="course/assignment.py is absent (the student edition leaves the instructor's tool out)",
 )
 
 
@@ -4342,10 +4342,10 @@ assignment_tool = load_assignment_tool() if ASSIGNMENT_TOOL.is_file() else None
 
 @pytest.fixture(scope="module")
 def assignment_check(tmp_path_factory):
-    """One run of `tools/assignment.py --check` (about 40 s): the student edition's grading tests on the blanks,
+    """One run of `course/assignment.py --check` (about 40 s): the student edition's grading tests on the blanks,
     with the reference bodies filled in, against the project itself, and on every wrong answer in MUTATIONS."""
     report = tmp_path_factory.mktemp("assignment") / "check.json"
-    run_script("tools/assignment.py", "--check", "--json", report)
+    run_script("course/assignment.py", "--check", "--json", report)
     return json.loads(report.read_text())
 
 
@@ -4355,15 +4355,15 @@ def test_assignment_writes_a_student_edition_with_only_the_bodies_blanked(tmp_pa
 
     files = assignment_tool.project_files()
     before = {f: (ROOT / f).read_bytes() for f in files}
-    result = run_script("tools/assignment.py", "--out", tmp_path / "hw")
+    result = run_script("course/assignment.py", "--out", tmp_path / "hw")
     assert "python -m pytest -q test_assignment.py" in result.stdout
     assert all((ROOT / f).read_bytes() == data for f, data in before.items()), "the project itself must not change"
     hw = tmp_path / "hw"
     assert (hw / "test_assignment.py").is_file() and (hw / "ASSIGNMENT.md").is_file()
-    assert not (hw / "tools" / "assignment.py").exists()  # the wrong answers stay with the instructor
+    assert not (hw / "course" / "assignment.py").exists()  # the wrong answers stay with the instructor
     exercise_files = {e.file for e in assignment_tool.EXERCISES}
     for f in files:
-        if f not in exercise_files and f != "tools/assignment.py":
+        if f not in exercise_files and f != "course/assignment.py":
             assert (hw / f).read_bytes() == before[f], f
     for number, exercise in enumerate(assignment_tool.EXERCISES, 1):
         reference, student = (ROOT / exercise.file).read_text(), (hw / exercise.file).read_text()
@@ -4392,13 +4392,13 @@ def test_assignment_writes_a_student_edition_with_only_the_bodies_blanked(tmp_pa
 
 @needs_assignment_tool
 def test_assignment_list_subset_and_bad_input(tmp_path):
-    listing = run_script("tools/assignment.py", "--list").stdout
+    listing = run_script("course/assignment.py", "--list").stdout
     positions = [
         listing.index(f"{n:2d}. {e.name}  (about {e.minutes} min)\n    paper: {e.paper}")
         for n, e in enumerate(assignment_tool.EXERCISES, 1)
     ]
     assert positions == sorted(positions)
-    run_script("tools/assignment.py", "--out", tmp_path / "hw", "--exercises", "2,simclr.nt_xent")
+    run_script("course/assignment.py", "--out", tmp_path / "hw", "--exercises", "2,simclr.nt_xent")
     byol_text, simclr_text = (tmp_path / "hw" / "byol.py").read_text(), (tmp_path / "hw" / "simclr.py").read_text()
     assert "Exercise 2: " in byol_text and "Exercise 3: " not in byol_text and "Exercise 9: " in simclr_text
     assert (tmp_path / "hw" / "common.py").read_bytes() == (ROOT / "common.py").read_bytes()
@@ -4408,7 +4408,7 @@ def test_assignment_list_subset_and_bad_input(tmp_path):
         (["--out", tmp_path / "new", "--exercises", "13"], "no exercise '13'"),
         (["--out", ROOT], "write over the project"),
     ):
-        result = run_script("tools/assignment.py", *bad, check=False)
+        result = run_script("course/assignment.py", *bad, check=False)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, bad
 
 

@@ -60,7 +60,7 @@ EXERCISES = [
         "common.py",
         "solarize",
         5,
-        "Appendix A: the recipes' augmentations (BYOL's second view is solarised)",
+        "Appendix A: solo-learn's default augmentations (in which BYOL's second view is solarised)",
         "solarisation: invert every pixel at or above `threshold` (p -> 1 - p) and keep the others. "
         "x: N x 3 x H x W floats in [0, 1]; returns a tensor of the same shape.",
     ),
@@ -69,8 +69,9 @@ EXERCISES = [
         "D",
         10,
         "Eq. (5) and Algorithm 1: the distance D with stop-gradient on the target",
-        "Eq. (5)'s distance, 2 - 2 cos(p_i, sg(z_i)) for each row i, averaged over the batch; z is a target: "
-        "stop its gradient, and l2-normalise both. p, z: N x d; returns a scalar (0-dim tensor).",
+        "the distance D of Eq. (5) in this code's form, 2 - 2 cos(p_i, sg(z_i)) for each row i (Algorithm 1 "
+        "writes -cos: the same minimiser, docs/deviations.md), averaged over the batch; z is a target: stop its "
+        "gradient, and l2-normalise both. p, z: N x d; returns a scalar (0-dim tensor).",
     ),
     Exercise(
         "byol.py",
@@ -88,7 +89,7 @@ EXERCISES = [
         "Eq. (6), xi <- beta * xi + (1 - beta) * theta, in place, for every parameter of every stage in "
         "self.ema_stages (xi in self.ema[stage], theta in the online stage, pair by pair of the same shape; "
         "parameter_pairs() gives both lists). BatchNorm buffers are not averaged; no stage listed: nothing "
-        "to do. beta: a float in [0, 1]; "
+        "to do. First record beta in self.beta (the run's log line reads it). beta: a float in [0, 1]; "
         "returns None.",
     ),
     Exercise(
@@ -142,7 +143,7 @@ EXERCISES = [
         "common.py",
         "knn_predict",
         20,
-        "Table 2 and Sec. 3: the kNN evaluation of the representation",
+        "Table 2's KNN-1 (k = 1) and our weighted kNN (k = 200): the evaluation of the representation",
         "weighted kNN: cosine similarity of each test feature to every training feature, the k most similar "
         "(k at most the number of training features) vote for their labels with weight exp(sim / T), "
         "predict the class with the largest vote. train_features: M x D, train_labels: M (int64), "
@@ -210,9 +211,31 @@ MUTATIONS = [
         4,
         "the EMA with beta and 1 - beta swapped",
         """
+        self.beta = beta
         xi, theta = self.parameter_pairs()
         for xi_p, theta_p in zip(xi, theta):
             xi_p.mul_(1.0 - beta).add_(theta_p, alpha=beta)
+    """,
+    ),
+    Mutation(
+        4,
+        "the BatchNorm running statistics averaged with the weights",
+        """
+        self.beta = beta
+        for stage in self.ema_stages:
+            ema, online = self.ema[stage].state_dict(), self.online_stages[stage].state_dict()
+            for name, xi_t in ema.items():
+                if xi_t.is_floating_point():
+                    xi_t.mul_(beta).add_(online[name], alpha=1.0 - beta)
+    """,
+    ),
+    Mutation(
+        4,
+        "beta is not recorded in self.beta (the run's log line reads it)",
+        """
+        xi, theta = self.parameter_pairs()
+        for xi_p, theta_p in zip(xi, theta):
+            xi_p.mul_(beta).add_(theta_p, alpha=1.0 - beta)
     """,
     ),
     Mutation(

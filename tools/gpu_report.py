@@ -1,6 +1,6 @@
 """One command that reports what a GPU does with this code, in at most eight minutes.
 
-    python tools/gpu_report.py --data-dir CIFAR-10-images                # one GPU: docs/results/gpu/<device>/
+    python tools/gpu_report.py --data-dir cifar10-images                 # one GPU: docs/results/gpu/<device>/
     python tools/gpu_report.py --device cpu --data-dir cifar10-images    # no GPU: every part at tiny sizes
 
 It prints, and writes as report.json and report.md under docs/results/gpu/<device>/ (for example
