@@ -293,7 +293,7 @@ def load_dataset(
         train_x, train_y = train_x[keep], train_y[keep]
     if len(train_x) == 0 or len(test_x) == 0:
         raise ConfigError(f"--dataset {name} has an empty train or test split; check --data-dir")
-    # Per-channel statistics of the training images (for CIFAR these are solo-learn's constants).
+    # Per-channel statistics of the training images kept (all of CIFAR's: solo-learn's constants; a subset's differ).
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     for chunk in train_x.split(8192):
