@@ -150,15 +150,21 @@ def main(argv=None):
             setattr(args, key, trained.get(key))
     args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
     # val scores only images the pre-training held out (the last --val-size / classes of each class): its own val
-    # split or a part of it, or another dataset's
+    # split or a part of it, or another dataset's (another --dataset, or another image folder)
     trained_val = trained.get("val_size") or 10000
     held_out = trained.get("eval_split") == "val" and args.val_size <= trained_val
-    pretrained = state["method"] != "random-init" and args.dataset == trained.get("dataset")
-    if args.eval_split == "val" and pretrained and not held_out:
+    same_data = args.dataset == trained.get("dataset") and (
+        args.dataset != "imagefolder" or Path(args.data_dir).resolve() == Path(trained.get("data_dir") or ".").resolve()
+    )
+    if args.eval_split == "val" and state["method"] != "random-init" and same_data and not held_out:
+        kept = (
+            f"--val-size {trained_val} of them; score it with --val-size at most {trained_val}, or on --eval-split test"
+        )
+        if trained.get("eval_split") != "val":
+            kept = "none of them; score it on --eval-split test"
         raise common.ConfigError(
-            f"--eval-split val --val-size {args.val_size}: the checkpoint was pre-trained on some of those images (it "
-            f"ran with --eval-split {trained.get('eval_split') or 'test'} --val-size {trained_val}); score it on "
-            "--eval-split test, or on the val split it held out"
+            f"--eval-split val --val-size {args.val_size}: the checkpoint was pre-trained on some of those training "
+            f"images (it held out {kept})"
         )
     args.loader = args.loader or trained.get("loader", "memory")
     if args.loader == "stream" and not args.no_augment:

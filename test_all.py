@@ -777,24 +777,25 @@ def test_augment_is_the_same_on_the_masked_path(monkeypatch):
 
 def test_an_op_of_probability_0_is_not_run_and_draws_the_same(monkeypatch):
     """On the GPU's path every image goes through every op: one of probability 0 (SimCLR's blur in the laptop
-    preset, most views' solarisation) is skipped instead, after its random draw, so the views and the generator's
-    next numbers are those of the path that runs it."""
+    preset, most views' solarisation) is skipped instead, after its random draw. Against a probability of 1e-30,
+    which runs every op and picks no image: the same views, and the generator left at the same place."""
     images = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))  # the GPU's path
     ran = []
     for name in ("to_grayscale", "gaussian_blur", "solarize", "adjust_brightness_contrast_or_saturation"):
-        monkeypatch.setattr(
-            common, name, lambda *a, f=getattr(common, name), name=name, **k: ran.append(name) or f(*a, **k)
-        )
-    never = common.ViewRecipe(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
-    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
-    indexed = common.augment(images, never, mean, std, generators[0])
-    monkeypatch.setattr(common, "_apply_to", functools.partial(common._apply_to, masked=True))
-    masked = common.augment(images, never, mean, std, generators[1])
-    assert ran == [] and torch.equal(indexed, masked)
-    assert torch.equal(generators[0].get_state(), generators[1].get_state())
-    common.augment(images, common.ViewRecipe(blur_p=0.0, solarize_p=1.0), mean, std, generators[1])
-    assert "solarize" in ran and "gaussian_blur" not in ran and "to_grayscale" in ran  # gray: p 0.2 on the masked path
+        op = getattr(common, name)
+        monkeypatch.setattr(common, name, lambda *a, op=op, name=name, **k: ran.append(name) or op(*a, **k))
+    views, states = [], []
+    for p in (0.0, 1e-30):
+        recipe = common.ViewRecipe(jitter_p=p, gray_p=p, blur_p=p, solarize_p=p)
+        generator = torch.Generator().manual_seed(0)
+        views.append(common.augment(images, recipe, mean, std, generator))
+        states.append(generator.get_state())
+        if p == 0.0:
+            assert ran == [], ran  # nothing computed
+    assert set(ran) == {"to_grayscale", "gaussian_blur", "solarize", "adjust_brightness_contrast_or_saturation"}
+    assert torch.equal(views[0], views[1]) and torch.equal(states[0], states[1])
 
 
 def views_data(n, seed=0):
@@ -1613,7 +1614,7 @@ def test_every_numeric_flag_refuses_nan_inf_and_out_of_range_values(method, monk
 
 def test_flags_that_may_change_on_resume_come_from_their_definitions():
     byol.parse_args(["--dataset", "synthetic"])
-    assert {"out_dir", "resume", "device", "lr", "max_steps"} <= engine.cli.MAY_CHANGE_ON_RESUME
+    assert {"out_dir", "resume", "device", "lr", "probe_lr", "max_steps"} <= engine.cli.MAY_CHANGE_ON_RESUME
     assert not {"beta", "ema_stages", "batch_size", "seed", "proj_dim"} & engine.cli.MAY_CHANGE_ON_RESUME
 
 
@@ -2302,7 +2303,7 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
     assert json.loads((out / "linear_eval.json").read_text())["eval_split"] == "val"
     # a larger val split than the run held out reaches into its training images: refused
     refused = run_script("linear_eval.py", out, "--val-size", "100", "--no-augment", "--epochs", "1", check=False)
-    assert refused.returncode == 2 and "--val-size 50" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "with --val-size at most 50" in refused.stderr, refused.stderr
 
 
 def test_preset_laptop_changes_defaults_and_flags_given_still_win():
@@ -2409,7 +2410,7 @@ def test_linear_eval_reads_width_and_subset_from_the_checkpoint(tmp_path):
     assert (saved["width"], saved["train_subset"]) == (8, 30)
     # its pre-training held out no images (--eval-split test): the val split would score images it trained on
     refused = run_here(linear_eval, tmp_path / "run", "--eval-split", "val", "--device", "cpu", check=False)
-    assert refused.returncode == 2 and "pre-trained on some of those images" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "held out none of them; score it on --eval-split test" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     run_here(
         linear_eval,
@@ -2445,8 +2446,16 @@ def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path):
     names the probe and --probe-lr, and saves nothing that is not finite."""
     result = run_here(simclr, *tiny_args("simclr"), "--probe-lr", "1e38", "--out-dir", tmp_path, check=False)
     assert result.returncode == 2 and "the probe's weights are no longer finite" in result.stderr, result.stderr
-    assert "lower --probe-lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "lower --probe-lr and start again" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "last.pt").exists()
+    # with a checkpoint before it, the way on is the one the message gives: a lower --probe-lr, then --resume
+    flags = [*tiny_args("simclr"), "--synthetic-size", "64", "--max-steps", "4", "--out-dir", tmp_path / "run"]
+    run_here(simclr, *flags, "--max-steps", "1")  # 4 steps an epoch: stopped (and saved) after the first
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    result = run_here(simclr, *flags, "--probe-lr", "1e38", "--resume", check=False)
+    assert result.returncode == 2 and "then --resume" in result.stderr, result.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the good state, untouched
+    run_here(simclr, *flags, "--probe-lr", "0.01", "--resume")
 
 
 def test_resume_refuses_another_kind_of_device(tmp_path):

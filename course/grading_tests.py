@@ -415,7 +415,7 @@ def test_exercise_05_centre_is_a_moving_mean_of_both_views():
         fail(
             5,
             "c <- m c + (1 - m) mean(teacher logits over both views)",
-            "c = 1, m = 0.9, view 1 rows 0..11 as 2 x 6, view 2 three rows of -2",
+            "c = 1, m = 0.9, view 1 rows 0..11 as 2 x 6, view 2 two rows of -2",
             [round(v, 4) for v in expected],
             [round(v, 4) for v in got.flatten().tolist()],
             hint,

@@ -98,7 +98,7 @@ def restore(state, models, optimizer, generator, args):
             f"last.pt was written by {saved_world} process(es) but this run has {WORLD.size}; resume it with "
             f"{launch}: each process's random state is in the checkpoint"
         )
-    was, now = torch.device(saved.get("device") or "cpu").type, generator.device.type
+    was, now = torch.device(saved.get("device") or generator.device).type, generator.device.type
     if was != now:  # a CPU generator's state and a GPU's differ in kind (and --aug-chunk's default with them)
         raise ConfigError(
             f"last.pt was written by a run on {was} and this one is on {now}: the augmentations' random generator "
@@ -246,7 +246,10 @@ def save_checkpoint(args, progress, models, optimizer, views, instruments, order
     centre, probe), the optimiser and the random generators -- what --resume needs to go on bit-exactly.
     A run whose loss or weights are no longer finite is not saved: last.pt keeps the last good state.
     Under torchrun every process calls it: rank 0 writes, with each process's generator and loss tally."""
-    own = {"rng": rng_state(views), "loss_sum": progress.loss_sum.cpu()}
+    # a finite loss can leave weights that are not (the probe's, say); each process checks its own (BatchNorm
+    # statistics differ between processes), and every process decides from all of them, as for the loss
+    not_finite = [name for name, model in models.items() if not all_finite(model.state_dict().values())]
+    own = {"rng": rng_state(views), "loss_sum": progress.loss_sum.cpu(), "not_finite": not_finite}
     processes = gather_objects(own)
     last = Path(args.out_dir) / "last.pt"
 
@@ -260,9 +263,8 @@ def save_checkpoint(args, progress, models, optimizer, views, instruments, order
             raise DivergedError(
                 f"the loss became {process['loss_sum'].item()} by step {progress.step}; {way_on('--lr')}"
             )
-    for name, model in models.items():  # a finite loss can leave weights that are not (the probe's, say)
-        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+    for process in processes:
+        for name in process["not_finite"]:
             flag = "--probe-lr" if name == "probe" else "--lr"
             raise DivergedError(f"the {name}'s weights are no longer finite at step {progress.step}; {way_on(flag)}")
     if not WORLD.main:
@@ -288,6 +290,12 @@ def save_checkpoint(args, progress, models, optimizer, views, instruments, order
     serialized = io.BytesIO()  # in memory first, so that a full disk fails as a plain write (ENOSPC)
     torch.save(state, serialized)
     atomic_write(last, lambda f: f.write(serialized.getbuffer()))
+
+
+def all_finite(tensors):
+    """Whether every floating-point tensor holds finite numbers only (one host synchronisation)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
 
 
 def rng_state(views):

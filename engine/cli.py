@@ -103,8 +103,9 @@ class Flag:
 
     type: a Range for a number, a tuple of choices, or str; a flag whose default is False is a switch.
     resume_may_change: a flag that --resume may change (where the run lives and runs, how often it evaluates,
-    saves and measures, and --lr: lowering it is the way on after a diverged loss). Every other flag changes
-    the training, so a resume must repeat it. options: argparse's rarer options (metavar, nargs, const)."""
+    saves and measures, and --lr and --probe-lr: lowering them is the way on after a diverged run). Every
+    other flag changes the training, so a resume must repeat it. options: argparse's rarer options (metavar,
+    nargs, const)."""
 
     names: tuple
     default: object
@@ -234,7 +235,13 @@ SHARED_FLAGS = [
         "LARS methods skip biases and BatchNorm; SGD methods decay every parameter (as solo-learn)",
         non_negative(float),
     ),
-    Flag("--probe-lr", FROM_RECIPE, "learning rate of the online linear probe", positive(float)),
+    Flag(
+        "--probe-lr",
+        FROM_RECIPE,
+        "learning rate of the online linear probe",
+        positive(float),
+        resume_may_change=True,  # lowering it is the way on after the probe's weights diverge
+    ),
     Flag(
         "--max-steps",
         None,

@@ -34,7 +34,7 @@ class LARS(torch.optim.Optimizer):
                 trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
                 if group["clip"]:
                     trust = (trust / lr).clamp(max=1.0)
-                # solo-learn: no trust ratio and no decay where a norm is 0, d = grad (a zero gradient moves nothing)
+                # solo-learn: no trust ratio and no decay where a norm is 0, d = grad (0 for a zero gradient)
                 trust = torch.where(w_norm > 0, trust, torch.ones_like(trust))
                 trust = torch.where(g_norm > 0, trust, torch.zeros_like(trust))
                 updates = torch._foreach_add(grads, params, alpha=wd)
