@@ -532,23 +532,27 @@ def claim_rows(experiment):
     return [row for row in experiment.rows if row.label in labels]
 
 
+def selected_rows(args, experiment):
+    """The rows to run (with claims: those its claims read), of them those with one of --only's texts in the label."""
+    rows = claim_rows(experiment) if args.experiment == "claims" else experiment.rows
+    wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
+    return [r for r in rows if not wanted or any(w in r.label.lower() for w in wanted)]
+
+
 def main(argv=None):
     args = parse_args(argv)
     given_epochs = args.epochs
-    wanted = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
     if args.list:
         if args.experiment == "claims":
-            name = SCALES[args.scale][0]
-            listed = {f"claims (the {name} rows they need)": (EXPERIMENTS[name], claim_rows(EXPERIMENTS[name]))}
+            scale = SCALES[args.scale][0]
+            listed = {f"claims (the {scale} rows they need)": EXPERIMENTS[scale]}
         else:
-            chosen = [args.experiment] if args.experiment else list(EXPERIMENTS)
-            listed = {name: (EXPERIMENTS[name], EXPERIMENTS[name].rows) for name in chosen}
-        for name, (experiment, rows) in listed.items():
+            listed = {name: EXPERIMENTS[name] for name in ([args.experiment] if args.experiment else EXPERIMENTS)}
+        for name, experiment in listed.items():
             args.epochs = given_epochs or experiment.epochs
             print(f"{name}: {experiment.title} (paper dataset: {experiment.dataset})")
-            for row in rows:
-                if not wanted or any(w in row.label.lower() for w in wanted):
-                    print(f"    {show(command(args, experiment, row, args.seeds[0]))}")
+            for row in selected_rows(args, experiment):
+                print(f"    {show(command(args, experiment, row, args.seeds[0]))}")
         if not args.experiment:
             print("claims: the paper's claims at the laptop scale (docs/claims.md), from the laptop runs they need;")
             print("    with --scale full, at full width (docs/claims-gpu.md), from the full-width runs they need")
@@ -556,8 +560,7 @@ def main(argv=None):
     name = SCALES[args.scale][0] if args.experiment == "claims" else args.experiment
     experiment = EXPERIMENTS[name]
     args.epochs = given_epochs or experiment.epochs
-    rows = claim_rows(experiment) if args.experiment == "claims" else experiment.rows
-    rows = [r for r in rows if not wanted or any(w in r.label.lower() for w in wanted)]
+    rows = selected_rows(args, experiment)
     if not rows:
         print(f"error: no row of {args.experiment} has '{args.only}' in its label; see --list", file=sys.stderr)
         return 2
