@@ -2953,6 +2953,29 @@ def test_torchrun_resume_after_sigkill_is_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_sigterm_stops_every_process_at_one_step_and_resume_is_exact(tmp_path):
+    """SIGTERM to the launcher (a scheduler's notice): torchrun passes it on, every process saves at the same step
+    and rank 0 alone says so, in one line; torchrun itself then exits 1 (its own SignalException), and --resume
+    under torchrun ends with the weights of an uninterrupted 2-process run."""
+    args = [*resume_args("simclr", 2), "--synthetic-size", "128"]  # 4 steps per process and epoch
+    torchrun("simclr.py", *args, "--out-dir", tmp_path / "whole")
+    cut = tmp_path / "cut"
+    command = [sys.executable, *TORCHRUN_2, str(ROOT / "simclr.py"), *map(str, args), "--out-dir", str(cut)]
+    launcher = subprocess.Popen(
+        command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True
+    )
+    while not (cut / "last.pt").exists():  # the end of epoch 1
+        assert launcher.poll() is None, "the run ended before the signal"
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert err.count("stopped: SIGTERM: last.pt") == 1 and "--resume" in err, err
+    assert launcher.returncode != 0
+    torchrun("simclr.py", *args, "--out-dir", cut, "--resume")
+    assert_same_run(tmp_path / "whole", cut)
+
+
+@pytest.mark.slow
 def test_torchrun_refuses_an_indivisible_batch_and_another_world_size_on_resume(tmp_path):
     result = torchrun("byol.py", *TINY, "--batch-size", "15", "--out-dir", tmp_path / "odd", check=False)
     assert result.returncode != 0 and "--batch-size 15 does not divide among 2 processes" in result.stderr

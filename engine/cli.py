@@ -503,8 +503,9 @@ def run_cli(main):
         else:  # torchrun stops every process once one fails: give rank 0 the time to say why first
             time.sleep(5)
         code = 2
-    except Preempted as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
+    except Preempted as stop:  # (every process stops at the same step; rank 0 says so)
+        if WORLD.main:
+            print(f"stopped: {stop}", file=sys.stderr)
         code = stop.code
     except KeyboardInterrupt:
         print(interrupted_note(), file=sys.stderr)
