@@ -123,7 +123,8 @@ class ResNetCIFAR(nn.Module):
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
         block, depths = ARCHS[arch]
-        # width W: conv1 and block1 have W channels, block k has W * 2^(k-1) (W = 64: the paper's ResNet)
+        # width W: conv1 has W channels, block k's convolutions W * 2^(k-1) (ResNet-18's outputs too; ResNet-50's
+        # bottlenecks put out 4x that). W = 64: the paper's ResNet
         if stem == "cifar":
             self.conv1 = nn.Sequential(
                 nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)

@@ -56,8 +56,8 @@ RECIPE = common.Recipe(
         common.Flag("--strong-saturation", 0.2, "colour jitter's saturation on the strong view", common.fraction()),
         common.Flag("--strong-blur-p", 0.0, "probability of a Gaussian blur on the strong view", common.fraction()),
     ],
-    # --preset laptop: CIFAR values as in MoCo's demo, which the CIFAR copies of ReSSL's code also use (lr 0.06,
-    # weight decay 5e-4, a queue of 4,096 keys).
+    # --preset laptop: CIFAR values as in MoCo's demo (lr 0.06, weight decay 5e-4, a queue of 4,096 keys), which
+    # third-party CIFAR copies said to be ReSSL's authors' code also use (their provenance is unverified).
     laptop={"lr": 0.06, "weight_decay": 5e-4, "queue_size": 4096},
 )
 

@@ -68,8 +68,9 @@ RECIPE = common.Recipe(
     ],
     # --preset laptop: no blur, as SimCLR's own CIFAR-10 command (--use_blur=False): at 32 pixels a blur of sigma up
     # to 2 smears most of an image away. And lightly's CIFAR-10 settings, chosen on the validation split
-    # (docs/small-scale.md): momentum SGD lr 0.06, weight decay 5e-4 (the paper: LARS lr 0.4, 1e-5), colour jitter
-    # at half strength (0.4/0.4/0.4/0.1; the paper: 0.8/0.8/0.8/0.2).
+    # (docs/small-scale.md): momentum SGD lr 0.06 (lightly's at batch 128, not scaled up to the preset's 256),
+    # weight decay 5e-4 (the paper: LARS lr 0.4, 1e-5), colour jitter at half strength (0.4/0.4/0.4/0.1; the
+    # paper: 0.8/0.8/0.8/0.2).
     laptop={"blur_p": 0.0, "optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "jitter_strength": 0.5},
 )
 

@@ -44,8 +44,9 @@ RECIPE = common.Recipe(
         common.Flag("--blur-p", 0.5, "probability of a Gaussian blur on each view", common.fraction()),
     ],
     # --preset laptop: SimSiam's own CIFAR-10 values (Chen & He 2021, Appendix: SGD, lr 0.03 x batch / 256 at
-    # batch 512, i.e. 0.06, weight decay 5e-4), and no blur, as in MoCo's CIFAR-10 demo: at 32 pixels a blur of
-    # sigma up to 2 smears most of an image away.
+    # their batch of 512, i.e. 0.06, weight decay 5e-4; kept at the preset's batch of 256, where the rule gives
+    # 0.03), and no blur, as in MoCo's CIFAR-10 demo: at 32 pixels a blur of sigma up to 2 smears most of an
+    # image away.
     laptop={"lr": 0.06, "weight_decay": 5e-4, "blur_p": 0.0},
 )
 

@@ -477,6 +477,14 @@ def test_beta_schedule():
     assert common.beta_at(50, 100, 1.0, 0.5, "cosine") == 1.0
 
 
+def test_a_cosine_schedule_that_would_lower_beta_is_refused():
+    """MoCo v2's cosine schedule ends at 0.999: --beta 0.9995 alone would make beta fall during training."""
+    with pytest.raises(common.ConfigError, match=r"^--beta 0.9995 is above --beta-final 0.999, .* --beta-final 1.0"):
+        mocov2.parse_args(["--beta", "0.9995"])
+    for flags in (["--beta-final", "1.0"], ["--beta-schedule", "constant"], ["--beta", "1"], ["--beta", "0.999"]):
+        mocov2.parse_args(["--beta", "0.9995", *flags])
+
+
 def test_loss_goes_down_on_a_fixed_batch():
     online, predictor, target, _ = small_setup("projector")
     optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.05, momentum=0.9)

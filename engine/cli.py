@@ -183,7 +183,8 @@ SHARED_FLAGS = [
     Flag(
         "--width",
         64,
-        "channels of conv1 and block1; block k has width * 2^(k-1). 64 is the paper's ResNet; 16 is the "
+        "channels of conv1; block k's convolutions have width * 2^(k-1) (ResNet-50's blocks put out 4x that). 64 is "
+        "the paper's ResNet; 16 is the "
         "quarter-width CPU and teaching setting",
         positive(int, at_most=2**10),
     ),
@@ -333,7 +334,7 @@ SHARED_FLAGS = [
         "constant, or cosine from --beta up to --beta-final over training (solo-learn)",
         ("constant", "cosine"),
     ),
-    Flag("--beta-final", FROM_RECIPE, "final beta of the cosine schedule", fraction()),
+    Flag("--beta-final", FROM_RECIPE, "final beta of the cosine schedule (at least --beta)", fraction()),
     Flag("--bn-block4", False, "BN1 of Table C.8: a BatchNorm on block4's output"),
     Flag(
         "--log-grad-norms",
@@ -463,6 +464,12 @@ def check_args(args, method):
         raise ConfigError(
             f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step; choose 2 or more "
             f"(the paper: 256)"
+        )
+    if args.beta_schedule == "cosine" and args.beta_final < args.beta < 1:  # (beta 1, a frozen target, stays 1)
+        raise ConfigError(
+            f"--beta {args.beta:g} is above --beta-final {args.beta_final:g}, so the cosine schedule would lower "
+            f"beta during training; pass --beta-final 1.0 (or any value from {args.beta:g} up), or "
+            f"--beta-schedule constant"
         )
     if args.out_dir is not None and not str(args.out_dir).strip():
         raise ConfigError("--out-dir is empty; name a run directory, or leave the flag out for the default")

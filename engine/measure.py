@@ -129,9 +129,7 @@ class Instruments:
             values = torch.stack([v for _, v in self.pending[key]]).cpu().tolist()  # one transfer per epoch
             if key == "grad_norms":
                 lines = [{"step": s, **dict(zip(self.stage_names, v))} for s, v in zip(steps, values)]
-            elif key == "target_drift":
-                lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
-            else:
+            else:  # weights and target_drift: the online network's row and the target's
                 lines = [{"step": s, "online": v[0], "target": v[1]} for s, v in zip(steps, values)]
             path = self.out_dir / self.FILES[key]
             try:

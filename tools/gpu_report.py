@@ -25,8 +25,8 @@ or `epoch` chooses all of its parts):
   epoch-compiled-all  the real epoch with --compile: the first epoch (mostly compiling) and the second,
   epoch-compiled-projector    each with a cold compiler cache of its own
 
-Why each part is a subprocess with a time limit: a GPU session lasts minutes, and a part that hangs (a
-compilation, a deadlocked test, a run that never ends) must not take the report with it. Each part runs
+Why each part is a subprocess with a time limit: time on a GPU may come in windows of minutes, and a part
+that hangs (a compilation, a deadlocked test, a run that never ends) must not take the report with it. Each part runs
 in its own process group, killed whole (the part and every process it started) when its limit expires;
 the report then says that it ran out of time, and keeps what it had written by then (its log, its runs'
 metrics.jsonl). The limits are shares of --budget-seconds in proportion to each part's expected time

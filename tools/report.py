@@ -549,9 +549,11 @@ def cost_table(args, name, experiment, rows):
     with --max-steps), with each row's time per image against the first row's."""
     lines = [
         "",
-        "What EMA costs (Table 4's other columns). The paper's Params (MB) read as millions of parameters (ours: "
-        "the EMA target's, in millions; float32 MB = 4 x that). Time: the paper's minutes per epoch on its 2 GPUs; "
-        "ours, training images per second and each row's time per image against the first row's.",
+        "What EMA costs (Table 4's other columns). The paper's Params (MB) are the ResNet-50 backbone's parameters "
+        "held, in millions (23.5 each: 47.0 with the EMA backbone, 23.5 without), not the EMA copies'; ours are "
+        "the EMA target's parameters in millions (float32 MB = 4 x that), heads included: another quantity. Time: "
+        "the paper's minutes per epoch on its 2 GPUs; ours, training images per second and each row's time per "
+        "image against the first row's.",
         "",
         "| row | paper: EMA layers | paper: params (MB) | paper: forwards | paper: min / epoch | ours: EMA parameters "
         "(millions) | ours: forwards per image | ours: images / s | time per image, against the first row: paper "
