@@ -13,7 +13,6 @@ The paper reports the *online* probe instead (trained during pre-training, solo-
 protocol; the method files log it as linear_top1). This script is the offline protocol.
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -24,14 +23,14 @@ import torch.nn.functional as F
 
 import common
 from engine.checkpoint import load_checkpoint
-from engine.cli import HelpFormatter, check_ranges
+from engine.cli import ArgumentParser, HelpFormatter, check_ranges
 from engine.data import load_dataset, load_stream
 from engine.files import atomic_write
 from engine.optim import learning_rate_factor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a run directory or a last.pt written by byol.py, simsiam.py, ...")
     p.add_argument(
         "--random-init",
@@ -107,6 +106,17 @@ def parse_args(argv=None):
     if args.random_init and args.dataset is None:
         raise common.ConfigError("--random-init needs --dataset (and --data-dir for imagefolder)")
     check_ranges(args, p)
+    if args.out is None and args.random_init:
+        args.out = f"linear_eval-random-{args.arch}-{args.dataset}.json"
+    elif args.out is None:  # beside the checkpoint
+        checkpoint = Path(args.checkpoint)
+        args.out = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "linear_eval.json"
+    out = Path(args.out)
+    if out.suffix != ".json" or out.is_dir():  # never over a checkpoint, metrics.jsonl or a folder
+        raise common.ConfigError(f"--out {out} is not a .json file; name one, e.g. {out.parent / 'linear_eval.json'}")
+    folder = next(parent for parent in out.parents if parent.exists())  # (made at the end where missing)
+    if not folder.is_dir():  # said now, not after the evaluation
+        raise common.ConfigError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
     return args
 
 
@@ -268,14 +278,12 @@ def main(argv=None):
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the frozen backbone changed during linear evaluation"
 
-    if args.out:
-        out = Path(args.out)
-    elif args.random_init:
-        out = Path(f"linear_eval-random-{args.arch}-{args.dataset}.json")
-    else:
-        ckpt_path = Path(args.checkpoint)
-        out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "linear_eval.json"
-    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise common.ConfigError(f"cannot make the folder of --out {out} ({error.strerror}); choose another --out")
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()), then="run it again")
     print(
         f"linear eval: top-1 {result['top1']:.2f} | top-5 {result['top5']:.2f} | kNN top-1 {result['knn_top1']:.2f} "
         f"| 1-NN top-1 {result['knn1_top1']:.2f} | saved {out}"

@@ -1471,6 +1471,11 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
         pytest.param(["--dataset", "imagenet"], "unknown dataset", marks=pytest.mark.slow),
         pytest.param(["--arch", "vgg"], "unknown architecture", marks=pytest.mark.slow),
         (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "drop --no-download"),
+        pytest.param(  # a JPEG copy of CIFAR-10 named as torchvision's: never a download among its images
+            ["--dataset", "cifar10", "--data-dir", "{tmp}/corrupt"],
+            "pass --dataset imagefolder",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ["--dataset", "imagefolder", "--data-dir", "{tmp}/no-such-folder"],
             "needs --data-dir",
@@ -1493,7 +1498,9 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
         pytest.param(["--train-subset", "40"], "which has only 3", marks=pytest.mark.slow),
         (["--resume"], "no checkpoint"),
         (["--out-dir", "{tmp}/a-file/run"], "cannot write to --out-dir"),
+        pytest.param(["--out-dir", "{tmp}/a-file"], "(a file, not a folder)", marks=pytest.mark.slow),
         (["--out-dir", "{tmp}/a-file", "--resume"], "--resume takes the run directory, not a file: pass {tmp}"),
+        pytest.param(["--resume", "{tmp}/other"], "name two run directories; give one", marks=pytest.mark.slow),
         (["--ema-stages", "none,projector"], "combines 'none' with other stages"),
         pytest.param(["--ema-stages", "all,projector"], "combines 'all'", marks=pytest.mark.slow),
         pytest.param(["--ema-stages", "projector,,block4"], "has an empty item", marks=pytest.mark.slow),
@@ -1502,6 +1509,11 @@ def test_linear_eval_on_a_smoke_checkpoint(smoke_runs, tmp_path):
         pytest.param(["--out-dir", ""], "--out-dir is empty", marks=pytest.mark.slow),
         pytest.param(["--seed", str(2**64)], "--seed must be at most", marks=pytest.mark.slow),
         pytest.param(["--width", "100000"], "--width must be at most 1024", marks=pytest.mark.slow),
+        (["--ema-stagez", "all"], "error: unrecognized arguments: --ema-stagez all; "),  # argparse's own, one line
+        (["--out-dir", "{tmp}/deleted-last-pt"], "holds an earlier run's metrics.jsonl (but no last.pt to resume)"),
+        pytest.param(
+            ["--dataset", "imagefolder", "--data-dir", "{tmp}/one-class"], "has 1 class folder", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
@@ -1510,9 +1522,19 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     for split in ("train", "val"):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True)  # the layout, but no images
     (tmp_path / "a-file").write_text("not a folder")
-    for split in ("train", "val"):  # a folder with one image that is not an image
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "good.png")
+    for split in ("train", "val"):  # every image of one class
+        (tmp_path / "one-class" / split / "cat").mkdir(parents=True)
+        (tmp_path / "one-class" / split / "cat" / "0.png").write_bytes((tmp_path / "good.png").read_bytes())
+    (tmp_path / "deleted-last-pt").mkdir()  # a finished run whose last.pt was deleted: its results stay
+    (tmp_path / "deleted-last-pt" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    for split in ("train", "val"):  # a folder with one image that is not an image (and a good one)
         (tmp_path / "corrupt" / split / "cat").mkdir(parents=True)
         (tmp_path / "corrupt" / split / "cat" / "0.jpg").write_bytes(b"not a JPEG")
+        (tmp_path / "corrupt" / split / "dog").mkdir(parents=True)
+        (tmp_path / "corrupt" / split / "dog" / "0.png").write_bytes((tmp_path / "good.png").read_bytes())
     bad = [arg.replace("{tmp}", str(tmp_path)) for arg in bad]
     message = message.replace("{tmp}", str(tmp_path))
     # In this process (run_here), but for the first case: that one is a real `python byol.py`, the contract's proof
@@ -1524,6 +1546,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made: nothing left behind
+    assert (tmp_path / "deleted-last-pt" / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
 
 # All slow: test_bad_input_... checks the one-line refusal, test_every_numeric_flag_... every method's flag ranges.
@@ -1704,6 +1728,28 @@ def test_the_epoch_line_ends_with_the_runs_eta(smoke_runs):
             marks=pytest.mark.slow,
         ),
         ("linear_eval.py", ["{tmp}/edited"], "no checkpoint at"),
+        ("tools/bench.py", ["--real-epoch=--dataset 'synthetic"], "No closing quotation"),
+        pytest.param(
+            "tools/bench.py",
+            ["--real-epoch=--device cpu --out-dir {tmp}/x"],
+            "--real-epoch's run writes to --run-dir",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(  # the run's own reason, not "run it alone to see why"
+            "tools/bench.py",
+            [
+                "--real-epoch=--dataset synthetic --synthetic-size 64 --batch-size 16 --width 8 --device cpu",
+                "--run-dir",
+                "{tmp}/edited/args.json",
+            ],
+            "did not finish two epochs (cannot write to --out-dir",
+            marks=pytest.mark.slow,
+        ),
+        (  # --extra is checked once, before any run: not one failed run per row
+            "tools/reproduce.py",
+            ["table7", "--epochs", "1", "--extra=--bogus", "--out-root", "{tmp}/runs"],
+            "byol.py refuses the command of 'BYOL, lr 1.0': unrecognized arguments: --bogus",
+        ),
     ],
 )
 def test_tools_answer_bad_input_in_one_line(tmp_path, tool, argv, message):
@@ -1714,7 +1760,7 @@ def test_tools_answer_bad_input_in_one_line(tmp_path, tool, argv, message):
     result = run_script(tool, *argv, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "figures").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "figures").exists() and not (tmp_path / "runs").exists()
 
 
 EXTREMES = {int: ["0", "-1", str(10**30)], float: ["0", "-1", "1e300", "nan"]}
@@ -1782,6 +1828,19 @@ def test_help_says_each_default_once(module, capsys):
         assert flag_help.count("default") <= 1 or "(default:" not in flag_help, flag_help
 
 
+def test_a_mistyped_flag_or_value_ends_in_one_line_in_every_script_and_tool(capsys):
+    """argparse's usage errors are one line too (not its usage block), naming the --help that lists the flags."""
+    tools = [tool(name) for name in ("reproduce", "plot", "bench", "gpu_report")]
+    cases = [(module, ["--no-such-flag"]) for module in [*METHOD_MODULES.values(), linear_eval, *tools]]
+    cases += [(module, ["--epochs", "abc"]) for module in [*METHOD_MODULES.values(), linear_eval]]  # not a number
+    for module, argv in cases:
+        with pytest.raises(SystemExit) as end:
+            module.parse_args(argv)
+        err = capsys.readouterr().err
+        assert end.value.code == 2 and len(err.strip().splitlines()) == 1, (module.__name__, argv, err)
+        assert err.startswith("error: ") and "--help` lists every flag" in err, err
+
+
 def test_defaults_that_depend_on_the_run():
     """--warmup-epochs: the paper's 10 of 200 epochs, scaled; --aug-chunk: 16 batches per call on a GPU."""
     warmup = lambda *argv: byol.parse_args(["--device", "cpu", *argv]).warmup_epochs
@@ -1789,6 +1848,22 @@ def test_defaults_that_depend_on_the_run():
     assert warmup("--epochs", "5", "--warmup-epochs", "0") == 0  # a flag you give wins
     assert byol.parse_args(["--device", "cpu"]).aug_chunk == 1 and byol.parse_args(["--device", "cuda"]).aug_chunk == 16
     assert byol.parse_args(["--device", "cuda", "--aug-chunk", "4"]).aug_chunk == 4
+
+
+def test_linear_eval_writes_only_a_json_file_in_a_folder(tmp_path):
+    """--out is checked before the evaluation: never over last.pt or metrics.jsonl, never under a file."""
+    flags = ["--random-init", "--dataset", "synthetic"]
+    (tmp_path / "a-file").write_text("not a folder")
+    for out, message in [
+        (tmp_path / "last.pt", "is not a .json file"),
+        (tmp_path / "metrics.jsonl", "is not a .json file"),
+        (tmp_path, "is not a .json file"),
+        (tmp_path / "a-file" / "result.json", f"{tmp_path / 'a-file'} is a file, not a folder"),
+    ]:
+        with pytest.raises(common.ConfigError, match=re.escape(message)):
+            linear_eval.parse_args([*flags, "--out", str(out)])
+    assert Path(linear_eval.parse_args([str(tmp_path)]).out) == tmp_path / "linear_eval.json"  # beside the run
+    assert str(linear_eval.parse_args([*flags, "--out", str(tmp_path / "r.json")]).out) == str(tmp_path / "r.json")
 
 
 def test_linear_eval_refuses_out_of_range_numbers():
@@ -2484,6 +2559,30 @@ def test_resume_refuses_another_train_subset(tmp_path):
     run_script("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
     result = run_script("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
     assert result.returncode == 2 and "--train-subset 30" in result.stderr
+
+
+def test_resume_refuses_a_training_split_of_another_size(tmp_path):
+    """--data-dir may change on a resume (the images moved), but not the images: another number of them would
+    cut the epochs at other steps and mix two datasets in one run."""
+    from PIL import Image
+
+    for n, name in ((8, "small"), (12, "large")):
+        for split in ("train", "val"):
+            for label in range(2):
+                folder = tmp_path / name / split / f"class{label}"
+                folder.mkdir(parents=True)
+                for i in range(n // 2 if split == "train" else 2):
+                    pixels = torch.randint(
+                        0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+                    )
+                    Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    flags = [*TINY, "--dataset", "imagefolder", "--batch-size", "4", "--out-dir", tmp_path / "run"]
+    run_here(byol, *flags, "--data-dir", tmp_path / "small", "--max-steps", "1")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()}
+    result = run_here(byol, *flags, "--data-dir", tmp_path / "large", "--resume", check=False)
+    assert result.returncode == 2 and "was trained on 8 images, but the training split now holds 12" in result.stderr
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir() if f.is_file()} == before  # untouched
+    run_here(byol, *flags, "--data-dir", tmp_path / "small", "--resume")  # the same images: it goes on
 
 
 def test_confidence_intervals_against_known_cases():
@@ -3668,6 +3767,32 @@ def test_every_claim_names_rows_of_the_laptop_experiment():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_plot_refuses_in_one_line_before_it_writes(tmp_path, capsys):
+    """An --out that is a file, a figure no run recorded, an args.json edited into bad JSON: one line, exit 2,
+    no folder made (checked before matplotlib is needed)."""
+    plot = tool("plot")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"method": "byol", "ema_stages": "all", "beta": 0.99}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "knn_top1": 30.0, "linear_top1": 31.0}) + "\n")
+    (tmp_path / "a-file").write_text("not a folder")
+    for argv, message in [
+        (["--out", str(tmp_path / "a-file")], "(a file, not a folder)"),
+        (
+            ["--out", str(tmp_path / "figures"), "--only", "grad-norms"],
+            "no run recorded it; train with --log-grad-norms",
+        ),
+        (["--out", str(tmp_path / "figures"), "--only", "weights"], "train with --track-weights K"),
+    ]:
+        assert plot.main([str(run), *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    (run / "args.json").write_text('{"method": "byol", ')  # cut by an editor
+    with pytest.raises(SystemExit, match="args.json is not readable JSON"):
+        plot.main([str(run), "--out", str(tmp_path / "figures")])
+    assert not (tmp_path / "figures").exists()
+
+
 def test_plot_makes_the_fc2_figure_from_kept_results(tmp_path):
     pytest.importorskip("matplotlib")
     kept = tmp_path / "results"
@@ -3899,6 +4024,8 @@ def test_parts_are_chosen_by_name_or_group(capsys):
         (["--jobs", "0,2"], "at least 1"),
         (["--width", "0"], "--width 0: give a positive number"),
         (["--data-dir", "no-such-folder"], "--data-dir no-such-folder has no train/ folder"),
+        (["--out", str(ROOT / "README.md")], "README.md is a file; name a folder"),  # before the earlier report moves
+        (["--work-dir", str(ROOT / "README.md")], "README.md is a file"),
     ],
 )
 def test_bad_input_is_refused_in_one_line(capsys, argv, message):

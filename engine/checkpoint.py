@@ -44,9 +44,8 @@ def load_checkpoint(path, method=None, arch=None):
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise ConfigError(
-            f"no checkpoint at {path}; start without --resume or point to a run directory that has last.pt"
-        )
+        way_on = "start without --resume, or name" if method else "name"  # (a resume gives its method)
+        raise ConfigError(f"no checkpoint at {path}; {way_on} a run directory that has last.pt")
     try:
         # weights_only: a checkpoint is data (tensors, dicts, lists, numbers, strings). Anything else in
         # the pickle -- which could run code as it loads -- is refused before it is built.
@@ -148,9 +147,8 @@ def lock_run_directory(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         handle = open(out_dir / ".lock", "a+")
     except OSError as error:
-        raise ConfigError(
-            f"cannot write to --out-dir {out_dir} ({error.strerror}); choose a writable directory"
-        ) from None
+        reason = "a file, not a folder" if out_dir.is_file() else error.strerror
+        raise ConfigError(f"cannot write to --out-dir {out_dir} ({reason}); choose a writable directory") from None
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: --loader stream's workers do not share it
     except (BlockingIOError, PermissionError):  # (lockf's refusal is either, by platform)
@@ -224,6 +222,8 @@ def start_or_resume(args, models, optimizer, generator, device, order_generator)
     fresh otherwise. First the run takes its directory (lock_run_directory, on rank 0), and SIGTERM and
     Ctrl-C (stop_at_the_end_of_the_step). `generator` draws the augmentations, `order_generator` each
     epoch's order: one and the same generator in a single process."""
+    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():  # before the lock makes the directory
+        load_checkpoint(args.out_dir, args.method, args.arch)  # (its one line: no checkpoint at ...)
     on_rank_0(lambda: lock_run_directory(args.out_dir))
     RUN_DIRECTORY["path"] = Path(args.out_dir)
     stop_at_the_end_of_the_step()

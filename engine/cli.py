@@ -80,6 +80,14 @@ def check_ranges(args, parser):
                 raise ConfigError(f"{flag} must be at most {action.type.at_most} (got {value}); {fix}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a mistyped flag or a value of the wrong kind ends in one line, as every other
+    refusal does (argparse prints its whole usage block first), naming what is wrong and where the flags are."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists every flag\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, said once: not where the help already says it, nor for a flag
     without one (default None: 'none', or a value that depends on the run)."""
@@ -403,7 +411,7 @@ class Recipe:
         )
 
     def parser(self):
-        parser = argparse.ArgumentParser(description=self.title, formatter_class=HelpFormatter)
+        parser = ArgumentParser(description=self.title, formatter_class=HelpFormatter)
         for flag in SHARED_FLAGS:
             dest = flag.names[2:].replace("-", "_")
             flag.add_to(parser, self.defaults[dest] if flag.default is FROM_RECIPE else flag.default)
@@ -426,6 +434,10 @@ def check_args(args, method):
     """Validate the shared flags before anything heavy happens; fill in the values derived from others."""
     args.method = method
     if args.resume:  # --resume RUN_DIR names the run directory
+        if args.out_dir is not None and Path(args.out_dir) != Path(args.resume):
+            raise ConfigError(
+                f"--resume {args.resume} and --out-dir {args.out_dir} name two run directories; give one of them"
+            )
         args.out_dir = args.resume
     args.resume = args.resume is not None
     if args.resume and args.out_dir and Path(args.out_dir).is_file():

@@ -72,6 +72,11 @@ class Data:
 def _torchvision_dataset(name, root, download):
     import torchvision
 
+    if (Path(root) / "train").is_dir() and any(d.is_dir() for d in (Path(root) / "train").iterdir()):
+        raise ConfigError(  # (not torchvision's files: a download would land among the images)
+            f"--data-dir {root} holds a folder of images per class (train/<class>/), not torchvision's {name} "
+            f"files; pass --dataset imagefolder"
+        )
     try:
         if name == "stl10":
             train = torchvision.datasets.STL10(root, split="train+unlabeled", download=download)
@@ -185,6 +190,11 @@ def folder_samples(root, subset=None, val_size=None):
             raise ConfigError(f"no images in {split_dir} ({error}); put images in {split_dir}/<class>/") from None
 
     train = folder_of(root / "train")
+    if len(train.classes) < 2:  # every probe and kNN would score 100 %
+        raise ConfigError(
+            f"{root / 'train'} has {len(train.classes)} class folder; the probe and kNN need at least 2, one folder "
+            f"of images per class"
+        )
     train_idx, val_idx = split_train_val(train.targets, len(train.classes), subset, val_size)
     train_samples = [train.samples[i] for i in train_idx.tolist()]
     if val_idx is not None:  # --eval-split val

@@ -26,7 +26,7 @@ def git_revision(mark_changes=False):
         return "unknown"
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, then="--resume"):
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a kill at any instant leaves either the old file or the new one, never half of one. A failed
     write (a full disk, a lost mount) removes the temporary file, keeps the old file, and ends the
@@ -41,11 +41,12 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except OSError as error:  # (save_checkpoint serialises first, so torch.save's errors never land here)
         tmp.unlink(missing_ok=True)
-        raise write_failed(path, error, path.name) from None
+        raise write_failed(path, error, path.name, then) from None
 
 
-def write_failed(path, error, kept):
-    """The one line for a failed write: what failed, that `kept` (a file beside it) is intact, what to do."""
+def write_failed(path, error, kept, then="--resume"):
+    """The one line for a failed write: what failed, that `kept` (a file beside it) is intact, what to do
+    (`then`: after a run's failed write, --resume)."""
     intact = f"the previous {kept} is intact" if (Path(path).parent / kept).exists() else f"no {kept} was written"
     reason = error.strerror or str(error)
-    return ConfigError(f"could not write {path} ({reason}); {intact}; free some space (or fix the disk), then --resume")
+    return ConfigError(f"could not write {path} ({reason}); {intact}; free some space (or fix the disk), then {then}")

@@ -36,6 +36,12 @@ class RunLogger:
                 f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it or choose "
                 f"another --out-dir"
             )
+        earlier = self.out_dir / "metrics.jsonl"
+        if earlier.is_file() and earlier.stat().st_size and not args.resume:  # its last.pt deleted: keep its results
+            raise ConfigError(
+                f"{self.out_dir} holds an earlier run's metrics.jsonl (but no last.pt to resume); choose another "
+                f"--out-dir, or move that run's files away first"
+            )
         self.last = progress.history[-1] if progress.history else None  # the summary line's metrics
         info = {
             **vars(args),

@@ -14,6 +14,7 @@ from engine.distributed import (
     on_rank_0,
     sync_batch_norm,
 )
+from engine.errors import ConfigError
 from engine.log import RunLogger, summary_line
 from engine.measure import ForwardCounter, Instruments, epoch_metrics
 
@@ -75,6 +76,7 @@ class Run:
         self.device = data.train_labels.device
         to_device(self.models.values(), self.device)  # in place, channels_last: the optimiser keeps its parameters
         check_world(args)  # under torchrun: the global batch divides among the processes
+        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)  # (refuses a batch larger than the data)
         sync_batch_norm(args, self.models.values(), self.device)  # under torchrun on GPUs: SyncBatchNorm
         self.counter = ForwardCounter(online, target, data.image_size)  # measures "#Fwd" of Table 4
         compile_stages(self.models.values(), args.compile, self.device)  # --compile: each stage in place
@@ -89,6 +91,12 @@ class Run:
         self.progress = start_or_resume(
             args, self.models, optimizer, self.augment_generator, self.device, self.generator
         )
+        if args.resume and len(self.progress.order) != len(data.train_labels):  # (the order: one per image)
+            raise ConfigError(
+                f"last.pt in {args.out_dir} was trained on {len(self.progress.order)} images, but the training "
+                f"split now holds {len(data.train_labels)}; resume on the images the run started with (args.json "
+                f"names its --data-dir), or start a new run"
+            )
         # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
         self.views = make_views(
             data,
@@ -113,7 +121,6 @@ class Run:
             counter=self.counter,
         )
         self.logger = on_rank_0(lambda: RunLogger(args, self.progress, self.instruments))
-        self.steps_per_epoch = steps_per_epoch(data, args.batch_size)
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.warmup_steps = args.warmup_epochs * self.steps_per_epoch

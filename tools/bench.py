@@ -51,9 +51,9 @@ and on what else runs on it -- the header gives the load average before the run;
 busy with other work, multi-threaded torch slows down far more than the PIL worker processes.
 """
 
-import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -66,7 +66,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from engine.cli import HelpFormatter, check_ranges  # noqa: E402
+from engine.cli import ArgumentParser, HelpFormatter, check_ranges  # noqa: E402
 from engine.data import Data, Views  # noqa: E402
 from engine.device import check_device, compile_stages, timer, to_device  # noqa: E402
 from engine.measure import operations_dispatched  # noqa: E402
@@ -75,7 +75,7 @@ CLASSIC = {"byol": "all", "simsiam": "none", "simclr": "none", "mocov2": "all", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=common.positive(int, at_most=2**16), default=32)
     p.add_argument("--steps", type=common.positive(int), default=3, help="timed training steps per configuration")
@@ -94,7 +94,8 @@ def parse_args(argv=None):
         default=None,
         metavar="FLAGS",
         help="time two real epochs of byol.py with these "
-        "flags against a lean step of the same modules, and print the overhead (nothing else is timed)",
+        "flags against a lean step of the same modules, and print the overhead (nothing else is timed); one flag "
+        "alone is written --real-epoch='--preset laptop'",
     )
     p.add_argument(
         "--profile",
@@ -133,6 +134,15 @@ def parse_args(argv=None):
     if (args.profile or args.run_dir) and args.real_epoch is None:
         flag = "--profile" if args.profile else "--run-dir"
         raise common.ConfigError(f"{flag} belongs to --real-epoch; add --real-epoch FLAGS or leave {flag} out")
+    for flag, text in (("--real-epoch", args.real_epoch), ("--efficiency", args.efficiency)):
+        try:
+            words = shlex.split(text or "")
+        except ValueError as error:  # (an unclosed quote)
+            raise common.ConfigError(f"{flag} {text!r}: {error}; give byol.py's flags as one quoted argument")
+        if flag == "--real-epoch" and any(word.startswith("--out-dir") for word in words):
+            raise common.ConfigError(
+                "--real-epoch's run writes to --run-dir (by default a temporary folder); take --out-dir out of FLAGS"
+            )
     unknown = [m for m in args.methods.split(",") if m not in CLASSIC]
     if unknown:
         raise common.ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIC)}")
@@ -372,8 +382,6 @@ def matmul_gflops(threads, n=2048, repeats=10):
 def bench_efficiency(args):
     """What share of the CPU's float32 peak a laptop step reaches, and what channels_last, the thread count and
     the end-of-epoch evaluation change; every number from this one run."""
-    import shlex
-
     import byol
 
     run_args = byol.parse_args(shlex.split(args.efficiency))
@@ -446,22 +454,23 @@ def two_epochs_of_byol(flags, epochs, run_dir):
     cmd = [sys.executable, str(ROOT / "byol.py"), *run_flags, "--epochs", str(max(2, epochs))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    said = []  # the run's own one-line refusal, if it ends in one
     for line in process.stdout:
         print(line, end="", flush=True)
+        said += [line.strip()] if line.startswith("error: ") else []
         if line.startswith("epoch    2"):  # stop the run once its second epoch is written
             process.terminate()
             break
     process.wait()
     metrics_path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    return rows, said[-1] if said else None
 
 
 def bench_real_epoch(args):
     """Two real epochs of byol.py beside the lean step, timed before and after the run (after it only with
     --compile) so that other work on the machine shows as a gap; prints the overhead and returns the JSON
     summary."""
-    import shlex
-
     import byol
 
     flags = shlex.split(args.real_epoch)
@@ -472,9 +481,10 @@ def bench_real_epoch(args):
     lean_before = None if run_args.compile else time_steps(lean_byol_step(run_args, device, channels_last=True), device)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
-        lines = two_epochs_of_byol(flags, run_args.epochs, run_dir)
+        lines, said = two_epochs_of_byol(flags, run_args.epochs, run_dir)
     if len(lines) < 2:
-        raise SystemExit(f"byol.py {args.real_epoch} did not finish two epochs; run it alone to see why")
+        why = f" ({said.removeprefix('error: ')})" if said else "; run it alone to see why"
+        raise SystemExit(f"error: byol.py {args.real_epoch} did not finish two epochs{why}")
     loads.append(os.getloadavg()[0])
     step = lean_byol_step(run_args, device, channels_last=True)
     lean_after = time_steps(step, device)

@@ -61,7 +61,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from engine.cli import HelpFormatter  # noqa: E402  (no torch at import)
+from engine.cli import ArgumentParser, HelpFormatter  # noqa: E402  (no torch at import)
 from engine.files import git_revision  # noqa: E402
 
 BUDGET_SECONDS = 480  # eight minutes: the default budget, at which each part's `seconds` is its share
@@ -129,7 +129,7 @@ SIZES = {
 
 def parse_args(argv=None):
     gpu, cpu = SIZES["cuda"], SIZES["cpu"]
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default=None, help="the CIFAR-10 JPEG folder (train/, test/) of the learning run")
     p.add_argument("--out", default=None, help="default: docs/results/gpu on a GPU, runs/gpu-report on a CPU")
     p.add_argument("--work-dir", default=None, help="the runs' directories; default: runs/gpu-report/<device>/<date>")
@@ -210,6 +210,9 @@ def parse_args(argv=None):
     )
     if args.data_dir is not None and not (Path(args.data_dir) / "train").is_dir():
         refuse(f"--data-dir {args.data_dir} has no train/ folder; point it at the CIFAR-10 JPEG folder (train/, test/)")
+    for flag, path in (("--out", args.out), ("--work-dir", args.work_dir)):  # before the earlier report is set aside
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            refuse(f"{flag} {path} is a file; name a folder (made if missing)")
     # the parts run from the repository root: every path they are given is absolute
     args.data_dir, args.out, args.work_dir = (
         None if path is None else Path(path).absolute() for path in (args.data_dir, args.out, args.work_dir)

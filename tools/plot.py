@@ -22,7 +22,6 @@ Writes PNG files into --out (needs matplotlib: pip install matplotlib); --only c
 and prints the numbers behind the gradient and weight figures as Markdown tables.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -31,6 +30,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+from engine.cli import ArgumentParser  # noqa: E402
 import experiments  # noqa: E402  (tools/, beside this file)
 import report  # noqa: E402
 
@@ -39,7 +39,7 @@ FIGURES = ("top1", "stage-sets", "collapse", "grad-norms", "weights")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", help="run directories (each with args.json and metrics.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--filters", type=common.positive(int), default=8, help="tracked rows to draw in the weight figures")
@@ -108,7 +108,12 @@ def load_run(directory):
             f"error: {directory} is not a run directory (no args.json and metrics.jsonl); pass directories "
             f"written by byol.py, simsiam.py, ..."
         )
-    args = json.loads((directory / "args.json").read_text())
+    try:
+        args = json.loads((directory / "args.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise SystemExit(
+            f"error: {directory / 'args.json'} is not readable JSON ({error.__class__.__name__}); was it edited?"
+        )
     return {
         "dir": directory,
         "args": args,
@@ -270,6 +275,25 @@ def save(fig, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    runs = [load_run(d) for d in args.runs]
+    empty = [str(r["dir"]) for r in runs if not r["metrics"]]
+    if empty:
+        print(
+            f"error: {', '.join(empty)} has no finished epoch in metrics.jsonl yet; plot it after one", file=sys.stderr
+        )
+        return 2
+    asked_for = {"grad-norms": ("grads", "--log-grad-norms"), "weights": ("weights", "--track-weights K")}
+    for figure, (key, flag) in asked_for.items():
+        if args.only != list(FIGURES) and figure in args.only and not any(r[key] for r in runs):
+            print(f"error: --only {figure}, but no run recorded it; train with {flag}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a file, not a folder" if out.is_file() else error.strerror
+        print(f"error: cannot make the folder --out {out} ({reason}); choose another", file=sys.stderr)
+        return 2
     try:
         import matplotlib
 
@@ -278,15 +302,6 @@ def main(argv=None):
     except ImportError:
         print("error: tools/plot.py needs matplotlib; pip install matplotlib", file=sys.stderr)
         return 2
-    runs = [load_run(d) for d in args.runs]
-    empty = [str(r["dir"]) for r in runs if not r["metrics"]]
-    if empty:
-        print(
-            f"error: {', '.join(empty)} has no finished epoch in metrics.jsonl yet; plot it after one", file=sys.stderr
-        )
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     labels = unique_labels(runs)
     if "top1" in args.only:
         plot_top1(plt, runs, labels, out)

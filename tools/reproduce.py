@@ -46,7 +46,6 @@ Deviations in how an experiment is set up (each also in docs/deviations.md):
     solo-learn's ImageNet-100 scripts are in docs/imagenet.md.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -63,7 +62,7 @@ from gpu_report import device_slug
 from report import ROOT, data_dir, results_dir, row_results, run_dir, write_claims, write_laptop_table, write_table
 
 sys.path.insert(0, str(ROOT))
-from engine.cli import HelpFormatter  # noqa: E402  (no torch: --table stays fast)
+from engine.cli import ArgumentParser, HelpFormatter  # noqa: E402  (no torch: --table stays fast)
 from engine.files import git_revision  # noqa: E402
 
 # Names that the tests (and readers of earlier versions) reach as reproduce.<name>, though they live in
@@ -73,19 +72,13 @@ from report import verdict  # noqa: F401
 
 
 def refuse(message):
-    """Bad input: one line on stderr, exit code 2 (argparse's own usage errors keep their form)."""
+    """Bad input: one line on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def _get_help_string(self, action):
-    if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
-        return action.help
-    return super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}, or claims (see --list)")
     p.add_argument(
         "--list",
@@ -539,6 +532,27 @@ def selected_rows(args, experiment):
     return [r for r in rows if not wanted or any(w in r.label.lower() for w in wanted)]
 
 
+def check_commands(args, experiment, rows):
+    """Each script's command, --extra's flags in it, parsed before any run starts: a wrong flag ends here in one
+    line, not in one failed run per row."""
+    import contextlib
+    import importlib
+    import io
+
+    from engine.errors import ConfigError
+
+    for script in dict.fromkeys(row.script for row in rows):  # (each script once, in order)
+        row = next(row for row in rows if row.script == script)
+        argv = command(args, experiment, row, args.seeds[0])[2:]
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                importlib.import_module(Path(script).stem).parse_args(argv)
+        except (ConfigError, SystemExit) as error:
+            reason = str(error) if isinstance(error, ConfigError) else said.getvalue().strip().split("; `")[0]
+            refuse(f"{script} refuses the command of '{row.label}': {reason.removeprefix('error: ')} (--extra?)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     given_epochs = args.epochs
@@ -564,6 +578,8 @@ def main(argv=None):
     if not rows:
         print(f"error: no row of {args.experiment} has '{args.only}' in its label; see --list", file=sys.stderr)
         return 2
+    if not args.table:
+        check_commands(args, experiment, rows)
     jobs = [(row, seed) for seed in args.seeds for row in rows]  # seed by seed: a first seed of every row first
     failed = []
     if args.jobs == "auto" and not args.table:
