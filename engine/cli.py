@@ -461,6 +461,12 @@ def check_args(args, method):
             f"--loader stream reads an image folder, not --dataset {args.dataset}; pass --dataset imagefolder "
             f"--data-dir DIR, or --loader memory"
         )
+    if args.device == "cpu" and args.stem == "cifar" and args.width < 16 and (views >= 64 or args.loader == "stream"):
+        raise ConfigError(  # seen with torch 2.14.1 on an AMD EPYC: a heap corruption, exit 134 or 139, no message
+            f"--width {args.width} with the CIFAR stem at {views}-pixel views{' streamed' * (args.loader == 'stream')} "
+            f"crashes inside torch's CPU convolutions (oneDNN, channels_last); use --width 16 or more"
+            + (", or --loader memory" if views < 64 else "")
+        )
     if args.workers is None:
         args.workers = min(32, os.cpu_count() or 1)
     if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
