@@ -543,7 +543,8 @@ def check_commands(args, experiment, rows):
 
     for script in dict.fromkeys(row.script for row in rows):  # (each script once, in order)
         row = next(row for row in rows if row.script == script)
-        argv = command(args, experiment, row, args.seeds[0])[2:]
+        line = command(args, experiment, row, args.seeds[0])
+        argv = line[line.index(str(ROOT / script)) + 1 :]  # (after torchrun's arguments too, with --nproc)
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
