@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import common
 from engine.checkpoint import load_checkpoint
-from engine.cli import ArgumentParser, HelpFormatter, check_ranges
+from engine.cli import ArgumentParser, HelpFormatter, check_cpu_convolutions, check_ranges
 from engine.data import load_dataset, load_stream
 from engine.files import atomic_write
 from engine.optim import learning_rate_factor
@@ -206,6 +206,13 @@ def main(argv=None):
             seed=trained["seed"],
         )
 
+    check_cpu_convolutions(
+        device.type,
+        trained.get("stem", "cifar"),
+        trained.get("width", 64),
+        data.image_size,
+        streamed=args.loader == "stream",
+    )
     # The frozen backbone: the online network's b, in eval mode, without gradients.
     backbone = common.ResNetCIFAR(
         state["arch"],

@@ -1334,6 +1334,32 @@ def test_sigterm_saves_at_the_end_of_the_step_and_resume_equals_an_uninterrupted
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
 
+def test_a_signal_that_lands_while_the_processes_agree_stops_the_run_at_the_next_step(monkeypatch):
+    """Under torchrun the processes agree on stopping in an all-reduce, where they wait for each other, so a
+    SIGTERM's handler often runs inside it. Its flag must not be overwritten by the answer to a question asked
+    before it (that lost the signal: the run went on to its end)."""
+    sigterm, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        engine.checkpoint.stop_at_the_end_of_the_step()
+        handler = signal.getsignal(signal.SIGTERM)
+
+        def agreement_during_which_the_signal_lands(flag):
+            handler(signal.SIGTERM, None)  # as the interpreter runs it, once the all-reduce's wait returns
+            return flag  # what every process said before it
+
+        monkeypatch.setattr(engine.checkpoint, "any_process", agreement_during_which_the_signal_lands)
+        args = argparse.Namespace(checkpoint_every=None, out_dir="run")
+        assert not engine.checkpoint.checkpoint_due(args, 5)  # asked before the signal: go on
+        monkeypatch.setattr(engine.checkpoint, "any_process", lambda flag: flag)
+        assert engine.checkpoint.checkpoint_due(args, 6)  # the next step saves
+        with pytest.raises(engine.errors.Preempted, match="SIGTERM: last.pt in run holds step 6"):
+            engine.checkpoint.exit_if_stopped(args, 6)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, sigint)
+        engine.checkpoint._STOP.update(requested=False, signal=None)
+
+
 @pytest.mark.slow  # runs, interrupted and resumed
 def test_ctrl_c_saves_at_the_end_of_the_step_and_a_second_one_quits_at_once(tmp_path):
     """A first Ctrl-C does what SIGTERM does (last.pt at the end of the step, one line, exit 130) and the resumed
@@ -1852,6 +1878,9 @@ def test_the_widths_that_crash_torchs_cpu_convolutions_are_refused_and_the_other
     for flags in (["--image-size", "32", "--width", "8"], ["--image-size", "64", "--width", "16"]):
         byol.parse_args([*cpu, *flags])
     byol.parse_args(["--dataset", "synthetic", "--device", "cuda", "--image-size", "64", "--width", "8"])
+    random_backbone = ["--random-init", "--dataset", "synthetic", "--device", "cpu", "--epochs", "1"]
+    with pytest.raises(common.ConfigError, match="--width 8 with the CIFAR stem at 64-pixel views crashes"):
+        linear_eval.main([*random_backbone, "--image-size", "64", "--width", "8", "--out", "/nonexistent/r.json"])
 
 
 def test_defaults_that_depend_on_the_run():

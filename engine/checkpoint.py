@@ -190,18 +190,23 @@ def stop_at_the_end_of_the_step():
     signal.signal(signal.SIGINT, on_signal)
 
 
+def stop_requested():
+    """Whether any process has seen SIGTERM or a first Ctrl-C: one answer on every process (under torchrun, an
+    all-reduce), so that all of them save and stop at the same step. The handler's flag is only read here,
+    never written back: a signal that lands while the processes agree counts at the next step, not never."""
+    return any_process(_STOP["requested"])
+
+
 def checkpoint_due(args, step):
     """Save last.pt inside the epoch after this step: every --checkpoint-every steps, or after SIGTERM or
-    Ctrl-C (seen by any process, under torchrun: all of them save and stop at the same step)."""
-    _STOP["requested"] = any_process(_STOP["requested"])
-    return _STOP["requested"] or bool(args.checkpoint_every and step % args.checkpoint_every == 0)
+    Ctrl-C (seen by any process)."""
+    return stop_requested() or bool(args.checkpoint_every and step % args.checkpoint_every == 0)
 
 
 def exit_if_stopped(args, step):
     """After SIGTERM or Ctrl-C, once last.pt holds this step: end the run in one line, for a --resume (exit code
     128 + the signal's number: 143 for SIGTERM, 130 for Ctrl-C)."""
-    _STOP["requested"] = any_process(_STOP["requested"])
-    if _STOP["requested"]:
+    if stop_requested():
         name = "Ctrl-C" if _STOP["signal"] == signal.SIGINT else "SIGTERM"
         raise Preempted(
             f"{name}: last.pt in {args.out_dir} holds step {step}; continue with the same command and --resume",

@@ -461,12 +461,7 @@ def check_args(args, method):
             f"--loader stream reads an image folder, not --dataset {args.dataset}; pass --dataset imagefolder "
             f"--data-dir DIR, or --loader memory"
         )
-    if args.device == "cpu" and args.stem == "cifar" and args.width < 16 and (views >= 64 or args.loader == "stream"):
-        raise ConfigError(  # seen with torch 2.14.1 on an AMD EPYC: a heap corruption, exit 134 or 139, no message
-            f"--width {args.width} with the CIFAR stem at {views}-pixel views{' streamed' * (args.loader == 'stream')} "
-            f"crashes inside torch's CPU convolutions (oneDNN, channels_last); use --width 16 or more"
-            + (", or --loader memory" if views < 64 else "")
-        )
+    check_cpu_convolutions(args.device, args.stem, args.width, views, streamed=args.loader == "stream")
     if args.workers is None:
         args.workers = min(32, os.cpu_count() or 1)
     if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
@@ -496,6 +491,18 @@ def check_args(args, method):
         preset = "-laptop" if args.preset == "laptop" else ""
         args.out_dir = str(Path("runs") / f"{method}-{stages}-b{args.beta:g}-s{args.seed}{preset}")
     return args
+
+
+def check_cpu_convolutions(device, stem, width, views, streamed):
+    """A CIFAR-stem backbone narrower than 16 at views of 64 pixels or more, or streamed, on the CPU: refused
+    in one line, since torch's CPU convolutions (oneDNN, channels_last) corrupt the heap there (seen with torch
+    2.14.1 on an AMD EPYC: exit 134 or 139, no message)."""
+    if str(device) == "cpu" and stem == "cifar" and width < 16 and (views >= 64 or streamed):
+        raise ConfigError(
+            f"--width {width} with the CIFAR stem at {views}-pixel views{' streamed' * streamed} crashes inside "
+            f"torch's CPU convolutions (oneDNN, channels_last); use --width 16 or more"
+            + (", or --loader memory" if views < 64 else "")
+        )
 
 
 def check_queue_size(args):
