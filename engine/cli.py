@@ -502,6 +502,7 @@ def check_cpu_convolutions(device, stem, width, views, streamed):
             f"--width {width} with the CIFAR stem at {views}-pixel views{' streamed' * streamed} crashes inside "
             f"torch's CPU convolutions (oneDNN, channels_last); use --width 16 or more"
             + (", or --loader memory" if views < 64 else "")
+            + ", or --device cuda"
         )
 
 
