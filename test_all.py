@@ -18,6 +18,7 @@ import copy
 import functools
 import hashlib
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -466,6 +467,26 @@ def test_shared_stages_in_the_target_branch_leave_online_running_stats_alone():
     target(activations)
     for key, value in online.backbone.block1.state_dict().items():
         assert torch.equal(value, stats[key]), key
+    online, _, target, _ = small_setup("block4,projector")  # the EMA copies' own statistics do move
+    _, _, activations = online(torch.randn(4, 3, 16, 16))
+    norms = [m for m in target.ema["block4"].modules() if isinstance(m, nn.BatchNorm2d)]
+    means = [m.running_mean.clone() for m in norms]
+    target(activations)
+    assert norms and all(m.num_batches_tracked.item() == 1 for m in norms)
+    assert all(not torch.equal(m.running_mean, mean) for m, mean in zip(norms, means))
+
+
+def test_a_beta_just_below_1_still_moves_the_target():
+    """Eq. (6) at beta = 0.9999: xi moves by 1e-4 of the gap to theta (only beta = 1 exactly leaves it)."""
+    _, _, target, _ = small_setup("projector")
+    xi, theta = target.parameter_pairs()
+    with torch.no_grad():
+        for q in theta:
+            q.add_(1.0)
+    before = [p.detach().clone() for p in xi]
+    target.update(0.9999)
+    for p, b, q in zip(xi, before, theta):
+        torch.testing.assert_close(p - b, 1e-4 * (q - b), rtol=1e-2, atol=1e-7)
 
 
 def test_beta_schedule():
@@ -2480,6 +2501,143 @@ def test_blur_p_reaches_the_view_recipes(module, tmp_path, monkeypatch):
     ]
     module.main(argv + (["--queue-size", "32"] if module is mocov2 else []))
     assert [recipe.get("blur_p") for recipe in made] == [0.25], made
+
+
+def test_the_augmentation_recipe_is_solo_learns_cifar_one():
+    """The probabilities and strengths of every view (solo-learn's CIFAR recipe), and the solarised second view
+    of BYOL and DINO (p = 0.2, their asymmetric recipe); nothing else checks these numbers."""
+    recipe = common.ViewRecipe()
+    assert (recipe.crop_scale, recipe.crop_ratio, recipe.jitter_p) == ((0.08, 1.0), (3 / 4, 4 / 3), 0.8)
+    assert (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert (recipe.gray_p, recipe.blur_p, recipe.solarize_p, recipe.flip_p) == (0.2, 0.0, 0.0, 0.5)
+    for module in (byol, dino):
+        source = inspect.getsource(module.main)
+        assert "view_2 = common.ViewRecipe(size=data.image_size, blur_p=args.blur_p[1], solarize_p=0.2)" in source
+
+
+def test_simsiams_loss_stops_the_gradient_of_the_other_views_projection():
+    """Eq. (1)/(2) of SimSiam: D(p, sg(z)). Gradients reach p_1 and p_2, never z_1 or z_2."""
+    g = torch.Generator().manual_seed(0)
+    p_1, p_2, z_1, z_2 = (torch.randn(4, 6, generator=g).requires_grad_() for _ in range(4))
+    simsiam.simsiam_loss(p_1, p_2, z_1, z_2).backward()
+    assert z_1.grad is None and z_2.grad is None
+    assert p_1.grad.abs().sum() > 0 and p_2.grad.abs().sum() > 0
+
+
+def test_nt_xents_indices_move_with_the_processes_own_columns():
+    """Under torchrun this process's anchors are candidates first .. first + 2N - 1: the loss of anchors placed
+    after another process's equals the loss of the same anchors placed first."""
+    g = torch.Generator().manual_seed(0)
+    anchors, others = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    alone = simclr.nt_xent(anchors, torch.cat([anchors, others]), 0.2, first=0)
+    second = simclr.nt_xent(anchors, torch.cat([others, anchors]), 0.2, first=6)
+    torch.testing.assert_close(second, alone)
+
+
+def test_the_probe_averages_its_loss_over_the_views():
+    g = torch.Generator().manual_seed(0)
+    probe, features, labels = nn.Linear(5, 3), torch.randn(8, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    one_view = common.probe_loss(probe, (features,), labels)
+    torch.testing.assert_close(common.probe_loss(probe, (features, features), labels), one_view)
+    torch.testing.assert_close(one_view, F.cross_entropy(probe(features), labels))
+
+
+def test_knn_votes_with_exactly_k_neighbours():
+    """Training points at 10 degrees (class 0), 20 and 25 degrees (class 1), a test point at 0: its 1 nearest
+    neighbour is class 0, its 3 nearest vote class 1 (two against one, at T = 1 the weights are close)."""
+    angles = torch.tensor([10.0, 20.0, 25.0]).deg2rad()
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels, test = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]])
+    assert common.knn_predict(train, labels, test, 2, k=1, temperature=1.0).tolist() == [0]
+    assert common.knn_predict(train, labels, test, 2, k=3, temperature=1.0).tolist() == [1]
+
+
+def test_the_key_queue_wraps_around_its_end():
+    """FIFO across the end of the queue: 4 keys into a queue of 6, twice, fill slots 0-3, then 4, 5, 0, 1."""
+    queue = common.KeyQueue(6, 2)
+    keys = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
+    queue.push(keys)
+    queue.push(keys)
+    assert queue.pointer.item() == 2
+    torch.testing.assert_close(queue.keys, torch.cat([keys[2:], keys[2:], keys[:2]]))
+
+
+def test_lars_puts_biases_and_batchnorm_in_a_plain_group_and_keeps_momentum():
+    linear, norm = nn.Linear(3, 4), nn.BatchNorm1d(4)
+    weights, plain = engine.optim.param_groups([linear, norm], 1e-5)
+    assert weights["params"] == [linear.weight] and weights["weight_decay"] == 1e-5
+    assert plain["params"] == [linear.bias, norm.weight, norm.bias] and plain["weight_decay"] == 0.0
+    assert plain["lars"] is False
+    w = torch.nn.Parameter(torch.ones(3))  # a plain SGD group: buf = 0.9 buf + g, w <- w - lr buf
+    optimizer = engine.optim.LARS([{"params": [w], "lars": False}], lr=0.5, eta=0.02, momentum=0.9)
+    g = torch.tensor([1.0, 2.0, 3.0])
+    for _ in range(2):
+        w.grad = g.clone()
+        optimizer.step()
+    torch.testing.assert_close(w.detach(), torch.ones(3) - 0.5 * g - 0.5 * (0.9 * g + g))
+
+
+def test_a_fixed_lr_group_keeps_its_learning_rate():
+    """SimSiam's predictor: its group keeps its lr while the schedule moves the others."""
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": True}], lr=1.0)
+    engine.optim.set_learning_rate(optimizer, 0.25)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.25, 1.0]
+
+
+def test_each_view_meets_its_own_target_at_a_real_step(tmp_path, monkeypatch):
+    """The method files' wiring of Algorithm 1, checked at one real step against a second pass of the same
+    networks: BYOL's p_1 is h(g(b(x_1))) and z_1m the target's output for x_1's activations (Eq. 4-5: each
+    prediction meets the other view's z_m inside byol_loss); MoCo v2's k_1 comes from view 1 and fills queue 1;
+    ReSSL's teacher sees the other view than the student's (the weak one)."""
+    built, online_inputs, teacher_inputs, checked = {}, [], [], []
+    encoder_forward, from_image = common.Encoder.forward, common.NamedStageEMA.from_image
+    monkeypatch.setattr(common.Encoder, "forward", lambda self, x: online_inputs.append(x) or encoder_forward(self, x))
+    monkeypatch.setattr(
+        common.NamedStageEMA, "from_image", lambda self, x: teacher_inputs.append(x) or from_image(self, x)
+    )
+    for module in (byol, mocov2, ressl):
+        real_build = module.build
+        monkeypatch.setattr(module, "build", lambda *a, m=module, b=real_build: built.setdefault(m, b(*a)))
+
+    @torch.no_grad()
+    def again(online, target, view):  # a second pass of the same networks: z = g(b(x)) and the target's z_m
+        _, z, activations = online(view)
+        return z, target(activations)
+
+    def byol_loss(p_1, p_2, z_1m, z_2m):
+        online, predictor, target = built[byol][:3]
+        for view, p, z_m in zip(online_inputs[:2], (p_1, p_2), (z_1m, z_2m)):
+            z, z_m_again = again(online, target, view)
+            with torch.no_grad():
+                assert torch.allclose(p, predictor(z), atol=1e-5) and torch.allclose(z_m, z_m_again, atol=1e-5)
+        checked.append("byol")
+        return real_byol_loss(p_1, p_2, z_1m, z_2m)
+
+    def moco_loss(q_1, q_2, k_1, k_2, queues, temperature):
+        online, target = built[mocov2][:2]
+        for view, k in zip(online_inputs[:2], (k_1, k_2)):
+            assert torch.allclose(k, again(online, target, view)[1], atol=1e-5)
+        checked.append(k_1.detach().clone())
+        return real_moco_loss(q_1, q_2, k_1, k_2, queues, temperature)
+
+    def ressl_loss(q, k, queue, student_temp, teacher_temp):
+        assert len(online_inputs) == 1 and len(teacher_inputs) == 1 and not torch.equal(*online_inputs, *teacher_inputs)
+        checked.append("ressl")
+        return real_ressl_loss(q, k, queue, student_temp, teacher_temp)
+
+    real_byol_loss, real_moco_loss, real_ressl_loss = byol.byol_loss, mocov2.moco_loss, ressl.ressl_loss
+    monkeypatch.setattr(byol, "byol_loss", byol_loss)
+    monkeypatch.setattr(mocov2, "moco_loss", moco_loss)
+    monkeypatch.setattr(ressl, "ressl_loss", ressl_loss)
+    tiny = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16"]
+    tiny += ["--width", "8", "--epochs", "1", "--max-steps", "1", "--device", "cpu"]
+    for module, extra in ((byol, []), (mocov2, ["--queue-size", "32"]), (ressl, ["--queue-size", "32"])):
+        online_inputs.clear(), teacher_inputs.clear()
+        run_here(module, *tiny, *extra, "--out-dir", tmp_path / module.__name__)  # an assertion inside fails it
+    assert checked[0] == "byol" and checked[2] == "ressl"
+    queues = built[mocov2][2]
+    torch.testing.assert_close(queues.keys[0][:16], F.normalize(checked[1], dim=1))  # queue 1 holds view 1's keys
 
 
 def test_output_spread_reads_0_when_collapsed_and_1_when_spread_out():
