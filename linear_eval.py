@@ -206,19 +206,14 @@ def main(argv=None):
             seed=trained["seed"],
         )
 
-    check_cpu_convolutions(
-        device.type,
-        trained.get("stem", "cifar"),
-        trained.get("width", 64),
-        data.image_size,
-        streamed=args.loader == "stream",
-    )
+    width, stem = trained.get("width", 64), trained.get("stem", "cifar")  # (checkpoints before the flags)
+    check_cpu_convolutions(device.type, stem, width, data.image_size, streamed=args.loader == "stream")
     # The frozen backbone: the online network's b, in eval mode, without gradients.
     backbone = common.ResNetCIFAR(
         state["arch"],
-        width=trained.get("width", 64),
+        width=width,
         bn_block4=trained.get("bn_block4", False),
-        stem=trained.get("stem", "cifar"),
+        stem=stem,
     ).to(device)
     online = state["models"]["online"]
     backbone.load_state_dict({k[len("backbone.") :]: v for k, v in online.items() if k.startswith("backbone.")})
@@ -271,7 +266,7 @@ def main(argv=None):
         "checkpoint": str(args.checkpoint),
         "method": state["method"],
         "arch": state["arch"],
-        "width": trained.get("width", 64),
+        "width": width,
         "dataset": args.dataset,
         "train_subset": args.train_subset,
         "eval_split": args.eval_split,

@@ -2630,8 +2630,7 @@ def test_each_view_meets_its_own_target_at_a_real_step(tmp_path, monkeypatch):
     monkeypatch.setattr(byol, "byol_loss", byol_loss)
     monkeypatch.setattr(mocov2, "moco_loss", moco_loss)
     monkeypatch.setattr(ressl, "ressl_loss", ressl_loss)
-    tiny = ["--dataset", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16"]
-    tiny += ["--width", "8", "--epochs", "1", "--max-steps", "1", "--device", "cpu"]
+    tiny = [*SYNTHETIC, "--width", "8", "--epochs", "1", "--max-steps", "1"]
     for module, extra in ((byol, []), (mocov2, ["--queue-size", "32"]), (ressl, ["--queue-size", "32"])):
         online_inputs.clear(), teacher_inputs.clear()
         run_here(module, *tiny, *extra, "--out-dir", tmp_path / module.__name__)  # an assertion inside fails it

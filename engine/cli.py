@@ -497,7 +497,7 @@ def check_cpu_convolutions(device, stem, width, views, streamed):
     """A CIFAR-stem backbone narrower than 16 at views of 64 pixels or more, or streamed, on the CPU: refused
     in one line, since torch's CPU convolutions (oneDNN, channels_last) corrupt the heap there (seen with torch
     2.14.1 on an AMD EPYC: exit 134 or 139, no message)."""
-    if str(device) == "cpu" and stem == "cifar" and width < 16 and (views >= 64 or streamed):
+    if device == "cpu" and stem == "cifar" and width < 16 and (views >= 64 or streamed):
         raise ConfigError(
             f"--width {width} with the CIFAR stem at {views}-pixel views{' streamed' * streamed} crashes inside "
             f"torch's CPU convolutions (oneDNN, channels_last); use --width 16 or more"
