@@ -2080,7 +2080,9 @@ def test_track_weights_needs_a_narrow_last_layer(tmp_path):
     result = run_script("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path / "run", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "--proj-hidden-dim 2" in lines[0], result.stderr
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()  # the run directory it made for the run (and locked) is gone
+    result = run_script("byol.py", *TINY, "--track-weights", "4", "--out-dir", tmp_path, check=False)
+    assert result.returncode == 2 and tmp_path.is_dir()  # a directory that was there before stays
 
 
 @pytest.mark.slow  # the default run: test_resume_mid_epoch_... and instrumented_runs
@@ -2733,11 +2735,13 @@ def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path):
     # with a checkpoint before it, the way on is the one the message gives: a lower --probe-lr, then --resume
     flags = [*tiny_args("simclr"), "--synthetic-size", "64", "--max-steps", "4", "--out-dir", tmp_path / "run"]
     run_here(simclr, *flags, "--max-steps", "1")  # 4 steps an epoch: stopped (and saved) after the first
-    before = (tmp_path / "run" / "last.pt").read_bytes()
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "args.json")}
     result = run_here(simclr, *flags, "--probe-lr", "1e38", "--resume", check=False)
     assert result.returncode == 2 and "then --resume" in result.stderr, result.stderr
-    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the good state, untouched
+    for name, content in before.items():  # the good state, and the flags it was trained with, untouched
+        assert (tmp_path / "run" / name).read_bytes() == content, name
     run_here(simclr, *flags, "--probe-lr", "0.01", "--resume")
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["probe_lr"] == 0.01  # the resume's flags, saved
 
 
 def test_resume_refuses_another_kind_of_device(tmp_path):

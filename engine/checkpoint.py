@@ -136,13 +136,15 @@ _LOCKS = {}  # run directory -> the open lock file this process holds (the lock 
 def lock_run_directory(out_dir):
     """Hold an OS lock (fcntl.lockf) on out_dir/.lock for as long as this process lives: a second run, or a
     --resume, in the same directory is refused in one line naming the live run's PID. The OS drops the
-    lock when the process ends, however it ends (a SIGKILL too), so a dead run's lock is no obstacle."""
+    lock when the process ends, however it ends (a SIGKILL too), so a dead run's lock is no obstacle.
+    Returns whether this call made the directory."""
     import fcntl
 
     out_dir = Path(out_dir)
     key = str(out_dir.resolve())
     if key in _LOCKS:  # this process holds it already (a second main() in one process: the tests)
-        return
+        return False
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         handle = open(out_dir / ".lock", "a+")
@@ -164,10 +166,12 @@ def lock_run_directory(out_dir):
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _LOCKS[key] = handle
+    return made
 
 
 _STOP = {"requested": False, "signal": None}  # set by the signal handler; the loop saves and exits after the step
-RUN_DIRECTORY = {"path": None}  # the directory of the run in progress, for the message of an interrupt
+# the directory of the run in progress (for the message of an interrupt), and whether this process made it
+RUN_DIRECTORY = {"path": None, "made": False}
 
 
 def stop_at_the_end_of_the_step():
@@ -222,6 +226,20 @@ def interrupted_note():
     return f"interrupted: {path / 'last.pt'} holds the last checkpoint, intact; rerun with --resume to continue it"
 
 
+def remove_if_unused():
+    """After a refusal: the run directory this process made is removed if it holds nothing but its .lock (a
+    check that needs the run's models or data, after the lock), so that a refused command leaves no trace."""
+    path = RUN_DIRECTORY["path"]
+    if not RUN_DIRECTORY["made"] or not path.is_dir() or [p.name for p in path.iterdir()] != [".lock"]:
+        return
+    handle = _LOCKS.pop(str(path.resolve()), None)
+    (path / ".lock").unlink()
+    path.rmdir()
+    if handle is not None:
+        handle.close()  # (the lock goes with it)
+    RUN_DIRECTORY.update(path=None, made=False)
+
+
 def start_or_resume(args, models, optimizer, generator, device, order_generator):
     """The run's Progress: from last.pt with --resume (models, optimiser and generators restored in place),
     fresh otherwise. First the run takes its directory (lock_run_directory, on rank 0), and SIGTERM and
@@ -229,8 +247,8 @@ def start_or_resume(args, models, optimizer, generator, device, order_generator)
     epoch's order: one and the same generator in a single process."""
     if args.resume and not (Path(args.out_dir) / "last.pt").is_file():  # before the lock makes the directory
         load_checkpoint(args.out_dir, args.method, args.arch)  # (its one line: no checkpoint at ...)
-    on_rank_0(lambda: lock_run_directory(args.out_dir))
-    RUN_DIRECTORY["path"] = Path(args.out_dir)
+    made = on_rank_0(lambda: lock_run_directory(args.out_dir))
+    RUN_DIRECTORY.update(path=Path(args.out_dir), made=bool(made))
     stop_at_the_end_of_the_step()
     if not args.resume:
         return Progress(step=0, order=None, loss_sum=torch.zeros((), device=device))

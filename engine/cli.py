@@ -524,7 +524,7 @@ def run_cli(main):
     once, saying what was saved. Under torchrun every process meets the same error (the same flags, files and
     averaged gradients), and rank 0 alone prints it (the others wait 5 s, as torchrun ends them all once
     one fails); every process leaves the process group on the way out."""
-    from engine.checkpoint import interrupted_note
+    from engine.checkpoint import interrupted_note, remove_if_unused
     from engine.distributed import WORLD, end_distributed
 
     code = 0
@@ -533,6 +533,7 @@ def run_cli(main):
     except (ConfigError, DivergedError) as error:
         if WORLD.main:
             print(f"error: {error}", file=sys.stderr)
+            remove_if_unused()  # a run directory made for a refused run, holding only its lock
         else:  # torchrun stops every process once one fails: give rank 0 the time to say why first
             time.sleep(5)
         code = 2

@@ -43,21 +43,32 @@ class RunLogger:
                 f"--out-dir, or move that run's files away first"
             )
         self.last = progress.history[-1] if progress.history else None  # the summary line's metrics
-        info = {
+        self.info = {
             **vars(args),
             "git_revision": git_revision(),
             "torch": torch.__version__,
             "world_size": WORLD.size,  # processes under torchrun (1: plain python)
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         }
-        atomic_write(self.out_dir / "args.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        self.args_written = False
+        if not args.resume:  # a resumed run's args.json is rewritten once last.pt holds its flags (write_args)
+            self.write_args()
         self.write_metrics(progress.history)
         if instruments is not None:
             instruments.open(self.out_dir, progress.step, args.resume)
         self.progress_bar = sys.stdout.isatty()
         self.started, self.steps_done, self.steps_per_epoch = time.monotonic(), 0, None  # for the ETAs
         self.clock, self.last_plain = None, time.monotonic()  # (start, first step) of this epoch; last plain line
-        print(f"{args.method}.py at git {info['git_revision']}, arguments: {json.dumps(vars(args))}")
+        print(f"{args.method}.py at git {self.info['git_revision']}, arguments: {json.dumps(vars(args))}")
+
+    def write_args(self):
+        """Write args.json: the run's flags, git revision, torch, processes and device. A --resume may change
+        some flags (--lr, --max-steps, ...); its args.json is rewritten only after its first last.pt is saved,
+        so that a resume that is refused or diverges first leaves args.json describing last.pt's run."""
+        if not self.args_written:
+            text = json.dumps(self.info, indent=2)
+            atomic_write(self.out_dir / "args.json", lambda f: f.write(text.encode()))
+            self.args_written = True
 
     def progress(self, step_in_epoch, steps, loss):
         """The progress line: step, loss, steps per second and the epoch's ETA. In a terminal it is

@@ -208,3 +208,5 @@ class Run:
         save_checkpoint(
             self.args, self.progress, self.models, self.optimizer, self.views, self.instruments, self.generator
         )
+        if WORLD.main:  # last.pt now holds this run's flags: so does args.json (after a --resume, from here on)
+            self.logger.write_args()
