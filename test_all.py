@@ -1204,7 +1204,7 @@ def test_resume_inside_an_augmentation_chunk(tmp_path):
 
 def test_resume_mid_epoch_after_max_steps(tmp_path):
     """--max-steps stops mid-epoch (a provisional metrics line); --resume continues bit-identically."""
-    args = resume_args("byol", 2)
+    args = [*resume_args("byol", 2), "--width", "16"]  # (a narrow backbone: three processes in the default run)
     run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
     run_script("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
     assert metrics(tmp_path / "split")[-1]["step"] == 2  # the provisional line of the cut epoch
@@ -2058,7 +2058,7 @@ def test_tracked_target_rows_freeze_at_beta_1_and_follow_equation_6_below(instru
 
 
 def test_target_drift_changes_nothing_is_zero_for_a_frozen_target_and_the_online_drift_without_ema(tmp_path):
-    small = [*resume_args("byol", 1), "--max-steps", "3"]
+    small = [*resume_args("byol", 1), "--max-steps", "3", "--width", "16"]
     run_here(byol, *small, "--ema-stages", "all", "--out-dir", tmp_path / "off")
     for stages, beta in (("all", "0.99"), ("all", "1"), ("none", "0.99")):
         out = tmp_path / f"{stages}{beta}"
