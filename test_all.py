@@ -2757,6 +2757,18 @@ def test_resume_refuses_another_kind_of_device(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "last.pt").read_bytes() == before
 
 
+def test_resume_refuses_a_max_steps_its_checkpoint_has_passed(tmp_path):
+    """A run cannot go back: a --resume with a --max-steps below last.pt's step is refused in one line, and
+    last.pt is left as it was; at last.pt's own step the run has nothing left to do and ends as a finished run."""
+    run_here(byol, *TINY, "--out-dir", tmp_path)  # 2 steps
+    before = (tmp_path / "last.pt").read_bytes()
+    result = run_here(byol, *TINY, "--max-steps", "1", "--out-dir", tmp_path, "--resume", check=False)
+    assert result.returncode == 2 and "holds step 2, past --max-steps 1" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "last.pt").read_bytes() == before
+    finished = run_here(byol, *TINY, "--out-dir", tmp_path, "--resume")
+    assert "summary: method=byol" in finished.stdout and (tmp_path / "last.pt").read_bytes() == before
+
+
 @pytest.mark.slow  # the default run: test_resume_mid_epoch_... resumes with the same flags
 def test_resume_refuses_another_train_subset(tmp_path):
     run_script("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")

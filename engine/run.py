@@ -97,6 +97,13 @@ class Run:
                 f"split now holds {len(data.train_labels)}; resume on the images the run started with (args.json "
                 f"names its --data-dir), or start a new run"
             )
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
+        if self.progress.step > self.last_step:  # a --resume with a --max-steps below its checkpoint's step
+            raise ConfigError(
+                f"last.pt in {args.out_dir} holds step {self.progress.step}, past --max-steps {args.max_steps}; a run "
+                f"cannot go back: raise --max-steps, or leave it out to run to the end"
+            )
         # batch i's views (this process's share of it), augmented --aug-chunk batches at a time
         self.views = make_views(
             data,
@@ -121,8 +128,6 @@ class Run:
             counter=self.counter,
         )
         self.logger = on_rank_0(lambda: RunLogger(args, self.progress, self.instruments))
-        self.total_steps = args.epochs * self.steps_per_epoch
-        self.last_step = min(self.total_steps, args.max_steps or self.total_steps)
         self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
 
     def batches(self):
