@@ -2215,6 +2215,57 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
     assert len(out_dirs) == 2 and out_dirs[0] == out_dirs[1]  # Table 7's BYOL at lr 1.0 is Table 1's run
 
 
+def documented_commands():
+    """(file, line, script, argv) of each `python SCRIPT ...` and `torchrun ... SCRIPT ...` command in the code
+    blocks of README.md and docs/*.md: what a reader copies (a backslash continues a line; `&&` separates two
+    commands; `python -m` and `python -c` are not a script's)."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"^```[^\n]*\n(.*?)^```", path.read_text(), re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                for command in line.split("&&"):
+                    if not re.match(r"\s*(python|torchrun) (?!-[mc] )", command):
+                        continue
+                    words = shlex.split(command, comments=True)
+                    script = next(word for word in words if word.endswith(".py"))
+                    yield path.name, command.strip(), script, words[words.index(script) + 1 :]
+
+
+def test_every_command_in_the_readme_and_docs_parses_with_its_scripts_flags(tmp_path):
+    """The README stays true: each documented command of a method file, linear_eval.py or a tool parses with that
+    script's own flags (a renamed or removed flag fails here). Placeholders take a value of their kind: N a count,
+    a --data-dir an empty CIFAR-style folder; `...` stands for flags shown on the line before."""
+    data = tmp_path / "data"
+    for split in ("train", "test", "val"):
+        (data / split).mkdir(parents=True)
+    found = list(documented_commands())
+    assert len(found) >= 40 and {script for *_, script, _ in found} >= {"byol.py", "tools/reproduce.py"}
+    for name, line, script, argv in found:
+        if any(word == "..." and not before.startswith("--") for before, word in zip(["", *argv], argv)):
+            continue  # an elision of the line above's flags (after a flag, `...` is a placeholder value)
+        argv = ["2" if word == "N" else word for word in argv]
+        argv = [str(data) if before == "--data-dir" else word for before, word in zip(["", *argv], argv)]
+        if script == "course/assignment.py":  # (the instructor's tool: absent from the student edition)
+            module = assignment_tool
+        elif script.startswith("tools/"):
+            module = tool(Path(script).stem)
+        else:
+            module = {**METHOD_MODULES, "linear_eval": linear_eval}[Path(script).stem]
+        if module is None:
+            continue
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()) as out:
+                if hasattr(module, "parse_args"):
+                    module.parse_args(argv)
+                else:  # (course/assignment.py: its flags, from its --help)
+                    with pytest.raises(SystemExit):
+                        module.main(["--help"])
+                    flags = set(re.findall(r"--[a-z-]+", out.getvalue()))
+                    assert {word for word in argv if word.startswith("--")} <= flags, (name, line)
+        except (SystemExit, engine.errors.ConfigError) as error:
+            raise AssertionError(f"{name}: `{line}` does not parse: {said.getvalue() or error}") from None
+
+
 @pytest.mark.slow  # a tool run of four method runs; test_reproduce_list_... checks every command
 def test_reproduce_runs_each_row_then_skips_finished_ones(tmp_path):
     cmd = [
