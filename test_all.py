@@ -4252,6 +4252,15 @@ def test_the_learning_run_gets_as_many_epochs_as_its_time_allows(fake_gpu, tmp_p
     assert gpu_report.learning_epochs(ctx, 1000) == 3  # --learning-epochs wins
 
 
+def test_the_reports_loader_section_shows_the_cores_a_step_needs_with_digits_that_read():
+    """A CPU's step needs a small part of a core (two digits: 0.03, not 0.0); a GPU's, many cores (one digit)."""
+    for cores, shown in ((0.0312, "0.03"), (12.345, "12.3"), (None, "-")):
+        results = {"step_images_per_second": 4.0, "cores_needed": cores, "cores": 2, "device": "cpu"}
+        results.update(loader_images_per_second_one_core=131.0, loader_images_per_second_all_cores=272.0)
+        page = "\n".join(gpu_report.loader_section({"loader": {"results": results}}))
+        assert f"The step consumes what {shown} cores deliver" in page
+
+
 def test_scale_down_flags_and_cpu_sizes(tmp_path):
     args = gpu_report.parse_args(["--synthetic-size", "1024", "--batch-size", "64", "--width", "16", "--jobs", "1,3"])
     assert (args.sizes.images, args.sizes.batch_size, args.sizes.width, args.sizes.jobs) == (1024, 64, 16, (1, 3))

@@ -780,6 +780,7 @@ def loader_section(parts):
     loader = parts.get("loader", {}).get("results") or {}
     if not loader.get("step_images_per_second"):
         return []
+    cores = loader["cores_needed"]  # (two digits below one: on a CPU a step needs a small part of a core)
     return [
         "## ImageNet's loader: how many CPU cores one GPU needs",
         "",
@@ -791,8 +792,8 @@ def loader_section(parts):
         f"| a BYOL step at 224 pixels, ImageNet stem, on {loader['device']} | "
         f"{number(loader['step_images_per_second'], 0)} |",
         "",
-        f"The step consumes what {number(loader['cores_needed'], 1)} cores deliver at one core's pace (generated "
-        f"JPEGs of 300 to 500 pixels a side).",
+        f"The step consumes what {number(cores, 1 if cores is None or cores >= 1 else 2)} cores deliver at one "
+        "core's pace (generated JPEGs of 300 to 500 pixels a side).",
         "",
     ]
 
