@@ -74,6 +74,7 @@ needs_mini = pytest.mark.skipif(
 )
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
 METHOD_MODULES = {"byol": byol, "simsiam": simsiam, "simclr": simclr, "mocov2": mocov2, "dino": dino, "ressl": ressl}
+SCRIPT_MODULES = {**METHOD_MODULES, "linear_eval": linear_eval}  # every script at the top level, by its name
 
 
 def tool(name):
@@ -2185,22 +2186,13 @@ def test_reproduce_list_covers_every_experiment_with_valid_commands():
     reproduce = tool("reproduce")
     assert PAPER_EXPERIMENTS <= set(reproduce.EXPERIMENTS)
     result = run_script("tools/reproduce.py", "--list")
-    modules = {
-        "byol": byol,
-        "simsiam": simsiam,
-        "simclr": simclr,
-        "mocov2": mocov2,
-        "dino": dino,
-        "ressl": ressl,
-        "linear_eval": linear_eval,
-    }
     for name in PAPER_EXPERIMENTS:
         assert f"{name}: " in result.stdout
         commands = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("    python ")]
         assert commands
     for argv in commands:  # every command parses with its script's own flags
         script = Path(argv[0]).stem
-        modules[script].parse_args(argv[1:])
+        SCRIPT_MODULES[script].parse_args(argv[1:])
     assert len(commands) == sum(len(e.rows) for e in reproduce.EXPERIMENTS.values())
     # one experiment's commands, and --only's rows of them; the runs two tables share are one directory
     table7 = run_script("tools/reproduce.py", "table7", "--list", "--only", "lr 4.0").stdout.splitlines()
@@ -2249,7 +2241,7 @@ def test_every_command_in_the_readme_and_docs_parses_with_its_scripts_flags(tmp_
         elif script.startswith("tools/"):
             module = tool(Path(script).stem)
         else:
-            module = {**METHOD_MODULES, "linear_eval": linear_eval}[Path(script).stem]
+            module = SCRIPT_MODULES[Path(script).stem]
         if module is None:
             continue
         said = io.StringIO()
