@@ -15,8 +15,9 @@ The paper's numbers for these rows (CIFAR-100, ResNet-18, 200 epochs, online lin
 
 Deviations from the paper's runs, this method's own (those common to every method file -- CIFAR stem,
 batched augmentation, schedules, BatchNorm in shared stages -- are listed in docs/deviations.md):
-  * loss: 2 - 2cos per direction, averaged over the two directions (solo-learn's form when the
-    paper ran it); Algorithm 1 writes D = -cos: the same minimiser, twice the gradient.
+  * loss: 2 - 2cos per direction, averaged over the two directions as Eq. 5 averages them (solo-learn's
+    code of the paper's time sums them: twice our gradient); Eq. 5 and Algorithm 1 write D = -cos: the
+    same minimiser, half our gradient.
 """
 
 import torch  # (unused by the reference: there for an answer to the course's exercises that needs it)

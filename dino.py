@@ -15,7 +15,9 @@ as in solo-learn's CIFAR runs) go to the student only.
 
 Deviations from the paper's runs, this method's own (those common to every method file are in
 docs/deviations.md): local crops, when asked for, are --local-crop-size pixels (16) from scale
-(0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting.
+(0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting. The head has
+no BatchNorm, as in solo-learn's scripts of the paper's time; --head-bn puts it back (its CIFAR runs
+of July 2021, and --preset laptop, whose kept runs were made with it).
 """
 
 import math
@@ -42,7 +44,7 @@ RECIPE = common.Recipe(
     beta=0.99,
     beta_schedule="cosine",
     beta_final=1.0,
-    flags=[  # head 512-2048-2048-256 with BN and GELU, l2-normalised, then 4096 prototypes of weight norm 1
+    flags=[  # head 512-2048-2048-256 with GELU, l2-normalised, then 4096 prototypes of weight norm 1
         common.Flag("--proj-hidden-dim", 2048, "hidden width of the head's MLP", positive(int, 2**16)),
         common.Flag("--bottleneck-dim", 256, "output width of the MLP, before the prototypes", positive(int, 2**16)),
         common.Flag("--num-prototypes", 4096, "K, the number of prototypes (outputs)", positive(int, 2**17)),
@@ -59,6 +61,8 @@ RECIPE = common.Recipe(
             "momentum of the centre of the teacher's outputs",
             common.fraction(),
         ),
+        # no BatchNorm in the head's MLP: solo-learn's --use_bn_in_head, False from 2021-09-13 on (docs/deviations.md)
+        common.Flag("--head-bn", False, "BatchNorm after each hidden layer of the head (solo-learn's July 2021 head)"),
         common.Flag("--freeze-last-layer-epochs", 1, "epochs without updates to the prototypes", non_negative(int)),
         common.Flag("--num-local-crops", 0, "small crops for the student only", non_negative(int, 2**5)),
         common.Flag(
@@ -78,8 +82,8 @@ RECIPE = common.Recipe(
     ],
     # --preset laptop: the teacher at 0.04 throughout, the warm-up's own start (the paper: 0.04 rising to 0.07 over
     # 50 epochs), chosen on the validation split (docs/small-scale.md): at 0.07 the loss stays at log(4,096) for
-    # the whole 10-epoch run.
-    laptop={"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0},
+    # the whole 10-epoch run. And BatchNorm in the head: the preset's runs kept in docs/results/ were made with it.
+    laptop={"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0, "head_bn": True},
 )
 
 
@@ -93,15 +97,15 @@ def parse_args(argv=None):
 
 
 class DINOHead(nn.Module):
-    """The projector stage g: MLP (BN, GELU) -> l2-normalise -> weight-normalised prototypes.
+    """The projector stage g: MLP (GELU; BN with --head-bn) -> l2-normalise -> weight-normalised prototypes.
 
     Weight normalisation with its norm g frozen at 1 (DINO's norm_last_layer) leaves each
     prototype's direction to learn and fixes its length: the layer is x -> x V^T / |V_rows|.
     """
 
-    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes):
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, bn=False):
         super().__init__()
-        self.mlp = common.mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=3, gelu=True)
+        self.mlp = common.mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=3, bn=bn, gelu=True)
         for m in self.mlp:  # DINO's initialisation
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -153,7 +157,7 @@ def build(args, num_classes):
     """The online (student) encoder E = g o b with the DINO head as g, the target (teacher) with EMA stages, the
     centre, the probe; LARS."""
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
-    head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes)  # g
+    head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes, args.head_bn)
     online = common.Encoder(backbone, head)
     target = common.NamedStageEMA(online, args.stages)
     centre = Centre(args.num_prototypes, args.centre_momentum)  # part of the checkpoint

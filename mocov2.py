@@ -43,18 +43,18 @@ RECIPE = common.Recipe(
         common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
         common.Flag("--temperature", 0.2, "InfoNCE temperature", positive(float)),
         common.Flag("--queue-size", 32768, "keys per queue; a multiple of --batch-size", positive(int, 2**21)),
-        common.Flag("--blur-p", 0.5, "probability of a Gaussian blur on each view", common.fraction()),
+        # no blur: solo-learn's mocov2plus.sh in the paper's time, 2021-08 to 2022-09 (July 2021: 0.5; deviations.md)
+        common.Flag("--blur-p", 0.0, "probability of a Gaussian blur on each view", common.fraction()),
     ],
     # --preset laptop: the values of MoCo's own CIFAR-10 demo (lr 0.06, its value at batch 512, kept at the preset's
-    # 256, where the demo says 0.03; temperature 0.1, weight decay 5e-4, a queue
-    # of 4,096 keys: fewer than the 10,000 training images, and no blur, which at 32 pixels smears most of an image
-    # away), and a projector 512 wide (lightly's CIFAR width; chosen on the validation split, docs/small-scale.md).
+    # 256, where the demo says 0.03; temperature 0.1, weight decay 5e-4, a queue of 4,096 keys: fewer than the 10,000
+    # training images), and a projector 512 wide (lightly's CIFAR width; chosen on the validation split,
+    # docs/small-scale.md).
     laptop={
         "lr": 0.06,
         "temperature": 0.1,
         "weight_decay": 5e-4,
         "queue_size": 4096,
-        "blur_p": 0.0,
         "proj_hidden_dim": 512,
     },
 )

@@ -20,7 +20,8 @@ activations) before the EMA projector. backbone_forwards_per_image is 2 for ever
 
 Deviations from the paper's runs, this method's own (those common to every method file are in
 docs/deviations.md): the online probe trains on the strong view's features only (solo-learn also fed
-it the weak view, which only the teacher sees here).
+it the weak view, which only the teacher sees here), and so the online backbone's BatchNorm running
+statistics, which the evaluation uses, come from strong views only (solo-learn's saw both).
 """
 
 import torch

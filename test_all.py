@@ -1082,6 +1082,11 @@ def assert_same_run(a_dir, b_dir):
 # (only from code whose results you trust: the digests are the reference).
 GOLDEN = ROOT / "docs" / "golden-runs.json"
 GOLDEN_STAGES = ("all", "projector", "none")
+# The recipes' values when the digests were recorded, where a default has moved since to solo-learn's scripts of the
+# paper's time (blur 0 for SimCLR, SimSiam and MoCo v2; DINO's head without BatchNorm): the golden runs keep them,
+# so the digests still hold and still cover the blur and the head's BatchNorm.
+GOLDEN_RECIPES = {"simclr": ["--blur-p", "0.5"], "simsiam": ["--blur-p", "0.5"], "mocov2": ["--blur-p", "0.5"]}
+GOLDEN_RECIPES["dino"] = ["--head-bn"]
 
 
 def cpu_name():
@@ -1106,7 +1111,7 @@ def golden_digests(method, tmp_path, env=None):
     """{stages: {"weights": sha256, "metrics": sha256}} of `method`'s golden runs: 2 epochs of 4 steps, a
     checkpoint every 2 steps, cut at step 3, resumed to the end; one process (main() twice) on one thread.
     env: more environment for that process (an ISA_CEILING)."""
-    args = [*resume_args(method, 2), "--checkpoint-every", "2"]
+    args = [*resume_args(method, 2), "--checkpoint-every", "2", *GOLDEN_RECIPES.get(method, [])]
     script = "\n".join(
         [f"import {method}"]
         + [
@@ -2503,10 +2508,7 @@ def test_preset_laptop_changes_defaults_and_flags_given_still_win():
     assert (laptop.width, laptop.train_subset, laptop.epochs, laptop.warmup_epochs) == (16, 10000, 10, 1)
     assert (laptop.lr, laptop.temperature, laptop.queue_size, laptop.beta_schedule) == (0.06, 0.1, 4096, "constant")
     assert (paper.proj_hidden_dim, laptop.proj_hidden_dim) == (2048, 512)  # chosen on the validation split
-    assert (paper.blur_p, laptop.blur_p) == (
-        0.5,
-        0.0,
-    )  # the recipe's blur; none in the CIFAR recipes of MoCo and SimCLR
+    assert (paper.blur_p, laptop.blur_p) == (0.0, 0.0)  # solo-learn's CIFAR scripts of the paper's time: no blur
     assert laptop.out_dir.endswith("-laptop") and not paper.out_dir.endswith("-laptop")
     mine = byol.parse_args(["--preset", "laptop", "--lr", "0.5", "--width", "8", "--beta-schedule", "cosine"])
     assert (mine.lr, mine.width, mine.beta_schedule, mine.epochs) == (0.5, 8, "cosine", 10)
@@ -2558,6 +2560,30 @@ def test_the_augmentation_recipe_is_solo_learns_cifar_one():
     for module in (byol, dino):
         source = inspect.getsource(module.main)
         assert "view_2 = common.ViewRecipe(size=data.image_size, blur_p=args.blur_p[1], solarize_p=0.2)" in source
+    # solo-learn's CIFAR scripts from 2021-08-13 to 2022-09-20 (--gaussian_prob 0.0 0.0 for every method): no blur
+    assert [module.parse_args([]).blur_p for module in (simclr, simsiam, mocov2)] == [0.0, 0.0, 0.0]
+    assert (byol.parse_args([]).blur_p, dino.parse_args([]).blur_p) == ([0.0, 0.0], [0.0, 0.0])
+
+
+def test_dinos_head_has_batchnorm_only_with_head_bn():
+    """solo-learn's DINO head has no BatchNorm from 2021-09-13 on (the paper's time); --head-bn adds one after each
+    hidden layer (its July 2021 head), which --preset laptop keeps; the head is the same otherwise."""
+
+    def head(argv):
+        online, *_ = dino.build(dino.parse_args([*argv, "--proj-hidden-dim", "16", "--num-prototypes", "8"]), 10)
+        return online.projector
+
+    def kinds(head):
+        return [type(module).__name__ for module in head.mlp]
+
+    plain, with_bn, laptop = head([]), head(["--head-bn"]), head(["--preset", "laptop"])
+    assert kinds(plain) == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert (
+        kinds(with_bn) == kinds(laptop) == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    )
+    assert [p.shape for p in plain.parameters() if p.dim() == 2] == [
+        p.shape for p in with_bn.parameters() if p.dim() == 2
+    ]
 
 
 def test_simsiams_loss_stops_the_gradient_of_the_other_views_projection():
