@@ -445,7 +445,8 @@ def resize_matrices(start, length, size, in_size, flip=None):
 
 def resized_crop(images, top, left, height, width, size, flip=None):
     """Crop each image to its own window and resize it to size x size (bilinear), flipping where
-    `flip` is True. Equals torchvision's resized_crop + hflip per image, for the same parameters.
+    `flip` is True. Equals torchvision's resized_crop (antialias=False) + hflip per image, for the same
+    parameters; without antialiasing, a window larger than the output (DINO's local crops) is sampled, not averaged.
 
     Bilinear resizing is linear along each axis, so it is two batched matrix products per image,
     out = R @ image @ C^T, with R and C from `resize_matrices` -- cheaper than gathering pixels.
