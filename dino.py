@@ -62,7 +62,9 @@ RECIPE = common.Recipe(
             common.fraction(),
         ),
         # no BatchNorm in the head's MLP: solo-learn's --use_bn_in_head, False from 2021-09-13 on (docs/deviations.md)
-        common.Flag("--head-bn", False, "BatchNorm after each hidden layer of the head (solo-learn's July 2021 head)"),
+        common.Flag(
+            "--head-bn", False, "BatchNorm after each hidden layer of the head (solo-learn's July 2021 head)", bool
+        ),
         common.Flag("--freeze-last-layer-epochs", 1, "epochs without updates to the prototypes", non_negative(int)),
         common.Flag("--num-local-crops", 0, "small crops for the student only", non_negative(int, 2**5)),
         common.Flag(

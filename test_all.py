@@ -2577,6 +2577,7 @@ def test_dinos_head_has_batchnorm_only_with_head_bn():
         return [type(module).__name__ for module in head.mlp]
 
     plain, with_bn, laptop = head([]), head(["--head-bn"]), head(["--preset", "laptop"])
+    assert kinds(head(["--preset", "laptop", "--no-head-bn"])) == kinds(plain)  # a flag given still wins
     assert kinds(plain) == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert (
         kinds(with_bn) == kinds(laptop) == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]

@@ -109,7 +109,8 @@ MAY_CHANGE_ON_RESUME = set()  # the dests of the flags defined with resume_may_c
 class Flag:
     """One command-line flag, stated once: its spellings, default, type and help.
 
-    type: a Range for a number, a tuple of choices, or str; a flag whose default is False is a switch.
+    type: a Range for a number, a tuple of choices, or str; a flag whose default is False is a switch; with
+    type bool, one that --no-NAME also turns off (for a switch a preset turns on).
     resume_may_change: a flag that --resume may change (where the run lives and runs, how often it evaluates,
     saves and measures, and --lr and --probe-lr: lowering them is the way on after a diverged run). Every
     other flag changes the training, so a resume must repeat it. options: argparse's rarer options (metavar,
@@ -124,7 +125,9 @@ class Flag:
 
     def add_to(self, parser, default):
         names = (self.names,) if isinstance(self.names, str) else self.names
-        if default is False:
+        if self.type is bool:
+            action = parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=self.help)
+        elif default is False:
             action = parser.add_argument(*names, action="store_true", help=self.help, **self.options)
         elif isinstance(self.type, tuple):
             action = parser.add_argument(*names, choices=self.type, default=default, help=self.help, **self.options)
