@@ -1073,14 +1073,15 @@ def write_claims(args, name, experiment):
         "is a log ratio above 0) and shown as the geometric mean over the seeds with its interval.",
         "",
         f"**Many tests at once.** With this many claims, some verdicts would come by chance alone: if none of "
-        f"the {len(knn)} accuracy claims held, tests at 2.5 % per side (5 % for the comparable-or-preferable ones) "
+        f"the {len(knn)} accuracy claims fixed before the runs held, tests at 2.5 % per side (5 % for the comparable-or-preferable ones) "
         f"would still confirm or refute about {sum(2 * test.level for test in knn):.1f} of them in each metric. "
         "The Holm column corrects for that (Holm's step-down adjustment of the p-values, each column separately: "
         "kNN, the linear probe, 1-NN, the instruments; a claim not yet measured counts with p = 1; every verdict "
         "at 2.5 % per side, the comparable-or-preferable ones too): a verdict that survives it keeps the chance of "
         f"any wrong verdict in its column at or below 5 %. {holm_sentence(knn, linear, instruments, knn_lost)}",
         "",
-        f"**Counts.** kNN top-1 (primary), {len(knn)} accuracy claims: {count_verdicts(knn)}; after Holm: "
+        f"**Counts** of the claims fixed before the runs. kNN top-1 (primary), {len(knn)} accuracy claims: "
+        f"{count_verdicts(knn)}; after Holm: "
         f"{count_holm(knn)}. Linear probe: {count_verdicts(linear)}; after Holm: {count_holm(linear)}. "
         f"Instruments, {len(instruments)} measured claims: {count_verdicts(instruments)}; after Holm: "
         f"{count_holm(instruments)}.",
