@@ -1377,7 +1377,9 @@ def stability_section(measured, accuracy, results, docs=None):
         "how much the curve jumps from one step to the next. Being scale-free, it does not call a stage "
         "fluctuating for having larger gradients (the projector's are); comparing each step with the one "
         "before, it leaves out a slow trend over training. The coefficient of variation over all steps counts "
-        "both, which is why it was not chosen. Claims, per seed: the projector's fluctuation over the largest of "
+        "both, which is why it was not chosen. (The paper's sentence ties the two, \"the projector has the most "
+        'significance and is most fluctuated"; read as the absolute size of the changes, the stage with the '
+        "largest gradients fluctuates most by that alone. That reading is not tested here.) Claims, per seed: the projector's fluctuation over the largest of "
         "the other five stages' > 1 (\"the projector fluctuates most\"), and the largest of blocks 1-3's over "
         "the smallest of conv1's, block4's and the projector's < 1 (\"blocks 1-3 fluctuate least\"), on BYOL "
         "without EMA (the paper's setting, β 0) and with EMA on the projector and on every stage, so that the "
