@@ -13,11 +13,12 @@ student's. Its head (MLP + weight-normalised prototype layer) is the `projector`
 Only the two global views go to the teacher; optional local crops (--num-local-crops, default 0
 as in solo-learn's CIFAR runs) go to the student only.
 
+The head has no BatchNorm, as in solo-learn's scripts of the paper's time; --head-bn puts it back
+(its CIFAR runs of July 2021, and --preset laptop, whose kept runs were made with it).
+
 Deviations from the paper's runs, this method's own (those common to every method file are in
 docs/deviations.md): local crops, when asked for, are --local-crop-size pixels (16) from scale
-(0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting. The head has
-no BatchNorm, as in solo-learn's scripts of the paper's time; --head-bn puts it back (its CIFAR runs
-of July 2021, and --preset laptop, whose kept runs were made with it).
+(0.05, 0.4) -- solo-learn's CIFAR runs used none, so there is no reference setting.
 """
 
 import math
@@ -61,9 +62,14 @@ RECIPE = common.Recipe(
             "momentum of the centre of the teacher's outputs",
             common.fraction(),
         ),
-        # no BatchNorm in the head's MLP: solo-learn's --use_bn_in_head, False from 2021-09-13 on (docs/deviations.md)
+        # no BatchNorm in the head's MLP: solo-learn's --use_bn_in_head, False from 2021-09-13 on (docs/deviations.md);
+        # our runs made before the flag had it (before=True: what --resume compares their checkpoints with)
         common.Flag(
-            "--head-bn", False, "BatchNorm after each hidden layer of the head (solo-learn's July 2021 head)", bool
+            "--head-bn",
+            False,
+            "BatchNorm after each hidden layer of the head (solo-learn's July 2021 head; --preset laptop turns it on)",
+            bool,
+            before=True,
         ),
         common.Flag("--freeze-last-layer-epochs", 1, "epochs without updates to the prototypes", non_negative(int)),
         common.Flag("--num-local-crops", 0, "small crops for the student only", non_negative(int, 2**5)),
@@ -159,7 +165,9 @@ def build(args, num_classes):
     """The online (student) encoder E = g o b with the DINO head as g, the target (teacher) with EMA stages, the
     centre, the probe; LARS."""
     backbone = common.ResNetCIFAR(args.arch, width=args.width, bn_block4=args.bn_block4, stem=args.stem)
-    head = DINOHead(backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes, args.head_bn)
+    head = DINOHead(  # g
+        backbone.feature_dim, args.proj_hidden_dim, args.bottleneck_dim, args.num_prototypes, bn=args.head_bn
+    )
     online = common.Encoder(backbone, head)
     target = common.NamedStageEMA(online, args.stages)
     centre = Centre(args.num_prototypes, args.centre_momentum)  # part of the checkpoint

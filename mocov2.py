@@ -43,7 +43,7 @@ RECIPE = common.Recipe(
         common.Flag("--bn-proj", False, "BN2 of Table C.8: a BatchNorm on the projector's output"),
         common.Flag("--temperature", 0.2, "InfoNCE temperature", positive(float)),
         common.Flag("--queue-size", 32768, "keys per queue; a multiple of --batch-size", positive(int, 2**21)),
-        # no blur: solo-learn's mocov2plus.sh in the paper's time, 2021-08 to 2022-09 (July 2021: 0.5; deviations.md)
+        # no blur: solo-learn's mocov2plus.sh, 2021-08 to 2022-09 (the paper's time; July 2021: 0.5; docs/deviations.md)
         common.Flag("--blur-p", 0.0, "probability of a Gaussian blur on each view", common.fraction()),
     ],
     # --preset laptop: the values of MoCo's own CIFAR-10 demo (lr 0.06, its value at batch 512, kept at the preset's

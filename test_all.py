@@ -2565,6 +2565,21 @@ def test_the_augmentation_recipe_is_solo_learns_cifar_one():
     assert (byol.parse_args([]).blur_p, dino.parse_args([]).blur_p) == ([0.0, 0.0], [0.0, 0.0])
 
 
+def test_a_dino_checkpoint_from_before_head_bn_resumes_only_with_the_head_it_had(tmp_path):
+    """DINO's runs made before --head-bn existed had BatchNorm in the head, and their last.pt names no head_bn:
+    --resume compares them with the flag's value before it existed (True), so a resume without --head-bn is refused
+    in one line that names the flag, not with a state_dict error; with --head-bn it goes on to the end."""
+    argv = [*resume_args("dino", 2), "--head-bn", "--out-dir", tmp_path]
+    run_here(dino, *argv, "--max-steps", "3")
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    del checkpoint["args"]["head_bn"]  # as an older last.pt
+    torch.save(checkpoint, tmp_path / "last.pt")
+    refused = run_here(dino, *[a for a in argv if a != "--head-bn"], "--resume", check=False)
+    assert refused.returncode == 2 and "trained with --head-bn True but this run has False" in refused.stderr
+    run_here(dino, *argv, "--resume")
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["run"]["step"] == 8
+
+
 def test_dinos_head_has_batchnorm_only_with_head_bn():
     """solo-learn's DINO head has no BatchNorm from 2021-09-13 on (the paper's time); --head-bn adds one after each
     hidden layer (its July 2021 head), which --preset laptop keeps; the head is the same otherwise."""
@@ -3877,8 +3892,8 @@ def test_claims_from_made_up_kept_results(tmp_path):
         column = [v.tests["knn_top1"] for v in accuracy if v.claim.added_later == later]
         decisive = [1.0 if t.p is None else min(t.p, t.p_other) for t in column]
         assert column and [t.holm_p for t in column] == pytest.approx(report.holm(decisive))
-    assert by_text["DINO: at beta 0.9995, projector-only EMA beats full EMA (added later)"].claim.added_later
-    online = by_text["EMA on every stage makes the online network move less per step than no EMA (added later)"]
+    assert by_text["(added later) DINO: at beta 0.9995, projector-only EMA beats full EMA"].claim.added_later
+    online = by_text["(added later) EMA on every stage makes the online network move less per step than no EMA"]
     assert online.ratios == pytest.approx({0: 0.5, 1: 0.5, 2: 0.5})  # the online side of target_drift.jsonl
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import MAY_CHANGE_ON_RESUME
+from engine.cli import BEFORE_THE_FLAG, MAY_CHANGE_ON_RESUME
 from engine.distributed import WORLD, any_process, gather_objects, on_rank_0
 from engine.errors import ConfigError, DivergedError, Preempted
 from engine.files import atomic_write
@@ -104,7 +104,7 @@ def restore(state, models, optimizer, generator, args):
             f"cannot move between them; resume with --device {was}"
         )
     for key, now in vars(args).items():
-        was = saved.get(key, now)
+        was = saved.get(key, BEFORE_THE_FLAG.get(key, now))  # a flag newer than the checkpoint: its value before
         # --ema-stages is compared as the stage list it was parsed into (args.stages): "all" = "backbone,projector"
         if was == now or key == "ema_stages" or key in MAY_CHANGE_ON_RESUME:
             continue

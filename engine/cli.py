@@ -103,6 +103,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ----------------------------------------------------------------------------------------
 FROM_RECIPE = object()  # the default of a shared flag that each method's recipe gives (lr, beta, ...)
 MAY_CHANGE_ON_RESUME = set()  # the dests of the flags defined with resume_may_change=True
+BEFORE_THE_FLAG = {}  # dest -> the value that runs made before the flag existed had (Flag's `before`)
 
 
 @dataclass
@@ -114,7 +115,8 @@ class Flag:
     resume_may_change: a flag that --resume may change (where the run lives and runs, how often it evaluates,
     saves and measures, and --lr and --probe-lr: lowering them is the way on after a diverged run). Every
     other flag changes the training, so a resume must repeat it. options: argparse's rarer options (metavar,
-    nargs, const)."""
+    nargs, const). before: for a flag added to a recipe after runs were made without it, the value those runs
+    had, which --resume compares with (None: the flag's default)."""
 
     names: tuple
     default: object
@@ -122,6 +124,7 @@ class Flag:
     type: object = str
     resume_may_change: bool = False
     options: dict = field(default_factory=dict)
+    before: object = None
 
     def add_to(self, parser, default):
         names = (self.names,) if isinstance(self.names, str) else self.names
@@ -135,6 +138,8 @@ class Flag:
             action = parser.add_argument(*names, type=self.type, default=default, help=self.help, **self.options)
         if self.resume_may_change:
             MAY_CHANGE_ON_RESUME.add(action.dest)
+        if self.before is not None:
+            BEFORE_THE_FLAG[action.dest] = self.before
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")  # engine/data.py loads each

@@ -104,7 +104,8 @@ IMAGENET = "--stem imagenet --loader stream --image-size 224 --checkpoint-every 
 # The values of solo-learn's ImageNet-100 scripts (vturrisi/solo-learn be3de80, the last argparse version:
 # scripts/pretrain/imagenet-100/<method>.sh) that differ from our CIFAR presets; the rest already match
 # (docs/imagenet.md has every value with its source). BYOL: lr 0.5, a predictor 8,192 wide, and a Gaussian blur on
-# view 1 always and on view 2 with p 0.1; DINO: the same blur; MoCo V2+: queues of 65,536 keys; ReSSL: lr 0.3, a
+# view 1 always and on view 2 with p 0.1; DINO: the same blur; MoCo V2+: queues of 65,536 keys and a blur with p
+# 0.5 on each view (the script leaves --gaussian_prob at its default; the CIFAR scripts set 0); ReSSL: lr 0.3, a
 # strong view with saturation 0.4 and blur p 0.5, and no --sync_batchnorm in its script (BatchNorm per GPU under
 # --nproc 2; nothing changes on one GPU).
 # beta 0.9995 for MoCo v2, whose cosine schedule otherwise ends at 0.999, below the start: rising to 1.0, as the other
@@ -117,7 +118,7 @@ IMAGENET100 = {
     "byol": "--lr 0.5 --pred-hidden-dim 8192 --blur-p 1.0 0.1",
     "dino": "--blur-p 1.0 0.1",
     "ressl": "--lr 0.3 --no-sync-bn --strong-saturation 0.4 --strong-blur-p 0.5",
-    "mocov2": "--queue-size 65536",
+    "mocov2": "--queue-size 65536 --blur-p 0.5",
 }
 
 
@@ -543,7 +544,7 @@ PAPER_EPOCHS, PAPER_STEPS_PER_EPOCH = 200, 195  # CIFAR-100: 50,000 images in ba
 
 @dataclass
 class Claim:
-    """One claim of the paper, fixed before the runs it reads were looked at.
+    """One claim of the paper, fixed before the runs it reads were looked at (or, with added_later, after).
 
     An accuracy claim compares side a with side b, paired by seed, in each metric of `metrics`. A side is a
     row's label, or a pair of labels (first, second) meaning that row's per-seed difference first - second,
@@ -566,8 +567,8 @@ class Claim:
     added_later: bool = False
 
     def __post_init__(self):
-        if self.added_later:
-            self.text += " (added later)"
+        if self.added_later:  # first, so that a shortened label (the forest plot's) still shows it
+            self.text = "(added later) " + self.text
 
 
 def classic(method):
