@@ -2569,15 +2569,15 @@ def test_a_dino_checkpoint_from_before_head_bn_resumes_only_with_the_head_it_had
     """DINO's runs made before --head-bn existed had BatchNorm in the head, and their last.pt names no head_bn:
     --resume compares them with the flag's value before it existed (True), so a resume without --head-bn is refused
     in one line that names the flag, not with a state_dict error; with --head-bn it goes on to the end."""
-    argv = [*resume_args("dino", 2), "--head-bn", "--out-dir", tmp_path]
-    run_here(dino, *argv, "--max-steps", "3")
+    argv = [*resume_args("dino", 1), "--width", "16", "--head-bn", "--out-dir", tmp_path]
+    run_here(dino, *argv, "--max-steps", "2")
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     del checkpoint["args"]["head_bn"]  # as an older last.pt
     torch.save(checkpoint, tmp_path / "last.pt")
     refused = run_here(dino, *[a for a in argv if a != "--head-bn"], "--resume", check=False)
     assert refused.returncode == 2 and "trained with --head-bn True but this run has False" in refused.stderr
     run_here(dino, *argv, "--resume")
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["run"]["step"] == 8
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["run"]["step"] == 4  # one epoch of 64 / 16 images
 
 
 def test_dinos_head_has_batchnorm_only_with_head_bn():
