@@ -1085,8 +1085,12 @@ GOLDEN_STAGES = ("all", "projector", "none")
 # The recipes' values when the digests were recorded, where a default has moved since to solo-learn's scripts of the
 # paper's time (blur 0 for SimCLR, SimSiam and MoCo v2; DINO's head without BatchNorm): the golden runs keep them,
 # so the digests still hold and still cover the blur and the head's BatchNorm.
-GOLDEN_RECIPES = {"simclr": ["--blur-p", "0.5"], "simsiam": ["--blur-p", "0.5"], "mocov2": ["--blur-p", "0.5"]}
-GOLDEN_RECIPES["dino"] = ["--head-bn"]
+GOLDEN_RECIPES = {
+    "simclr": ["--blur-p", "0.5"],
+    "simsiam": ["--blur-p", "0.5"],
+    "mocov2": ["--blur-p", "0.5"],
+    "dino": ["--head-bn"],
+}
 
 
 def cpu_name():

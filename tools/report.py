@@ -895,9 +895,14 @@ def evaluate_claims(args, name, experiment):
     measured = [evaluate_measured_claim(results, claim) for claim in MEASURED_CLAIMS]
     for later in (False, True):  # the claims fixed before the runs, and those added later: each a family of its own
         for metric in METRIC_NAMES:
-            apply_holm([v.tests[metric] for v in accuracy if metric in v.tests and v.claim.added_later == later])
-        apply_holm([v.tests[v.claim.measure] for v in measured if v.claim.added_later == later])
+            apply_holm([v.tests[metric] for v in family(accuracy, later) if metric in v.tests])
+        apply_holm([v.tests[v.claim.measure] for v in family(measured, later)])
     return accuracy, measured, results
+
+
+def family(verdicts, later=False):
+    """The verdicts of the claims fixed before the runs, or (later=True) of those added later: two Holm families."""
+    return [v for v in verdicts if v.claim.added_later == later]
 
 
 # ----------------------------------------------------------------------------------------
@@ -952,8 +957,8 @@ def holm_sentence(knn, linear, instruments, knn_lost):
 def added_later_paragraph(accuracy, measured, name):
     """What the claims marked (added later) are, why they were added, and their verdicts: a family of their own.
     They were chosen knowing the laptop rows' results, before any run of another scale (name: the experiment)."""
-    later = [v for v in accuracy if v.claim.added_later]
-    later_measured = [v.tests[v.claim.measure] for v in measured if v.claim.added_later]
+    later = family(accuracy, later=True)
+    later_measured = [v.tests[v.claim.measure] for v in family(measured, later=True)]
     if not later and not later_measured:
         return []
     knn, linear = [v.tests["knn_top1"] for v in later], [v.tests["linear_top1"] for v in later]
@@ -1049,10 +1054,10 @@ def write_claims(args, name, experiment):
     out = Path(args.claims_out)
     figure = out.parent / "figures" / f"{out.stem}-forest.png"
     drawn = write_forest_plot(accuracy, measured, figure)
-    fixed = [v for v in accuracy if not v.claim.added_later]  # the claims fixed before the runs (the counts below)
+    fixed = family(accuracy)  # the claims fixed before the runs (the counts below)
     knn = [v.tests["knn_top1"] for v in fixed]
     linear = [v.tests["linear_top1"] for v in fixed]
-    instruments = [v.tests[v.claim.measure] for v in measured if not v.claim.added_later]
+    instruments = [v.tests[v.claim.measure] for v in family(measured)]
     knn_lost = holm_changes(fixed, lambda v: "knn_top1")
     width = "full-width" if name == "full-width" else "quarter-width"
     lines = [
@@ -1079,8 +1084,9 @@ def write_claims(args, name, experiment):
         "is a log ratio above 0) and shown as the geometric mean over the seeds with its interval.",
         "",
         f"**Many tests at once.** With this many claims, some verdicts would come by chance alone: if none of "
-        f"the {len(knn)} accuracy claims fixed before the runs held, tests at 2.5 % per side (5 % for the comparable-or-preferable ones) "
-        f"would still confirm or refute about {sum(2 * test.level for test in knn):.1f} of them in each metric. "
+        f"the {len(knn)} accuracy claims fixed before the runs held, tests at 2.5 % per side (5 % for the "
+        f"comparable-or-preferable ones) would still confirm or refute about "
+        f"{sum(2 * test.level for test in knn):.1f} of them in each metric. "
         "The Holm column corrects for that (Holm's step-down adjustment of the p-values, each column separately: "
         "kNN, the linear probe, 1-NN, the instruments; a claim not yet measured counts with p = 1; every verdict "
         "at 2.5 % per side, the comparable-or-preferable ones too): a verdict that survives it keeps the chance of "
@@ -1385,7 +1391,8 @@ def stability_section(measured, accuracy, results, docs=None):
         "before, it leaves out a slow trend over training. The coefficient of variation over all steps counts "
         "both, which is why it was not chosen. (The paper's sentence ties the two, \"the projector has the most "
         'significance and is most fluctuated"; read as the absolute size of the changes, the stage with the '
-        "largest gradients fluctuates most by that alone. That reading is not tested here.) Claims, per seed: the projector's fluctuation over the largest of "
+        "largest gradients fluctuates most by that alone. That reading is not tested here.) Claims, per seed: the "
+        "projector's fluctuation over the largest of "
         "the other five stages' > 1 (\"the projector fluctuates most\"), and the largest of blocks 1-3's over "
         "the smallest of conv1's, block4's and the projector's < 1 (\"blocks 1-3 fluctuate least\"), on BYOL "
         "without EMA (the paper's setting, β 0) and with EMA on the projector and on every stage, so that the "
