@@ -389,8 +389,8 @@ def test_common_reads_top_to_bottom_and_the_engine_never_imports_it():
 
 def small_setup(stages, seed=0):
     torch.manual_seed(seed)
-    backbone = common.ResNetCIFAR("resnet18")
-    online = common.Encoder(backbone, common.mlp(512, 32, 16))
+    backbone = common.ResNetCIFAR("resnet18", width=16)  # quarter width: 128 features
+    online = common.Encoder(backbone, common.mlp(backbone.feature_dim, 32, 16))
     predictor = common.mlp(16, 32, 16)
     target = common.NamedStageEMA(online, common.parse_ema_stages(stages))
     optimizer = torch.optim.SGD([*online.parameters(), *predictor.parameters()], lr=0.5)
@@ -906,7 +906,7 @@ SMALL_HEADS = {  # method-specific flags that keep the heads (and queues) small 
     "dino": ["--proj-hidden-dim", "64", "--bottleneck-dim", "32", "--num-prototypes", "64"],
     "ressl": ["--proj-hidden-dim", "64", "--queue-size", "64"],
 }
-SYNTHETIC = [
+SYNTHETIC = [  # a quarter-width ResNet-18 (--width 16) on 32 random 16-pixel images, batches of 16
     "--dataset",
     "synthetic",
     "--synthetic-size",
@@ -917,6 +917,8 @@ SYNTHETIC = [
     "16",
     "--device",
     "cpu",
+    "--width",
+    "16",
 ]
 TINY = [*SYNTHETIC, "--epochs", "1", "--max-steps", "2", *SMALL_HEADS["byol"]]  # a 2-step BYOL run
 # (method, --ema-stages) -> the range backbone_forwards_per_image must fall in
@@ -1620,6 +1622,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, bad, message):
             ["--num-local-crops", "2", "--local-crop-size", "64"],
             "--local-crop-size 64 is larger than the global",
         ),
+        pytest.param("dino", ["--local-crop-size", "8"], "has no effect without local crops", marks=pytest.mark.slow),
         pytest.param("simclr", ["--beta", "-0.1"], "--beta must be between 0 and 1", marks=pytest.mark.slow),
         pytest.param(
             "dino",
@@ -2126,7 +2129,7 @@ def test_bn1_and_bn2_are_batchnorms_on_block4_and_projector_outputs(tmp_path, me
     )
     models = torch.load(out / "last.pt", weights_only=True)["models"]
     online, target = models["online"], models["target"]
-    assert online["backbone.block4.2.running_mean"].shape == (512,)  # BN1: after block4's two BasicBlocks
+    assert online["backbone.block4.2.running_mean"].shape == (8 * 16,)  # BN1: after block4's two BasicBlocks (width 16)
     last = max(int(k.split(".")[1]) for k in online if k.startswith("projector."))
     assert f"projector.{last}.running_var" in online  # BN2: the projector's last layer
     assert f"ema.projector.{last}.running_var" in target  # and it is part of the EMA projector
