@@ -1710,6 +1710,23 @@ def test_flags_that_may_change_on_resume_come_from_their_definitions():
     assert not {"beta", "ema_stages", "batch_size", "seed", "proj_dim"} & engine.cli.MAY_CHANGE_ON_RESUME
 
 
+def test_every_kind_of_flag_passes_its_options_to_argparse():
+    """A Flag's options (argparse's rarer ones) reach the parser for a switch with --no-NAME (type bool) as for the
+    other kinds: here dest, which each kind accepts."""
+    flags = [
+        common.Flag("--a", False, "a switch a preset turns on", bool, options={"dest": "dest_a"}),
+        common.Flag("--b", False, "a switch", options={"dest": "dest_b"}),
+        common.Flag("--c", "x", "choices", ("x", "y"), options={"dest": "dest_c"}),
+        common.Flag("--d", 1, "a number", int, options={"dest": "dest_d"}),
+    ]
+    parser = argparse.ArgumentParser()
+    for flag in flags:
+        flag.add_to(parser, flag.default)
+    args = parser.parse_args(["--a", "--b", "--c", "y", "--d", "2"])
+    assert (args.dest_a, args.dest_b, args.dest_c, args.dest_d) == (True, True, "y", 2)
+    assert parser.parse_args(["--no-a"]).dest_a is False
+
+
 def test_progress_line_shows_steps_per_second_and_the_epoch_eta(monkeypatch, capsys):
     clock = iter([100.0, 110.0, 170.0, 200.0, 210.0, 290.0])  # steps 1, 11, 21; then a new epoch: 1, 2, 12
     monkeypatch.setattr(engine.log.time, "monotonic", lambda: next(clock))

@@ -129,7 +129,9 @@ class Flag:
     def add_to(self, parser, default):
         names = (self.names,) if isinstance(self.names, str) else self.names
         if self.type is bool:
-            action = parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=self.help)
+            action = parser.add_argument(
+                *names, action=argparse.BooleanOptionalAction, default=default, help=self.help, **self.options
+            )
         elif default is False:
             action = parser.add_argument(*names, action="store_true", help=self.help, **self.options)
         elif isinstance(self.type, tuple):
