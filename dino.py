@@ -33,7 +33,7 @@ import common
 # DINO's recipe: every default of dino.py, its --preset laptop values, and where they come from
 # ---------------------------------------------------------------------------------------
 positive, non_negative = common.positive, common.non_negative
-LOCAL_CROP_SIZE = 16  # the local crops' default side in pixels, half a CIFAR image: ours (no reference setting)
+LOCAL_CROP_SIZE = 16  # the local crops' side when --local-crop-size is not given: half a CIFAR image, ours
 RECIPE = common.Recipe(
     "dino",
     "DINO with named-stage EMA",
@@ -76,8 +76,8 @@ RECIPE = common.Recipe(
         common.Flag("--num-local-crops", 0, "small crops for the student only", non_negative(int, 2**5)),
         common.Flag(
             "--local-crop-size",
-            LOCAL_CROP_SIZE,
-            "side of the local crops, at most the global views' (the image size)",
+            None,
+            f"side of the local crops, at most the global views' (the image size); None means {LOCAL_CROP_SIZE}",
             positive(int, 2**10),
         ),
         common.Flag("--lars-eta", 0.02, "LARS trust coefficient", positive(float)),
@@ -100,11 +100,13 @@ RECIPE = common.Recipe(
 
 def parse_args(argv=None):
     args = common.parse_args(RECIPE, argv)
-    if not args.num_local_crops and args.local_crop_size != LOCAL_CROP_SIZE:
+    if not args.num_local_crops and args.local_crop_size is not None:
         raise common.ConfigError(
             f"--local-crop-size {args.local_crop_size} has no effect without local crops: "
             "add --num-local-crops N (N small crops per image, for the student only)"
         )
+    if args.local_crop_size is None:
+        args.local_crop_size = LOCAL_CROP_SIZE
     return args
 
 
