@@ -4052,6 +4052,104 @@ def test_a_pipe_in_a_cell_is_escaped_and_renders_in_its_cell():
     assert html.count("<td>") == 3 and "<td>|a - b| ≤ 3</td>" in html
 
 
+# ---------------------------------------------------------------------------------------------
+# The docs' numbers are the kept results': the tables rebuilt from docs/results/ and the copies in README and teaching
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kept_tables(tmp_path_factory):
+    """The laptop and search tables as `reproduce.py EXPERIMENT --table --seeds 0,1,2` prints them from the kept
+    results (docs/results/), and docs/claims.md and docs/provenance.md as `claims --table` writes them (elsewhere)."""
+    reproduce = tool("reproduce")
+    out = tmp_path_factory.mktemp("kept-tables")
+    printed = io.StringIO()
+    for experiment in ("laptop", "search"):
+        with contextlib.redirect_stdout(printed):
+            assert reproduce.main([experiment, "--table", "--seeds", "0,1,2", "--out-root", str(out / "runs")]) == 0
+    figure = Path("figures", "laptop", "weights-3d.png")  # claims.md links Fig. 2's figure where it is drawn
+    if (ROOT / "docs" / figure).exists():
+        (out / "docs" / figure).parent.mkdir(parents=True)
+        shutil.copy(ROOT / "docs" / figure, out / "docs" / figure)
+    argv = ["claims", "--table", "--out-root", str(out / "runs"), "--claims-out", str(out / "docs" / "claims.md")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert reproduce.main(argv) == 0
+    return printed.getvalue(), (out / "docs" / "claims.md").read_text(), (out / "docs" / "provenance.md").read_text()
+
+
+def test_the_committed_tables_are_what_the_kept_results_give(kept_tables):
+    """docs/claims.md and docs/provenance.md as `claims --table` writes them today, and every row of the laptop and
+    search tables in docs/small-scale.md: a changed kept result, or a change to the report's code, fails here until
+    the tables are written again."""
+    printed, claims, provenance = kept_tables
+    again = "written again with: python tools/reproduce.py claims --table"
+    assert claims == (ROOT / "docs" / "claims.md").read_text(), (
+        f"docs/claims.md is not what the kept results give; {again}"
+    )
+    assert provenance == (ROOT / "docs" / "provenance.md").read_text(), f"docs/provenance.md: {again}"
+    small_scale = (ROOT / "docs" / "small-scale.md").read_text()
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| run |")]
+    assert len(rows) > 40  # both tables, every row
+    for row in rows:
+        assert row in small_scale, f"docs/small-scale.md lacks this row of the kept results' table: {row[:100]}"
+
+
+def plain_numbers(text):
+    """Text with its lines joined and the typographic minus made ASCII, for matching numbers across a line break."""
+    return " ".join(text.split()).replace("−", "-")
+
+
+def rounds_to(value, shown):
+    """Whether `value` rounds to the number written as `shown`, at as many decimals as `shown` has."""
+    return abs(value - float(shown)) <= 0.5 * 10 ** -len(shown.split(".")[1]) + 1e-9
+
+
+def test_the_readme_and_teaching_numbers_are_the_kept_results(kept_tables):
+    """The numbers the README and docs/teaching.md copy by hand from the generated tables: each mean ± sd is in the
+    laptop or search table; each 95 % interval [lo, hi] is one of those tables' or docs/claims.md's, rounded to the
+    copy's decimals; the README's counts of verdicts are docs/claims.md's; and each other number in its list of
+    claims is the rounding of a number in docs/claims.md. (The last check catches a number that left the table, not
+    one that moved to another claim.)"""
+    printed, claims, _ = kept_tables
+    generated = plain_numbers(printed + claims)
+    readme = plain_numbers((ROOT / "README.md").read_text())
+    teaching = plain_numbers((ROOT / "docs" / "teaching.md").read_text())
+    for copy in (readme, teaching):
+        spreads = re.findall(r"\d+\.\d+ ± \d+\.\d+", copy)
+        assert spreads
+        for spread in spreads:
+            assert spread in generated, f"{spread}: not in the kept results' tables"
+    number = r"[+-]?\d+\.\d+"
+    intervals = [(float(a), float(b)) for a, b in re.findall(rf"\[({number}), ({number})\]", generated)]
+    for copy in (readme, teaching):
+        for lo, hi in re.findall(rf"\[({number}), ({number})\]", copy):
+            assert any(rounds_to(a, lo) and rounds_to(b, hi) for a, b in intervals), (
+                f"[{lo}, {hi}]: no interval of the kept results' tables rounds to it"
+            )
+
+    # the README's counts of verdicts, and the other numbers of its list of claims
+    counts = re.search(
+        r"kNN top-1 \(primary\), (\d+) accuracy claims: (\d+) confirmed, (\d+) refuted, (\d+) not seen at this scale, "
+        r"0 not yet measured; after Holm: (\d+) confirmed, (\d+) refuted",
+        claims,
+    ).groups()
+    total, confirmed, refuted, not_seen, holm_confirmed, holm_refuted = counts
+    stand = "the refutation" if holm_refuted == "1" else f"{holm_refuted} refutations"
+    expected = (
+        f"**Accuracy, {total} claims fixed before the runs:** {confirmed} **confirmed**, {refuted} **refuted**, "
+        f"{not_seen} not seen; after Holm, {holm_confirmed} confirmations and {stand} stand."
+    )
+    assert expected in readme, f"README's counts are not docs/claims.md's: {expected}"
+    later = re.search(r"\*\*Claims added later\.\*\* (\d+) accuracy claims and (\d+) measured claims", claims).groups()
+    assert f"**Added later, {int(later[0]) + int(later[1])} claims**" in readme
+    listed = readme.split("In kNN top-1: - **Accuracy")[1].split("## The six methods")[0]
+    in_claims = [abs(float(n)) for n in re.findall(number, plain_numbers(claims))]
+    for n in re.findall(number, listed):
+        if n in ("0.99", "0.9995"):  # beta, a setting
+            continue
+        assert any(rounds_to(x, n.lstrip("+-")) for x in in_claims), f"README's {n}: not in docs/claims.md"
+
+
 def test_every_kept_run_says_where_it_ran():
     """Each kept run names its CPU model; a run kept since provenance recorded more also its vector units and
     the load it shared; an older one says in so many words that those were not measured."""
