@@ -2936,6 +2936,51 @@ def test_confidence_intervals_against_known_cases():
     assert reproduce.verdict(one, "higher").startswith("not yet measured")
 
 
+def test_a_paper_table_shows_each_mean_with_its_interval(tmp_path, capsys):
+    """Table 1 from made-up kept results: three seeds give mean ± sd and the 95 % interval of the mean (Student's t,
+    t(0.975; 2) = 4.303), one seed its value alone."""
+    reproduce = tool("reproduce")
+    argv = ["table1", "--results", str(tmp_path / "kept"), "--seeds", "0,1,2", "--out-root", str(tmp_path / "runs")]
+    args = reproduce.parse_args(argv)
+    experiment = reproduce.EXPERIMENTS["table1"]
+    args.epochs = experiment.epochs
+    baseline, remove = experiment.rows[:2]
+    for row, seeds in ((baseline, {0: 29.0, 1: 30.0, 2: 31.0}), (remove, {0: 12.0})):
+        for seed, value in seeds.items():
+            directory = reproduce.results_dir(args, "table1", experiment, row, seed)
+            directory.mkdir(parents=True)
+            (directory / "args.json").write_text("{}")
+            metrics = {"epoch": 200, "linear_top1": value, "knn_top1": value, "knn1_top1": value}
+            (directory / "metrics.jsonl").write_text(json.dumps(metrics) + "\n")
+    assert reproduce.main([*argv, "--table"]) == 0
+    table = (tmp_path / "runs" / reproduce.scale_name(args, experiment) / "table1.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| BYOL")}
+    assert rows[baseline.label][3:6] == ["30.00 ± 1.00 [27.52, 32.48]"] * 3
+    assert rows[remove.label][3:6] == ["12.00"] * 3 and rows[remove.label][6] == "1"
+    capsys.readouterr()
+
+
+def test_another_data_folder_is_another_scale():
+    """Runs on a data folder of another name never share a run directory, or kept results, with the experiment's
+    own folder's; the experiment's own folder, named or not, and a folder of its name elsewhere keep the name the
+    kept results have."""
+    report = tool("report")
+    reproduce = tool("reproduce")
+    laptop = reproduce.EXPERIMENTS["laptop"]
+
+    def scale(*flags):
+        args = reproduce.parse_args(["laptop", *flags])
+        args.epochs = laptop.epochs
+        return report.scale_name(args, laptop)
+
+    assert scale() == scale("--data-dir", "cifar10-images") == scale("--data-dir", "./cifar10-images/")
+    assert scale() == "imagefolder-e10-b256" and (ROOT / "docs" / "results" / "laptop" / scale()).is_dir()
+    assert scale("--data-dir", "/elsewhere/cifar10-images") == "imagefolder-e10-b256"  # the same folder's name
+    assert scale("--data-dir", "../shared/data/cifar10-mini") == "imagefolder-e10-b256-cifar10-mini"
+    assert scale("--data-dir", "my images") == "imagefolder-e10-b256-my_images"
+    assert scale("--dataset", "cifar10") == scale("--dataset", "cifar10", "--data-dir", "data") == "cifar10-e10-b256"
+
+
 def test_table4_shows_what_ema_costs_beside_the_paper(tmp_path, capsys):
     """Table 4's other columns: the EMA target's parameters, the backbone forwards per image and the speed, from
     made-up kept results of one seed; the time per image against the first row, the paper's and ours."""

@@ -74,6 +74,7 @@ def kept_directories(texts, seed, results):
     experiment = experiments.EXPERIMENTS["laptop"]
     laptop_scale = SimpleNamespace(
         dataset=None,
+        data_dir=None,
         epochs=experiment.epochs,
         max_steps=None,
         batch_size=256,

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -52,9 +53,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def scale_name(args, experiment):
     """The directory of one scale of reproduction: dataset, epochs, steps, batch, and a digest of
     the other flags that change results, so different scales never share a run directory. --device is
-    left out: where a run ran is recorded with its results (provenance.json), and shown in the tables."""
+    left out: where a run ran is recorded with its results (provenance.json), and shown in the tables.
+    A --data-dir other than the experiment's own folder adds that folder's name (two folders of one name are
+    taken for the same data: kept results travel between machines, whose paths differ)."""
     dataset = args.dataset or experiment.dataset
     name = f"{dataset}-e{args.epochs}" + (f"-s{args.max_steps}" if args.max_steps else "") + f"-b{args.batch_size}"
+    folder = os.path.basename(os.path.abspath(data_dir(args, experiment)))
+    if folder != os.path.basename(os.path.abspath(default_data_dir(args, experiment))):
+        name += "-" + re.sub(r"[^A-Za-z0-9.,=+-]+", "_", folder)
     name += f"-p{args.nproc}" if args.nproc > 1 else ""
     extra = re.sub(r"--device\s+\S+", "", args.extra).split()
     other = f"{args.warmup_epochs} {args.queue_size} {' '.join(extra)}"
@@ -79,9 +85,12 @@ def results_dir(args, name, experiment, row, seed=0):
 
 
 def data_dir(args, experiment):
-    """--data-dir, or the experiment's own folder when it runs on the experiment's dataset (./data otherwise)."""
-    if args.data_dir:
-        return args.data_dir
+    """--data-dir, or else default_data_dir."""
+    return args.data_dir or default_data_dir(args, experiment)
+
+
+def default_data_dir(args, experiment):
+    """The experiment's own folder when it runs on the experiment's dataset (./data otherwise)."""
     return experiment.data_dir if (args.dataset or experiment.dataset) == experiment.dataset else "./data"
 
 
@@ -522,7 +531,8 @@ def write_table(args, name, experiment, rows):
         "",
         scale_line(args, experiment) + " The paper: 200 epochs, batch 256.",
         "Ours: online linear probe top-1, weighted kNN (k=200) top-1 and 1-NN top-1 at the last epoch "
-        "(the random encoder: offline linear probe), as mean ± standard deviation over the seeds.",
+        "(the random encoder: offline linear probe), as mean ± standard deviation over the seeds and, with two "
+        "or more, the 95 % confidence interval of the mean [low, high] (Student's t).",
         "",
         "| row | paper top-1 | paper KNN-1 | ours: linear top-1 | kNN top-1 | 1-NN top-1 | seeds | epoch "
         "| code, device, CPU |",
@@ -531,7 +541,11 @@ def write_table(args, name, experiment, rows):
     for row in rows:
         found = row_results(args, name, experiment, row)
         paper = [row.paper.get("top1"), row.paper.get("knn1")]
-        ours = [show_mean(summarise(values(found, key).values())) for key in ("linear_top1", "knn_top1", "knn1_top1")]
+        ours = []
+        for key in ("linear_top1", "knn_top1", "knn1_top1"):
+            summary = summarise(values(found, key).values())
+            interval = show_interval(summary)  # '-' for one seed
+            ours.append(show_mean(summary) + ("" if interval == "-" else f" {interval}"))
         epochs = sorted({m.get("epoch", "-") for m, *_ in found.values()})
         lines.append(
             f"| {row.label} | {' | '.join(fmt(v) for v in paper)} | {' | '.join(ours)} | {len(found)} | "

@@ -401,13 +401,13 @@ def visible_gpu():
 def auto_jobs(args, reports=GPU_REPORTS):
     """--jobs auto: how many runs go at once. On a GPU, the number that gave the most images per second in the
     latest report of this GPU that measured it (tools/gpu_report.py's best_jobs), else 1, with a note. On a
-    CPU, one run per core (per --nproc processes), each with one thread (threads_for): the runs are
+    CPU, one run per CPU that os.cpu_count() counts (per --nproc processes), each with one thread (threads_for): the runs are
     independent, and one thread each keeps every core busy without two runs fighting over one."""
     devices = re.findall(r"--device[= ](\S+)", args.extra)
     gpu = None if devices and devices[-1] == "cpu" else visible_gpu()
     if gpu is None:
         jobs = max(1, (os.cpu_count() or 1) // args.nproc)
-        print(f"--jobs auto: {jobs} at once on the CPU ({os.cpu_count()} cores, one thread each)", flush=True)
+        print(f"--jobs auto: {jobs} at once on the CPU ({os.cpu_count()} CPUs, one thread each)", flush=True)
         return jobs
     if args.nproc > 1:
         print(f"--jobs auto: 1 at a time (each run already spans {args.nproc} GPUs with --nproc)", flush=True)
