@@ -99,7 +99,8 @@ EXERCISES = [
         "Table 1 (DINO): the centring that DINO relies on besides the EMA",
         "DINO's centre, c <- m c + (1 - m) mean(teacher logits), the mean over the rows of all the global "
         "views, m = self.momentum. teacher_logits: a list of N x K tensors; updates self.value (1 x K) in "
-        "place; returns None.",
+        "place; returns None. Under torchrun the mean is the global batch's: pass this process's mean through "
+        "common.mean_over_processes (on one process it returns its input; the tests run one).",
     ),
     Exercise(
         "common.py",
@@ -137,7 +138,8 @@ EXERCISES = [
         "NT-Xent: anchor i (of 2N) has the positive candidate (i + N) mod 2N and the other 2N - 2 candidates "
         "as negatives (candidate i is left out); cosine similarities divided by the temperature; mean of the "
         "2N cross-entropies. anchors, candidates: 2N x d (view 1 of the N images, then view 2); returns a "
-        "scalar.",
+        "scalar. Under torchrun the candidates are every process's 2N and this process's own start at "
+        "column first: offset both indices by it.",
     ),
     Exercise(
         "common.py",

@@ -656,13 +656,13 @@ def test_exercise_08_ressl_loss_stops_the_gradient_at_the_teacher():
 # ---- Exercise 9: NT-Xent ------------------------------------------------------------------------
 
 
-def nt_xent_written_out(anchors, candidates, t):
+def nt_xent_written_out(anchors, candidates, t, first=0):
     a, c = rows(anchors), rows(candidates)
     n2, total = len(a), 0.0
     for i in range(n2):
-        sims = [cos(a[i], c[k]) / t for k in range(n2)]
-        positive = (i + n2 // 2) % n2
-        total += -(sims[positive] - math.log(sum(math.exp(s) for k, s in enumerate(sims) if k != i)))
+        sims = [cos(a[i], c[k]) / t for k in range(len(c))]
+        positive = first + (i + n2 // 2) % n2
+        total += -(sims[positive] - math.log(sum(math.exp(s) for k, s in enumerate(sims) if k != first + i)))
     return total / n2
 
 
@@ -700,19 +700,22 @@ def test_exercise_09_nt_xent_closed_forms():
 def test_exercise_09_nt_xent_against_the_written_out_loss():
     torch.manual_seed(11)
     anchors, candidates = torch.randn(8, 6), torch.randn(8, 6)
-    for a, c, t, on in (
-        (anchors, anchors, 0.2, "plain SimCLR: anchors = candidates, 2N = 8 x 6 random, T = 0.2"),
-        (anchors, candidates, 0.5, "with a target: different candidates, 8 x 6 random, T = 0.5"),
+    two_processes = torch.cat([torch.randn(8, 6), anchors])  # another process's 2N candidates, then this one's
+    for a, c, t, first, on in (
+        (anchors, anchors, 0.2, 0, "plain SimCLR: anchors = candidates, 2N = 8 x 6 random, T = 0.2"),
+        (anchors, candidates, 0.5, 0, "with a target: different candidates, 8 x 6 random, T = 0.5"),
+        (anchors, two_processes, 0.2, 8, "under torchrun: 16 candidates, this process's from column first = 8"),
     ):
-        got = scalar(9, simclr.nt_xent(a, c, t), on)
-        expected = nt_xent_written_out(a, c, t)
+        got = scalar(9, simclr.nt_xent(a, c, t, first=first), on)
+        expected = nt_xent_written_out(a, c, t, first)
         check_value(
             9,
             "l_i = -log(exp(s(i, j(i)) / T) / sum_{k != i} exp(s(i, k) / T)), j(i) = (i + N) mod 2N",
             on,
             got,
             expected,
-            hint="anchor i's positive is the other view of the same image, (i + N) mod 2N: not i itself",
+            hint="anchor i's positive is the other view of the same image, (i + N) mod 2N: not i itself"
+            + ("; with first, both indices are offset by it" if first else ""),
         )
 
 
