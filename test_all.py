@@ -4374,10 +4374,10 @@ def test_every_part_command_is_built_right(fake_gpu, tmp_path):
         "jobs-4",
         "jobs-8",
         "random",
-        "learning",
         "loader",
         "epoch-compiled-all",
         "epoch-compiled-projector",
+        "learning",
     ]
     assert sum(p.seconds for p in parts) == gpu_report.BUDGET_SECONDS  # the shares fill the default eight minutes
     commands = {p.name: p.command(ctx, 60) for p in parts}
@@ -4920,6 +4920,41 @@ def test_bench_real_epoch_profiles_the_lean_step_and_keeps_the_run(tmp_path):
     assert "| op | calls | ms | share |" in result.stdout and "epoch    2 |" in result.stdout  # the run's lines too
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["epoch_seconds"] == summary["real_epoch_seconds"]
+
+
+def test_a_gpu_profile_counts_each_kernel_once():
+    """On CUDA a kernel's time is in the profile twice: as a device event, and as the self time of the op that
+    launched it; the summary's total counts the device events only (not the annotations), and ranks the ops."""
+    from torch.autograd import DeviceType
+
+    bench = tool("bench")
+
+    def event(key, device_type, device_us, annotation=False):
+        return SimpleNamespace(
+            key=key,
+            count=1,
+            device_type=device_type,
+            self_device_time_total=device_us,
+            self_cpu_time_total=5.0,
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("aten::cudnn_convolution", DeviceType.CPU, 300.0),
+        event("void conv_kernel<...>", DeviceType.CUDA, 300.0),
+        event("aten::add_", DeviceType.CPU, 100.0),
+        event("void elementwise_kernel<...>", DeviceType.CUDA, 100.0),
+        event("aten::conv2d", DeviceType.CPU, 0.0),  # calls cudnn_convolution: no kernel of its own
+        event("Optimizer.step#LARS.step", DeviceType.CUDA, 100.0, annotation=True),
+    ]
+    summary = bench.profile_summary(events, on_gpu=True)
+    assert summary["clock"] == "GPU" and summary["total_ms"] == pytest.approx(0.4)
+    assert [(op["name"], op["share"]) for op in summary["ops"]] == [
+        ("aten::cudnn_convolution", pytest.approx(0.75)),
+        ("aten::add_", pytest.approx(0.25)),
+    ]
+    on_cpu = bench.profile_summary(events, on_gpu=False)  # each op's own CPU time, every event
+    assert on_cpu["total_ms"] == pytest.approx(0.03) and len(on_cpu["ops"]) == 6
 
 
 def test_bench_refuses_profile_without_real_epoch():

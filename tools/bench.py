@@ -334,9 +334,7 @@ def lean_byol_step_seconds(run_args, device, steps=10, warmup=3, channels_last=F
 
 
 def profile_step(step, device, rows=15):
-    """One step (already warmed up) under torch.profiler: the ops that took the most time. On CUDA the clock is
-    the GPU's (each kernel's own time: what the GPU was busy with), on a CPU the CPU's (each op's own time,
-    without the ops it calls). Returns the total and the top `rows` ops, each with its share of the total."""
+    """One step (already warmed up) under torch.profiler: the ops that took the most time (profile_summary)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -344,13 +342,33 @@ def profile_step(step, device, rows=15):
     with profile(activities=activities) as profiler:
         step()
         timer(device)
-    events = profiler.key_averages()
+    return profile_summary(profiler.key_averages(), on_gpu, rows)
+
+
+def profile_summary(events, on_gpu, rows=15):
+    """The total and the top `rows` ops of a profile (torch.profiler's key_averages), each with its share of the
+    total. On CUDA the clock is the GPU's: the total is the kernels' own time (what the GPU was busy with), and
+    each op's is the time of the kernels it launched. A kernel shows twice in the events, as a device event and
+    in the self time of the op that launched it, so the total counts the device events and the ranking the
+    ops (never both; annotations such as the optimiser's step region are neither). On a CPU the clock is the
+    CPU's: each op's own time, without the ops it calls."""
+    from torch.autograd import DeviceType
+
+    def annotation(event):
+        return getattr(event, "is_user_annotation", False)
+
+    if on_gpu:
+        kernels = [e for e in events if e.device_type != DeviceType.CPU and not annotation(e)]
+        total = sum(e.self_device_time_total for e in kernels)
+        ranked = [e for e in events if e.device_type == DeviceType.CPU and not annotation(e)]
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        ranked = list(events)
 
     def own_microseconds(event):
         return event.self_device_time_total if on_gpu else event.self_cpu_time_total
 
-    total = sum(own_microseconds(event) for event in events)
-    top = sorted(events, key=own_microseconds, reverse=True)[:rows]
+    top = sorted(ranked, key=own_microseconds, reverse=True)[:rows]
     ops = [
         {
             "name": event.key[:100],

@@ -17,13 +17,13 @@ or `epoch` chooses all of its parts):
                       peak memory of each; the best N, and what Table 1 (12 runs of 200 epochs) takes at it
   random              the random backbone of the same architecture on the same images (linear_eval.py
                       --random-init --no-augment): what the learning run must end above
-  learning            a short full-width BYOL run on the JPEG folder (--data-dir): kNN and linear top-1,
-                      its epochs and minutes (as many epochs as its time allows, at most 15), and how far
-                      above the random backbone it ended
   loader              --loader stream (ImageNet's path) at 224 pixels on generated JPEGs: images per second
                       per CPU core and on all, against a 224-pixel step: the cores one GPU needs
   epoch-compiled-all  the real epoch with --compile: the first epoch (mostly compiling) and the second,
   epoch-compiled-projector    each with a cold compiler cache of its own
+  learning            a short full-width BYOL run on the JPEG folder (--data-dir): kNN and linear top-1,
+                      its epochs and minutes (as many epochs as its time allows, at most 15: it takes up
+                      what the parts before it left), and how far above the random backbone it ended
 
 Why each part is a subprocess with a time limit: time on a GPU may come in windows of minutes, and a part
 that hangs (a compilation, a deadlocked test, a run that never ends) must not take the report with it. Each part runs
@@ -529,13 +529,14 @@ def loader_part():
         return [sys.executable, "-c", LOADER_SCRIPT, folder, str(ctx.sizes.loader_images), batch, ctx.device]
 
     what = "--loader stream at 224 pixels: images per second per CPU core and on all, the cores a 224-pixel step needs"
-    return Part("loader", 35, what, command, lambda ctx, log: last_json_line(log) or {})
+    return Part("loader", 25, what, command, lambda ctx, log: last_json_line(log) or {})
 
 
 def all_parts(sizes):
     """Every part, in the order they run: the cheap and the most asked-for first; the random backbone before
-    the learning run, which sizes its epochs to the time it is given (and so uses up what the parts before it
-    left); the compiled epochs last (compiling is what most often takes longer than planned)."""
+    the learning run; the compiled epochs late (compiling is what most often takes longer than planned: a
+    compiled bench of git 6bf4e4d did not finish in 130 s on an H200), and the learning run last, since it
+    sizes its epochs to the time it is given and so takes up whatever the parts before it left."""
     return [
         Part(
             "versions",
@@ -551,28 +552,28 @@ def all_parts(sizes):
             lambda ctx, limit: [sys.executable, "-m", "pytest", "-q", "test_all.py", "-k", "cuda"],
             read_tests,
         ),
-        epoch_part("all", compiled=False, seconds=45),
-        epoch_part("projector", compiled=False, seconds=40),
+        epoch_part("all", compiled=False, seconds=40),
+        epoch_part("projector", compiled=False, seconds=35),
         *[jobs_part(n) for n in sizes.jobs],
         Part(
             "random",
-            25,
+            20,
             "the random backbone on the same images (linear_eval.py --random-init --no-augment)",
             random_command,
             read_random,
             needs_data=True,
         ),
+        loader_part(),
+        epoch_part("all", compiled=True, seconds=80),
+        epoch_part("projector", compiled=True, seconds=55),
         Part(
             "learning",
-            45,
+            35,
             "a short BYOL run on the JPEG folder: kNN and linear top-1, epochs, minutes",
             learning_command,
             read_learning,
             needs_data=True,
         ),
-        loader_part(),
-        epoch_part("all", compiled=True, seconds=60),
-        epoch_part("projector", compiled=True, seconds=40),
     ]
 
 
