@@ -160,11 +160,14 @@ def main(argv=None):
             setattr(args, key, trained.get(key))
     args.eval_split, args.val_size = args.eval_split or "test", args.val_size or 10000  # (checkpoints before the flag)
     # val scores only images the pre-training held out (the last --val-size / classes of each class): its own val
-    # split or a part of it, or another dataset's (another --dataset, or another image folder)
+    # split or a part of it, or another dataset's (another --dataset, or an image folder of another name)
     trained_val = trained.get("val_size") or 10000
     held_out = trained.get("eval_split") == "val" and args.val_size <= trained_val
+    # an image folder is the pre-training's when it is the same folder or has its name: a relative path in the
+    # checkpoint resolves against this run's directory, not the pre-training's, so a name is all that is sure
+    folder, trained_folder = Path(args.data_dir).resolve(), Path(trained.get("data_dir") or ".").resolve()
     same_data = args.dataset == trained.get("dataset") and (
-        args.dataset != "imagefolder" or Path(args.data_dir).resolve() == Path(trained.get("data_dir") or ".").resolve()
+        args.dataset != "imagefolder" or folder == trained_folder or folder.name == trained_folder.name
     )
     if args.eval_split == "val" and state["method"] != "random-init" and same_data and not held_out:
         kept = (

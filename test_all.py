@@ -2492,7 +2492,7 @@ def test_validation_split_is_the_last_images_of_each_class_and_never_trained_on(
 
 @pytest.mark.slow  # three runs; split_train_val's own test stays in the default run
 @needs_mini
-def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_path):
+def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_path, monkeypatch):
     held_out = engine.data.load_dataset(
         "imagefolder", str(MINI), torch.device("cpu"), train_subset=30, eval_split="val", val_size=50, download=False
     )
@@ -2505,7 +2505,8 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
     assert torch.equal(held_out.test_images, whole.train_images[torch.cat(per_class).sort().values])
     # A run records the split; linear_eval.py scores its checkpoint on the same split unless told otherwise.
     out = tmp_path / "run"
-    flags = ["--dataset", "imagefolder", "--data-dir", MINI, "--train-subset", "30", "--eval-split", "val"]
+    relative = os.path.relpath(MINI, ROOT)  # as a user types it from the repository root: kept so in the checkpoint
+    flags = ["--dataset", "imagefolder", "--data-dir", relative, "--train-subset", "30", "--eval-split", "val"]
     run_script(
         "simsiam.py",
         *flags,
@@ -2525,6 +2526,12 @@ def test_eval_split_val_scores_held_out_training_images_on_an_image_folder(tmp_p
     assert json.loads((out / "linear_eval.json").read_text())["eval_split"] == "val"
     # a larger val split than the run held out reaches into its training images: refused
     refused = run_script("linear_eval.py", out, "--val-size", "100", "--no-augment", "--epochs", "1", check=False)
+    assert refused.returncode == 2 and "with --val-size at most 50" in refused.stderr, refused.stderr
+    # the same folder given another way, from another directory (where the checkpoint's relative path leads
+    # nowhere): still the pre-training's images, still refused
+    monkeypatch.chdir(tmp_path)
+    again = ["--data-dir", MINI, "--val-size", "100", "--no-augment", "--epochs", "1", "--device", "cpu"]
+    refused = run_here(linear_eval, out, *again, check=False)
     assert refused.returncode == 2 and "with --val-size at most 50" in refused.stderr, refused.stderr
 
 
