@@ -1220,6 +1220,10 @@ def test_resume_mid_epoch_after_max_steps(tmp_path):
     run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "straight")
     run_script("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split")
     assert metrics(tmp_path / "split")[-1]["step"] == 2  # the provisional line of the cut epoch
+    cut = (tmp_path / "split" / "metrics.jsonl").read_text()
+    # resumed with nothing left to do: the provisional line stays, and the summary is that line's
+    nothing = run_script("byol.py", *args, "--max-steps", "2", "--out-dir", tmp_path / "split", "--resume")
+    assert (tmp_path / "split" / "metrics.jsonl").read_text() == cut and "step=2" in nothing.stdout.splitlines()[-1]
     run_script("byol.py", *args, "--max-steps", "6", "--out-dir", tmp_path / "split", "--resume")
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 

@@ -42,7 +42,10 @@ class RunLogger:
                 f"{self.out_dir} holds an earlier run's metrics.jsonl (but no last.pt to resume); choose another "
                 f"--out-dir, or move that run's files away first"
             )
-        self.last = progress.history[-1] if progress.history else None  # the summary line's metrics
+        # the lines last.pt stands for: its history, and on a resume the provisional line of an epoch that
+        # --max-steps cut short, which the history does not hold (it stays until the epoch's end replaces it)
+        kept = [*progress.history, *(provisional_line(earlier, progress) if args.resume else [])]
+        self.last = kept[-1] if kept else None  # the summary line's metrics
         self.info = {
             **vars(args),
             "git_revision": git_revision(),
@@ -53,7 +56,7 @@ class RunLogger:
         self.args_written = False
         if not args.resume:  # a resumed run's args.json is rewritten once last.pt holds its flags (write_args)
             self.write_args()
-        self.write_metrics(progress.history)
+        self.write_metrics(kept)
         if instruments is not None:
             instruments.open(self.out_dir, progress.step, args.resume)
         self.progress_bar = sys.stdout.isatty()
@@ -128,6 +131,18 @@ class RunLogger:
     def write_metrics(self, lines):
         text = "".join(json.dumps(m) + "\n" for m in lines)
         atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+def provisional_line(path, progress):
+    """[the line metrics.jsonl holds after last.pt's history], when that line is at last.pt's own step: the
+    provisional line of an epoch --max-steps cut short; [] when there is none (or the file cannot be read)."""
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    if len(lines) == len(progress.history) + 1 and lines[-1].get("step") == progress.step:
+        return lines[-1:]
+    return []
 
 
 def format_duration(seconds):
