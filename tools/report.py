@@ -345,12 +345,13 @@ def show_interval(summary, sign=False):
     return f"[{f.format(summary.low)}, {f.format(summary.high)}]"
 
 
-def show_both(difference):
-    """A signed difference with its interval: '+1.20 ± 0.30 [+0.45, +1.95]'; '-' for none."""
-    if difference is None:
+def show_both(summary, sign=True):
+    """A mean, signed by default (a difference), with its interval: '+1.20 ± 0.30 [+0.45, +1.95]'; the mean
+    alone for one seed; '-' for none."""
+    if summary is None:
         return "-"
-    interval = show_interval(difference, sign=True)
-    return show_mean(difference, sign=True) + ("" if interval == "-" else f" {interval}")
+    interval = show_interval(summary, sign=sign)
+    return show_mean(summary, sign=sign) + ("" if interval == "-" else f" {interval}")
 
 
 def show_difference(summary):
@@ -541,11 +542,10 @@ def write_table(args, name, experiment, rows):
     for row in rows:
         found = row_results(args, name, experiment, row)
         paper = [row.paper.get("top1"), row.paper.get("knn1")]
-        ours = []
-        for key in ("linear_top1", "knn_top1", "knn1_top1"):
-            summary = summarise(values(found, key).values())
-            interval = show_interval(summary)  # '-' for one seed
-            ours.append(show_mean(summary) + ("" if interval == "-" else f" {interval}"))
+        ours = [
+            show_both(summarise(values(found, key).values()), sign=False)
+            for key in ("linear_top1", "knn_top1", "knn1_top1")
+        ]
         epochs = sorted({m.get("epoch", "-") for m, *_ in found.values()})
         lines.append(
             f"| {row.label} | {' | '.join(fmt(v) for v in paper)} | {' | '.join(ours)} | {len(found)} | "
