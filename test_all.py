@@ -5113,6 +5113,24 @@ def test_assignment_list_subset_and_bad_input(tmp_path):
 
 
 @needs_assignment_tool
+def test_assignment_grade_marks_each_exercise_and_ignores_the_folders_conftest(tmp_path):
+    """--grade: a mark per exercise from the grading tests; a conftest.py in the student's folder that turns
+    every failure into a pass (or a pytest.ini that drops the report) changes no mark."""
+    hw = tmp_path / "hw"
+    run_script("course/assignment.py", "--out", hw, "--exercises", "1,2")
+    assignment_tool.fill_in(hw, [1])  # exercise 1 answered as the project does, exercise 2 still blank
+    (hw / "conftest.py").write_text(
+        "import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
+        "    report = (yield).get_result()\n    report.outcome = 'passed'\n"
+    )
+    (hw / "pytest.ini").write_text("[pytest]\naddopts = -p no:junitxml\n")
+    marks = run_script("course/assignment.py", "--grade", hw).stdout
+    assert re.search(r"1\. common\.solarize +2/2 tests +done", marks), marks
+    assert re.search(r"2\. byol\.D +0/3 tests +not yet", marks), marks
+    assert "exercises done: 1 of 2" in marks, marks
+
+
+@needs_assignment_tool
 @pytest.mark.slow  # assignment_check takes about 40 s; the default run keeps the grading tests on the project
 def test_assignment_grading_tests_fail_on_every_blank_and_name_its_exercise(assignment_check):
     blank = assignment_check["blank"]

@@ -249,6 +249,15 @@ MUTATIONS = [
     """,
     ),
     Mutation(
+        5,
+        "the mean of this process's rows only (no common.mean_over_processes: under torchrun each process keeps "
+        "a centre of its own)",
+        """
+        batch_mean = torch.cat(teacher_logits).float().mean(dim=0, keepdim=True)
+        self.value.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+    """,
+    ),
+    Mutation(
         6,
         "the queue's pointer never advances (every batch overwrites the same slots)",
         """
@@ -256,6 +265,17 @@ MUTATIONS = [
         n = keys[0].shape[0]
         slots = (self.pointer + torch.arange(n, device=queues.device)) % queues.shape[1]
         queues.index_copy_(1, slots, F.normalize(torch.stack(keys).float(), dim=2))
+    """,
+    ),
+    Mutation(
+        6,
+        "a slice that stops at the end of the queue (the keys of a batch that crosses it are dropped)",
+        """
+        queues = self.keys.view(-1, *self.keys.shape[-2:])
+        n, size, start = keys[0].shape[0], queues.shape[1], int(self.pointer)
+        fits = min(n, size - start)
+        queues[:, start : start + fits] = F.normalize(torch.stack(keys).float(), dim=2)[:, :fits]
+        self.pointer.copy_((self.pointer + n) % size)
     """,
     ),
     Mutation(
@@ -323,6 +343,27 @@ MUTATIONS = [
         sim, idx = (test_features @ train_features.T).topk(min(k, len(train_features)), dim=1)
         votes = torch.zeros(len(test_features), num_classes)
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        return votes.argmax(dim=1)
+    """,
+    ),
+    Mutation(
+        10,
+        "every training feature votes (k ignored)",
+        """
+        sim = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T
+        votes = torch.zeros(len(test_features), num_classes)
+        votes.scatter_add_(1, train_labels.expand_as(sim), (sim / temperature).exp())
+        return votes.argmax(dim=1)
+    """,
+    ),
+    Mutation(
+        10,
+        "the temperature fixed at 0.1 (the argument ignored)",
+        """
+        train_features = F.normalize(train_features, dim=1)
+        sim, idx = (F.normalize(test_features, dim=1) @ train_features.T).topk(min(k, len(train_features)), dim=1)
+        votes = torch.zeros(len(test_features), num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / 0.1).exp())
         return votes.argmax(dim=1)
     """,
     ),
@@ -550,6 +591,8 @@ def run_grading_tests(directory, test_file="test_assignment.py", select_tests=No
         report = Path(tmp) / "report.xml"
         test_path = Path(test_file) if Path(test_file).is_absolute() else directory / test_file
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_path), f"--junitxml={report}"]
+        # the folder's own conftest.py and pytest settings are not loaded: a conftest.py can turn failures into passes
+        cmd += ["--noconftest", "-c", os.devnull, "--rootdir", str(directory)]
         if select_tests:
             cmd += ["-k", select_tests]
         env = {**os.environ, "PYTHONPATH": str(directory), "PYTHONDONTWRITEBYTECODE": "1"}

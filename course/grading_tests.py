@@ -307,7 +307,7 @@ def test_exercise_04_update_is_equation_6(beta):
                 "Eq. (6) on every parameter of the EMA stages",
                 f"beta = {beta}, EMA on block4,projector, parameter {name}",
                 "beta * xi + (1 - beta) * theta",
-                f"max difference {float((new - expected).abs().max()):.3g}",
+                f"max difference {float((new - expected).detach().abs().max()):.3g}",
                 hint,
             )
 
@@ -447,6 +447,29 @@ def test_exercise_05_centre_is_updated_in_place_and_without_gradient():
         )
 
 
+@exercise(5)
+def test_exercise_05_centre_takes_the_global_batch_mean(monkeypatch):
+    seen = []
+
+    def every_process_mean(mean):  # a stand-in for torchrun's average over processes: every entry 5
+        seen.append(tuple(mean.shape))
+        return torch.full_like(mean, 5.0)
+
+    monkeypatch.setattr(common, "mean_over_processes", every_process_mean)
+    centre = dino.Centre(4, 0.5)
+    centre.update([torch.zeros(2, 4), torch.ones(2, 4)])
+    if seen != [(1, 4)] or not torch.allclose(centre.value, torch.full((1, 4), 2.5)):
+        fail(
+            5,
+            "under torchrun the centre moves towards the global batch's mean: common.mean_over_processes(this "
+            "process's 1 x K mean), called once",
+            "m = 0.5, c = 0, this process's mean 0.5; common.mean_over_processes replaced by one that returns 5",
+            "mean_over_processes called once on a 1 x K tensor; centre 2.5",
+            f"called on {seen}; centre {[round(v, 4) for v in centre.value.flatten().tolist()]}",
+            "batch_mean = common.mean_over_processes(batch_mean) before the moving average",
+        )
+
+
 # ---- Exercise 6: the key queue -----------------------------------------------------------------
 
 
@@ -499,6 +522,24 @@ def test_exercise_06_push_is_fifo_normalised_and_wraps_around():
             "keys of shape (8, 4) with keys[:4] = k_1 / |k_1|",
             f"shape {tuple(single.keys.shape)}",
             "self.keys.view(-1, K, d) is V x K x d for one queue or several, and writes through to self.keys",
+        )
+
+
+@exercise(6)
+def test_exercise_06_a_batch_that_crosses_the_end_wraps_to_slot_0():
+    queue = common.KeyQueue(6, 2)  # K = 6 is not a multiple of N = 4: the second batch crosses the end
+    keys = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
+    queue.push(keys)
+    queue.push(keys)
+    expected = torch.cat([keys[2:], keys[2:], keys[:2]])  # slots 4, 5, 0, 1 hold the second batch
+    if int(queue.pointer) != 2 or not torch.allclose(queue.keys, expected, atol=1e-6):
+        fail(
+            6,
+            "a batch that crosses the end of the queue goes on at slot 0 (no key is dropped)",
+            "K = 6, d = 2; two pushes of the same N = 4 keys",
+            "pointer 2; slots 4, 5, 0, 1 hold the second batch's keys 0, 1, 2, 3",
+            f"pointer {int(queue.pointer)}",
+            "slot = (pointer + i) mod K for each key i, not a slice that stops at K",
         )
 
 
@@ -779,10 +820,11 @@ def test_exercise_10_knn_against_a_written_out_count():
     train, labels = torch.randn(40, 6), torch.randint(0, 3, (40,))
     train = train * torch.rand(40, 1).mul(20).add(0.05)  # lengths from 0.05 to 20: only directions count
     test = torch.randn(9, 6) * torch.rand(9, 1).mul(20).add(0.05)
-    for k, chunk in ((5, 1024), (5, 2), (200, 4)):
-        pred = common.knn_predict(train, labels, test, 3, k=k, temperature=0.1, chunk=chunk)
-        expected = knn_written_out(train, labels, test, 3, min(k, 40), 0.1)
-        on = f"40 training features of random lengths, 9 test features, 3 classes, k = {k}, T = 0.1, chunk = {chunk}"
+    # k = 1 is Table 2's KNN-1; at T = 1 the far neighbours' votes count, so k and T must be the ones passed
+    for k, t, chunk in ((5, 0.1, 1024), (5, 0.1, 2), (200, 0.1, 4), (1, 0.1, 1024), (5, 1.0, 1024), (10, 1.0, 3)):
+        pred = common.knn_predict(train, labels, test, 3, k=k, temperature=t, chunk=chunk)
+        expected = knn_written_out(train, labels, test, 3, min(k, 40), t)
+        on = f"40 training features of random lengths, 9 test features, 3 classes, k = {k}, T = {t}, chunk = {chunk}"
         if not isinstance(pred, torch.Tensor) or tuple(pred.shape) != (9,) or pred.dtype != torch.long:
             fail(
                 10,
