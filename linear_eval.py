@@ -68,7 +68,8 @@ def parse_args(argv=None):
         "--workers",
         type=common.positive(int, at_most=256),
         default=None,
-        help="--loader stream: processes that read the images; None means one per CPU core, at most 32",
+        help="processes that decode an image folder (once, at the start) or, with --loader stream, read its images "
+        "as the run goes; None means one per CPU core, at most 32",
     )
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's --data-dir")
@@ -114,6 +115,10 @@ def parse_args(argv=None):
     out = Path(args.out)
     if out.suffix != ".json" or out.is_dir():  # never over a checkpoint, metrics.jsonl or a folder
         raise common.ConfigError(f"--out {out} is not a .json file; name one, e.g. {out.parent / 'linear_eval.json'}")
+    if out.name == "args.json" and (out.parent / "last.pt").exists():  # nor over a run's record of its flags
+        raise common.ConfigError(
+            f"--out {out} is the run's own args.json; name another, e.g. {out.parent / 'linear_eval.json'}"
+        )
     folder = next(parent for parent in out.parents if parent.exists())  # (made at the end where missing)
     if not folder.is_dir():  # said now, not after the evaluation
         raise common.ConfigError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
@@ -179,7 +184,15 @@ def main(argv=None):
             f"--eval-split val --val-size {args.val_size}: the checkpoint was pre-trained on some of those training "
             f"images (it held out {kept})"
         )
-    args.loader = args.loader or trained.get("loader", "memory")
+    # the pre-training's loader for its own dataset; another dataset is held in memory unless --loader says stream
+    args.loader = args.loader or (
+        trained.get("loader", "memory") if args.dataset == trained.get("dataset") else "memory"
+    )
+    if args.loader == "stream" and args.dataset != "imagefolder":
+        raise common.ConfigError(
+            f"--loader stream reads an image folder, not --dataset {args.dataset}; pass --dataset imagefolder "
+            f"--data-dir DIR, or --loader memory"
+        )
     if args.loader == "stream" and not args.no_augment:
         raise common.ConfigError(
             "--loader stream: linear_eval.py trains on fixed features of the evaluation views there; pass --no-augment"
@@ -207,6 +220,7 @@ def main(argv=None):
             download=not args.no_download,
             synthetic_size=trained["synthetic_size"],
             seed=trained["seed"],
+            workers=args.workers or min(32, os.cpu_count() or 1),
         )
 
     width, stem = trained.get("width", 64), trained.get("stem", "cifar")  # (checkpoints before the flags)
@@ -273,6 +287,8 @@ def main(argv=None):
         "dataset": args.dataset,
         "train_subset": args.train_subset,
         "eval_split": args.eval_split,
+        "classes": data.num_classes,
+        "test_images": len(data.test_labels),
         "pretrain_step": state["run"]["step"],
         "epochs": args.epochs,
         "augment": not args.no_augment,

@@ -893,6 +893,67 @@ def test_image_folder_loads_cifar10_mini():
     assert 0.3 < float(data.mean.mean()) < 0.6 and 0.15 < float(data.std.mean()) < 0.35
 
 
+
+def test_an_image_pil_cannot_open_is_one_line(tmp_path, monkeypatch):
+    """PIL raises more than OSError: SyntaxError for a PNG with a broken chunk, DecompressionBombError for an
+    image of more pixels than it opens; each is the same one line naming the file."""
+    from PIL import Image
+
+    broken = tmp_path / "broken.png"
+    pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(broken)
+    data = bytearray(broken.read_bytes())
+    idat_length = int.from_bytes(data[33:37], "big")  # the IDAT chunk's length field, after the 8 + 25 bytes of IHDR
+    data[33:37] = (idat_length // 2).to_bytes(4, "big")  # half as long: the next chunk starts inside the pixels
+    broken.write_bytes(bytes(data))
+    with pytest.raises(common.ConfigError, match=r"^cannot read the image .*broken\.png \(not an image that PIL"):
+        engine.data.open_image(broken)
+    large = tmp_path / "large.png"
+    Image.new("RGB", (10, 10)).save(large)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 100 pixels is more than twice 40
+    with pytest.raises(common.ConfigError, match=r"^cannot read the image .*large\.png \(more than 80 pixels, PIL's"):
+        engine.data.open_image(large)
+
+
+def test_an_instrument_file_with_a_line_no_run_wrote_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "grad_norms.jsonl"
+    path.write_text('{"step": 1, "conv1": 0.5}\n{"step": 2, "conv1": 0.4}\n{"step": 3, "co')  # a cut last line
+    assert [record["step"] for _, record in engine.measure.read_records(path)[:2]] == [1, 2]
+    for junk in (b"garbage\n", b"[1]\n", b'{"conv1": 1.0}\n', b"\xff\xfe\n"):
+        path.write_bytes(b'{"step": 1, "conv1": 0.5}\n' + junk)
+        with pytest.raises(common.ConfigError) as refused:
+            engine.measure.read_records(path)
+        assert str(refused.value).startswith("cannot resume grad_norms.jsonl: ") and "\n" not in str(refused.value)
+
+
+@needs_mini
+def test_an_image_folder_decodes_the_same_with_any_number_of_workers():
+    """--workers decodes an image folder in DataLoader processes, 500 images a batch, in order: the same
+    tensors as one process, the held-out split and a subset too."""
+    one = engine.data._image_folder(MINI, 32, workers=1)
+    two = engine.data._image_folder(MINI, 32, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(one[:4], two[:4])) and one[4] == two[4] == 10
+    part = engine.data._image_folder(MINI, 24, subset=1000, val_size=500, workers=3)
+    alone = engine.data._image_folder(MINI, 24, subset=1000, val_size=500, workers=1)
+    assert part[0].shape == (1000, 3, 24, 24) and part[2].shape == (500, 3, 24, 24)
+    assert all(torch.equal(a, b) for a, b in zip(part[:4], alone[:4]))
+
+
+def test_an_unreadable_image_decoded_by_workers_is_one_line(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 600), ("test", 4)):
+        for i in range(count):
+            folder = tmp_path / split / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(folder / f"{i}.png")
+    broken = tmp_path / "train" / "class1" / "551.png"  # in the second batch of 500, read by the second worker
+    broken.write_bytes(b"not a PNG")
+    with pytest.raises(common.ConfigError) as refused:
+        engine.data._image_folder(tmp_path, 4, workers=2)
+    assert str(refused.value) == f"cannot read the image {broken} (not an image that PIL can decode); delete or replace it"
+
+
 # ---------------------------------------------------------------------------------------------
 # Smoke runs of every method file: the run contract, forwards counted, targets inspected
 # ---------------------------------------------------------------------------------------------
@@ -1961,6 +2022,9 @@ def test_linear_eval_writes_only_a_json_file_in_a_folder(tmp_path):
     ]:
         with pytest.raises(common.ConfigError, match=re.escape(message)):
             linear_eval.parse_args([*flags, "--out", str(out)])
+    (tmp_path / "last.pt").write_bytes(b"a run's checkpoint")  # a run directory: its args.json is the run's
+    with pytest.raises(common.ConfigError, match=re.escape("is the run's own args.json; name another")):
+        linear_eval.parse_args([*flags, "--out", str(tmp_path / "args.json")])
     assert Path(linear_eval.parse_args([str(tmp_path)]).out) == tmp_path / "linear_eval.json"  # beside the run
     assert str(linear_eval.parse_args([*flags, "--out", str(tmp_path / "r.json")]).out) == str(tmp_path / "r.json")
 
@@ -2127,6 +2191,14 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
     out = tmp_path / "run"
     args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--log-target-drift", "--out-dir", out]
     run_script("byol.py", *args, "--max-steps", "3")
+    kept = {path.name: path.read_bytes() for path in out.iterdir()}
+    with open(out / "grad_norms.jsonl", "a") as f:
+        f.write("garbage\n")  # a line no run writes: the resume is refused in one line, every file as it was
+    refused = run_script("byol.py", *args, "--resume", check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "grad_norms.jsonl is not a file of records this code wrote" in refused.stderr
+    (out / "grad_norms.jsonl").write_bytes(kept["grad_norms.jsonl"])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == kept
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave
     run_script("byol.py", *args, "--resume")
@@ -3620,6 +3692,11 @@ def test_every_method_trains_on_streamed_views_with_the_imagenet_stem(jpeg_folde
     run_here(METHOD_MODULES[name], *flags, "--out-dir", tmp_path)
     (line,) = metrics(tmp_path)
     assert line["step"] == 2 and math.isfinite(line["loss"]) and line["knn_top1"] is not None, line
+    if name == "byol":  # linear_eval.py on another dataset reads that dataset, not the streamed folder
+        out = tmp_path / "synthetic.json"
+        run_here(linear_eval, tmp_path, "--dataset", "synthetic", "--no-augment", "--epochs", "1", "--out", out)
+        result = json.loads(out.read_text())
+        assert (result["dataset"], result["classes"], result["test_images"]) == ("synthetic", 10, 256), result
 
 
 def test_streamed_run_resumed_inside_an_epoch_equals_one_never_cut(jpeg_folder, tmp_path):

@@ -193,7 +193,8 @@ SHARED_FLAGS = [
     Flag(
         "--workers",
         None,
-        "--loader stream: processes that read, decode and crop the images; None means one per CPU core, at most 32",
+        "processes that decode an image folder once at the start (--loader memory) or read, decode and crop its "
+        "images as the run goes (--loader stream); None means one per CPU core, at most 32",
         positive(int, at_most=256),
         resume_may_change=True,
         options={"metavar": "N"},
@@ -444,7 +445,7 @@ def check_args(args, method):
     """Validate the shared flags before anything heavy happens; fill in the values derived from others."""
     args.method = method
     if args.resume:  # --resume RUN_DIR names the run directory
-        if args.out_dir is not None and Path(args.out_dir) != Path(args.resume):
+        if args.out_dir is not None and Path(args.out_dir).resolve() != Path(args.resume).resolve():
             raise ConfigError(
                 f"--resume {args.resume} and --out-dir {args.out_dir} name two run directories; give one of them"
             )

@@ -15,6 +15,22 @@ from engine.errors import ConfigError
 from engine.files import atomic_write, write_failed
 
 
+def read_records(path):
+    """[(line, record)] of an instrument's JSON-lines file; a line that is not one of its records (the file
+    edited, or damaged) ends the resume in one line, before anything is written."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+        records = [json.loads(line) if line.endswith("\n") else {"step": float("inf")} for line in lines]
+        if all(isinstance(record.get("step"), (int, float)) for record in records):
+            return list(zip(lines, records))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        pass
+    raise ConfigError(
+        f"cannot resume {path.name}: {path} is not a file of records this code wrote; restore a good copy, or "
+        f"delete it to restart its records at the checkpoint's step"
+    )
+
+
 class Instruments:
     """The paper's per-step instruments, written to the run directory beside metrics.jsonl.
 
@@ -109,10 +125,10 @@ class Instruments:
         self.out_dir = Path(out_dir)
         for key in self.enabled():
             path = self.out_dir / self.FILES[key]
-            lines = path.read_text().splitlines(keepends=True) if resume and path.exists() else []
+            lines = read_records(path) if resume and path.exists() else []
             keep = [
-                line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step
-            ]  # a cut last line goes
+                line for line, record in lines if line.endswith("\n") and record["step"] <= step
+            ]  # (a cut line goes)
             atomic_write(path, lambda f: f.write("".join(keep).encode()))
         if self.rows and not resume:
             self._record_weights(0)  # the starting point of each trajectory

@@ -514,7 +514,7 @@ for split in ("train", "val"):
 with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
     pool.map(make, jobs, chunksize=32)
 bench = ["tools/bench.py", "--loader-throughput", str(root), "--device", device, "--batch-size", batch]
-sys.exit(subprocess.run([sys.executable, *bench, "--loader-batches", "8", "--steps", "10"]).returncode)
+sys.exit(subprocess.run([sys.executable, *bench, "--loader-batches", "3", "--steps", "10"]).returncode)
 """
 
 
