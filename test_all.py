@@ -893,7 +893,6 @@ def test_image_folder_loads_cifar10_mini():
     assert 0.3 < float(data.mean.mean()) < 0.6 and 0.15 < float(data.std.mean()) < 0.35
 
 
-
 def test_an_image_pil_cannot_open_is_one_line(tmp_path, monkeypatch):
     """PIL raises more than OSError: SyntaxError for a PNG with a broken chunk, DecompressionBombError for an
     image of more pixels than it opens; each is the same one line naming the file."""
@@ -951,7 +950,9 @@ def test_an_unreadable_image_decoded_by_workers_is_one_line(tmp_path):
     broken.write_bytes(b"not a PNG")
     with pytest.raises(common.ConfigError) as refused:
         engine.data._image_folder(tmp_path, 4, workers=2)
-    assert str(refused.value) == f"cannot read the image {broken} (not an image that PIL can decode); delete or replace it"
+    assert (
+        str(refused.value) == f"cannot read the image {broken} (not an image that PIL can decode); delete or replace it"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
