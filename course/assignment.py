@@ -8,8 +8,9 @@
     python course/assignment.py --check                       # the grading tests catch every wrong answer in MUTATIONS
 
 How it works. EXERCISES below names each function by file and qualified name. The tool copies the
-project into the output folder and, in each exercise's function, replaces the body (everything
-after the docstring) by `raise NotImplementedError("Exercise N: ...")`, found on the syntax tree
+project into the output folder and, in each exercise's function (and in the functions elsewhere that
+hold the same answer, its `also`), replaces the body (everything after the docstring) by
+`raise NotImplementedError("Exercise N: ...")`, found on the syntax tree
 (`ast`): the project's files carry no markers and are never changed. Signatures, decorators,
 docstrings and every other line stay as they are. The tool writes the grading tests,
 test_assignment.py, and a short ASSIGNMENT.md beside them. Standard library and torch only;
@@ -48,10 +49,15 @@ class Exercise:
     minutes: int  # rough time for a student who has read the paper
     paper: str  # what in the paper it teaches
     task: str  # the NotImplementedError message: the equation and the shapes in and out
+    also: tuple = ()  # (file, qualname, task) of functions elsewhere that hold the same answer: blanked with it
 
     @property
     def name(self):
         return f"{self.file[:-3]}.{self.qualname}"
+
+    def functions(self):
+        """(file, qualname, task) of every function the exercise blanks: its own, then those in `also`."""
+        return [(self.file, self.qualname, self.task), *self.also]
 
 
 # Easy to hard. An exercise's number is its place in this list, whichever subset an edition has.
@@ -72,6 +78,14 @@ EXERCISES = [
         "the distance D of Eq. (5) in this code's form, 2 - 2 cos(p_i, sg(z_i)) for each row i (Algorithm 1 "
         "writes -cos: the same minimiser, docs/deviations.md), averaged over the batch; z is a target: stop its "
         "gradient, and l2-normalise both. p, z: N x d; returns a scalar (0-dim tensor).",
+        also=(
+            (
+                "simsiam.py",
+                "D",
+                "SimSiam's D, byol.D in Algorithm 1's own form: -cos(p_i, sg(z_i)) for each row i, averaged over "
+                "the batch; stop z's gradient, and l2-normalise both. p, z: N x d; returns a scalar (0-dim tensor).",
+            ),
+        ),
     ),
     Exercise(
         "byol.py",
@@ -80,6 +94,15 @@ EXERCISES = [
         "Eq. (5): BYOL's symmetric loss",
         "Eq. (5), symmetric: each view's prediction regresses the OTHER view's momentum projection through D; "
         "average the two directions. p_1, p_2, z_1m, z_2m: N x d each; returns a scalar.",
+        also=(
+            (
+                "simsiam.py",
+                "simsiam_loss",
+                "SimSiam's symmetric loss, as byol_loss: each view's prediction against the OTHER view's target "
+                "through this file's D, the two directions averaged. p_1, p_2, z_1m, z_2m: N x d each; returns a "
+                "scalar.",
+            ),
+        ),
     ),
     Exercise(
         "common.py",
@@ -444,10 +467,10 @@ def body_span(source, qualname):
     return start, node.end_lineno, " " * first.col_offset
 
 
-def blank_body(source, exercise, number):
-    """The source with the exercise's body replaced by a NotImplementedError naming what to implement."""
-    start, end, indent = body_span(source, exercise.qualname)
-    message = f"Exercise {number}: {exercise.task}"
+def blank_body(source, qualname, task, number):
+    """The source with the body of function `qualname` replaced by a NotImplementedError naming what to implement."""
+    start, end, indent = body_span(source, qualname)
+    message = f"Exercise {number}: {task}"
     pieces = textwrap.wrap(message, width=100 - len(indent), drop_whitespace=False, break_on_hyphens=False)
     lines = [f"{indent}raise NotImplementedError("] + [f"{indent}    {json.dumps(piece)}" for piece in pieces]
     lines[-1] += ")"
@@ -530,10 +553,8 @@ def write_edition(out, numbers, root=ROOT, blank=True, mutation=None):
     out = Path(out)
     changed = {}  # file -> its new text
     for number in numbers if blank else ():
-        exercise = EXERCISES[number - 1]
-        changed[exercise.file] = blank_body(
-            changed.get(exercise.file) or (root / exercise.file).read_text(), exercise, number
-        )
+        for file, qualname, task in EXERCISES[number - 1].functions():
+            changed[file] = blank_body(changed.get(file) or (root / file).read_text(), qualname, task, number)
     if mutation is not None:
         file = EXERCISES[mutation.exercise - 1].file
         changed[file] = mutate(changed.get(file) or (root / file).read_text(), mutation)
@@ -573,9 +594,13 @@ def handout(numbers):
     ]
     for number in numbers:
         e = EXERCISES[number - 1]
-        lines.append(f"| {number} | `{e.file}`: `{e.qualname}` | {e.minutes} min | {e.paper} |")
+        where = "; ".join(f"`{file}`: `{qualname}`" for file, qualname, _ in e.functions())
+        lines.append(f"| {number} | {where} | {e.minutes} min | {e.paper} |")
     if 2 in numbers and 3 in numbers:
-        lines += ["", "`byol_loss` (3) calls `D` (2): its tests pass once both are written."]
+        lines += [
+            "",
+            "`byol_loss` and `simsiam_loss` (3) call their file's `D` (2): their tests pass once both are written.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -649,14 +674,14 @@ def fill_in(directory, numbers, root=ROOT):
     """Put the reference bodies back into a student edition's blanks: what a student who answers every
     exercise exactly as the project does would hand in."""
     for number in numbers:
-        exercise = EXERCISES[number - 1]
-        path = Path(directory) / exercise.file
-        student = path.read_text()
-        reference = (root / exercise.file).read_text()
-        start, end, _ = body_span(student, exercise.qualname)
-        ref_start, ref_end, _ = body_span(reference, exercise.qualname)
-        lines, ref_lines = student.splitlines(keepends=True), reference.splitlines(keepends=True)
-        path.write_text("".join(lines[: start - 1] + ref_lines[ref_start - 1 : ref_end] + lines[end:]))
+        for file, qualname, _ in EXERCISES[number - 1].functions():
+            path = Path(directory) / file
+            student = path.read_text()
+            reference = (root / file).read_text()
+            start, end, _ = body_span(student, qualname)
+            ref_start, ref_end, _ = body_span(reference, qualname)
+            lines, ref_lines = student.splitlines(keepends=True), reference.splitlines(keepends=True)
+            path.write_text("".join(lines[: start - 1] + ref_lines[ref_start - 1 : ref_end] + lines[end:]))
 
 
 def check(quiet=False):

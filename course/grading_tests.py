@@ -20,6 +20,7 @@ import dino
 import mocov2
 import ressl
 import simclr
+import simsiam
 
 SELECTED = None  # the exercises of this edition (course/assignment.py writes them); None: all
 
@@ -191,6 +192,36 @@ def test_exercise_02_D_stops_the_gradient_at_the_target():
         )
 
 
+@exercise(2)
+def test_exercise_02_simsiam_D_is_algorithm_1s_minus_cos_with_stop_gradient():
+    torch.manual_seed(12)
+    p, z = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
+    expected = sum(-cos(a, b) for a, b in zip(rows(p), rows(z))) / 5  # Algorithm 1's D, written out
+    loss = simsiam.D(p, z)
+    got = scalar(2, loss, "simsiam.D; p, z: 5 x 7 random")
+    check_value(
+        2,
+        "SimSiam's D = mean over rows i of -cos(p_i, z_i), Algorithm 1's form",
+        "simsiam.D; p, z: 5 x 7 random (seed 12)",
+        got,
+        expected,
+        1e-5,
+        "that is BYOL's 2 - 2 cos; SimSiam's D is -cos"
+        if abs(got - (2 + 2 * expected)) < 1e-5
+        else "l2-normalise p and z along dim 1, then -(p * z).sum(dim=1), averaged over the rows",
+    )
+    loss.backward()
+    if p.grad is None or z.grad is not None:
+        fail(
+            2,
+            "stop-gradient in SimSiam's D too: the gradient reaches p, never z",
+            "simsiam.D; p, z: 5 x 7, D(p, z).backward()",
+            "p.grad set, z.grad None",
+            f"p.grad {'set' if p.grad is not None else 'None'}, z.grad {'set' if z.grad is not None else 'None'}",
+            "detach z before using it, as in byol.D",
+        )
+
+
 # ---- Exercise 3: BYOL's symmetric loss ------------------------------------------------------
 
 
@@ -254,6 +285,26 @@ def test_exercise_03_byol_loss_trains_the_predictions_only():
             "a gradient reached a target",
             "use D, which detaches its target",
         )
+
+
+@exercise(3)
+def test_exercise_03_simsiam_loss_pairs_each_prediction_with_the_other_view():
+    torch.manual_seed(13)
+    p_1, p_2, z_1, z_2 = (torch.randn(6, 10) for _ in range(4))
+    expected = -0.5 * (
+        sum(cos(a, b) for a, b in zip(rows(p_1), rows(z_2))) / 6
+        + sum(cos(a, b) for a, b in zip(rows(p_2), rows(z_1))) / 6
+    )  # SimSiam's symmetric loss, written out
+    got = scalar(3, simsiam.simsiam_loss(p_1, p_2, z_1, z_2), "simsiam.simsiam_loss; 6 x 10 random")
+    check_value(
+        3,
+        "SimSiam's loss is D(p_1, z_2) / 2 + D(p_2, z_1) / 2 with D = -cos",
+        "simsiam.simsiam_loss; p_1, p_2, z_1m, z_2m: 6 x 10 random (seed 13)",
+        got,
+        expected,
+        1e-5,
+        "pair each view's prediction with the OTHER view's target, average the two, with simsiam.D",
+    )
 
 
 # ---- Exercise 4: Eq. (6), the EMA update ------------------------------------------------------
