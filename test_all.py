@@ -2969,6 +2969,10 @@ def test_resume_refuses_another_train_subset(tmp_path):
     run_script("byol.py", *TINY, "--train-subset", "30", "--out-dir", tmp_path / "run")
     result = run_script("byol.py", *TINY, "--train-subset", "20", "--resume", tmp_path / "run", check=False)
     assert result.returncode == 2 and "--train-subset 30" in result.stderr
+    # a run made with --preset laptop, resumed without it: the refusal names the preset, not only the first flag
+    laptop = ["--preset", "laptop", "--train-subset", "30"]  # (the preset's 10,000 images are more than there are)
+    result = run_script("byol.py", *TINY, *laptop, "--resume", tmp_path / "run", check=False)
+    assert result.returncode == 2 and "it was made with --preset paper: resume with --preset paper" in result.stderr
 
 
 def test_resume_refuses_a_training_split_of_another_size(tmp_path):

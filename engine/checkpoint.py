@@ -111,6 +111,12 @@ def restore(state, models, optimizer, generator, args):
         flag = "--" + key.replace("_", "-")
         if key == "stages":  # (parsed from --ema-stages: say it as the flag was written)
             flag, was, now = "--ema-stages", saved.get("ema_stages", was), args.ema_stages
+        preset = saved.get("preset", "paper")
+        if preset != args.preset:  # a preset sets many flags: name it, not each flag it set in turn
+            raise ConfigError(
+                f"the checkpoint was trained with {flag} {was} but this run has {now}; it was made with --preset "
+                f"{preset}: resume with --preset {preset} (the run's args.json lists every flag)"
+            )
         raise ConfigError(
             f"the checkpoint was trained with {flag} {was} but this run has {now}; "
             f"resume with the same {flag} (the run's args.json lists them all)"
