@@ -3666,7 +3666,7 @@ def test_streamed_views_are_cut_from_the_whole_image(tmp_path):
     assert view.shape == (1, 3, 48, 48) and labels.tolist() == [0]
     corners = view[0, :, [6, 6, 42, 42], [6, 42, 6, 42]].T.tolist()  # top left, top right, bottom left, bottom right
     assert corners == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], corners
-    evaluated = engine.data.EvalImages([str(tmp_path / "q.png")], 48)[0]
+    evaluated = engine.data.FolderImages([str(tmp_path / "q.png")], 48, centre_crop=True)[0]
     assert evaluated.shape == (3, 48, 48)
 
 

@@ -229,23 +229,27 @@ def as_tensor(image):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Item i: image i decoded and resized to size x size (--loader memory's one decode), a uint8 3 x size x size
-    tensor, or the one line naming an unreadable image."""
+    """Item i: image i as a uint8 3 x size x size tensor, or the one line naming an unreadable image. The whole
+    image resized to size x size (--loader memory's one decode), or with centre_crop the standard evaluation
+    view: resized so that its shorter side is size * 8 / 7 (256 for 224), then its centre (--loader stream)."""
 
-    def __init__(self, files, size):
-        self.files, self.size = files, size
+    def __init__(self, files, size, centre_crop=False):
+        self.files, self.size, self.centre_crop = files, size, centre_crop
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
         from PIL import Image
 
         try:
             image = open_image(self.files[i])
         except ConfigError as error:
             return str(error)
-        if image.size != (self.size, self.size):
+        if self.centre_crop:
+            image = TF.center_crop(TF.resize(image, round(self.size * 8 / 7)), self.size)
+        elif image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BICUBIC)
         return as_tensor(image)
 
@@ -473,29 +477,8 @@ class TrainBatches(torch.utils.data.Dataset):
         return [torch.stack(crops) for crops in made], labels
 
 
-class EvalImages(torch.utils.data.Dataset):
-    """The standard evaluation view: the image resized so that its shorter side is size * 8 / 7 (256 for 224),
-    then its centre size x size. Item i: a uint8 3 x size x size tensor, or the one line naming an unreadable image."""
-
-    def __init__(self, files, size):
-        self.files, self.size = files, size
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        import torchvision.transforms.functional as TF
-
-        try:
-            image = open_image(self.files[i])
-        except ConfigError as error:
-            return str(error)
-        image = TF.center_crop(TF.resize(image, round(self.size * 8 / 7)), self.size)
-        return as_tensor(image)
-
-
 def first_error_or_stack(items):
-    """A DataLoader's collate for EvalImages: the batch as one tensor, or the first unreadable image's line."""
+    """A DataLoader's collate for FolderImages: the batch as one tensor, or the first unreadable image's line."""
     errors = [item for item in items if isinstance(item, str)]
     return errors[0] if errors else torch.stack(items)
 
@@ -534,7 +517,7 @@ class StreamData:
         device = self.train_labels.device
         files = self.train_files if split == "train" else self.test_files
         batches = loader(
-            EvalImages(files, self.image_size),
+            FolderImages(files, self.image_size, centre_crop=True),
             self.workers,
             device,
             batch_size=batch_size,
@@ -547,7 +530,7 @@ class StreamData:
 
     def fixed_batch(self, n):
         """The first n training images, in their evaluation view (--log-target-drift's fixed batch), read here."""
-        images = EvalImages(self.train_files[:n], self.image_size)
+        images = FolderImages(self.train_files[:n], self.image_size, centre_crop=True)
         batch = first_error_or_stack([images[i] for i in range(len(images))])
         if isinstance(batch, str):
             raise ConfigError(batch)
