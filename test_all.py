@@ -2192,14 +2192,14 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
     out = tmp_path / "run"
     args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--log-target-drift", "--out-dir", out]
     run_script("byol.py", *args, "--max-steps", "3")
-    kept = {path.name: path.read_bytes() for path in out.iterdir()}
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"}  # (the lock: a PID)
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write("garbage\n")  # a line no run writes: the resume is refused in one line, every file as it was
     refused = run_script("byol.py", *args, "--resume", check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "grad_norms.jsonl is not a file of records this code wrote" in refused.stderr
     (out / "grad_norms.jsonl").write_bytes(kept["grad_norms.jsonl"])
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == kept
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"} == kept
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave
     run_script("byol.py", *args, "--resume")
