@@ -930,9 +930,13 @@ def test_an_image_folder_decodes_the_same_with_any_number_of_workers():
     """--workers decodes an image folder in DataLoader processes, 500 images a batch, in order: the same
     tensors as one process, the held-out split and a subset too."""
     one = engine.data._image_folder(MINI, 32, workers=1)
-    two = engine.data._image_folder(MINI, 32, workers=2)
-    assert all(torch.equal(a, b) for a, b in zip(one[:4], two[:4])) and one[4] == two[4] == 10
-    part = engine.data._image_folder(MINI, 24, subset=1000, val_size=500, workers=3)
+    torch.manual_seed(0)
+    three = engine.data._image_folder(MINI, 32, workers=3)  # 2,000 training images: 4 batches, 3 processes
+    after = torch.randn(3)  # torch's global generator is left alone: the run's weights are drawn after the data
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.randn(3))
+    assert all(torch.equal(a, b) for a, b in zip(one[:4], three[:4])) and one[4] == three[4] == 10
+    part = engine.data._image_folder(MINI, 24, subset=1000, val_size=500, workers=2)
     alone = engine.data._image_folder(MINI, 24, subset=1000, val_size=500, workers=1)
     assert part[0].shape == (1000, 3, 24, 24) and part[2].shape == (500, 3, 24, 24)
     assert all(torch.equal(a, b) for a, b in zip(part[:4], alone[:4]))
@@ -2192,13 +2196,15 @@ def test_instrument_files_survive_a_cut_and_resume_exactly(instrumented_runs, tm
     out = tmp_path / "run"
     args = [*FIG2, "--beta", "0.9", "--log-grad-norms", "--log-target-drift", "--out-dir", out]
     run_script("byol.py", *args, "--max-steps", "3")
-    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"}  # (the lock: a PID)
     with open(out / "grad_norms.jsonl", "a") as f:
-        f.write("garbage\n")  # a line no run writes: the resume is refused in one line, every file as it was
+        f.write('{"step": 99, "conv1": 1.0}\n')  # past the checkpoint: a resume cuts it, a refused one must not
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"}  # (the lock: a PID)
+    with open(out / "target_drift.jsonl", "a") as f:
+        f.write("garbage\n")  # a line no run writes, in the file read last: refused in one line, every file as it was
     refused = run_script("byol.py", *args, "--resume", check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert "grad_norms.jsonl is not a file of records this code wrote" in refused.stderr
-    (out / "grad_norms.jsonl").write_bytes(kept["grad_norms.jsonl"])
+    assert "target_drift.jsonl is not a file of records this code wrote" in refused.stderr
+    (out / "target_drift.jsonl").write_bytes(kept["target_drift.jsonl"])
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"} == kept
     with open(out / "grad_norms.jsonl", "a") as f:
         f.write('{"step": 99, "conv1": 1.0}\n{"step": 4, "con')  # lines a killed run may leave

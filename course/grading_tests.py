@@ -589,7 +589,7 @@ def test_exercise_06_a_batch_that_crosses_the_end_wraps_to_slot_0():
             "a batch that crosses the end of the queue goes on at slot 0 (no key is dropped)",
             "K = 6, d = 2; two pushes of the same N = 4 keys",
             "pointer 2; slots 4, 5, 0, 1 hold the second batch's keys 0, 1, 2, 3",
-            f"pointer {int(queue.pointer)}",
+            f"pointer {int(queue.pointer)}; slots 0..5 {[[round(v, 3) for v in key] for key in queue.keys.tolist()]}",
             "slot = (pointer + i) mod K for each key i, not a slice that stops at K",
         )
 

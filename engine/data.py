@@ -261,14 +261,24 @@ def _image_folder(root, image_size, subset=None, val_size=None, workers=1):
 
     def decode(samples):
         images = FolderImages([path for path, _ in samples], image_size)
-        batches = -(-len(images) // 500)  # batches of 500 images; one process when there is one batch or worker
-        processes = min(workers, batches) if min(workers, batches) > 1 else 0
-        decoded = []
-        for batch in loader(images, processes, torch.device("cpu"), batch_size=500, collate_fn=first_error_or_stack):
+        num_batches = -(-len(images) // 500)  # batches of 500 images; one process for one batch or one worker
+        processes = min(workers, num_batches) if min(workers, num_batches) > 1 else 0
+        # A generator of its own: a DataLoader draws its workers' seed from the one it is given, and from torch's
+        # global generator without one, which would move every weight the run initialises after the data.
+        reader = loader(
+            images,
+            processes,
+            torch.device("cpu"),
+            batch_size=500,
+            collate_fn=first_error_or_stack,
+            generator=torch.Generator(),
+        )
+        decoded = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8)
+        for i, batch in enumerate(reader):  # each batch copied out of shared memory as it comes
             if isinstance(batch, str):  # an image that could not be read: its one line
                 raise ConfigError(batch)
-            decoded.append(batch)
-        return torch.cat(decoded).contiguous(), torch.tensor([label for _, label in samples])
+            decoded[i * 500 : i * 500 + len(batch)] = batch
+        return decoded, torch.tensor([label for _, label in samples])
 
     train_samples, test_samples, num_classes = folder_samples(root, subset, val_size)
     train_x, train_y = decode(train_samples)

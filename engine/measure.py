@@ -123,9 +123,9 @@ class Instruments:
     def open(self, out_dir, step, resume):
         """Start the files: a resumed run keeps the lines up to its checkpoint's step."""
         self.out_dir = Path(out_dir)
-        for key in self.enabled():
-            path = self.out_dir / self.FILES[key]
-            lines = read_records(path) if resume and path.exists() else []
+        paths = [self.out_dir / self.FILES[key] for key in self.enabled()]
+        records = {path: read_records(path) if resume and path.exists() else [] for path in paths}  # all read first
+        for path, lines in records.items():
             keep = [
                 line for line, record in lines if line.endswith("\n") and record["step"] <= step
             ]  # (a cut line goes)

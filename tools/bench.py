@@ -561,17 +561,18 @@ def bench_real_epoch(args):
 def loader_images_per_second(data, workers, batch_size, batches, size=224):
     """Images per second --loader stream's workers deliver (engine.data.TrainBatches: BYOL's two views of each
     image, cut from the whole image and resized to `size`), in the folder's order, timed from the workers' start
-    to the last item. Each worker reads `batches` items of batch_size images, or of fewer where the folder is too
-    small for that: with fewer items than workers every item is read at once and arrives together, which times
-    the start-up, not the rate (8 batches on 16 cores read that way)."""
+    to the last item. Each worker reads `batches` items of batch_size images, or fewer items of fewer images where
+    the folder is too small for that: with fewer items than workers every item is read at once and arrives
+    together, which times the start-up, not the rate (8 batches on 16 cores read that way)."""
     from engine.data import TrainBatches, loader
 
-    per_item = min(batch_size, len(data.train_files) // (workers * batches))
-    if per_item < 1:
+    batches = min(batches, len(data.train_files) // workers)  # (a small folder: fewer items for each worker)
+    if batches < 1:
         raise common.ConfigError(
-            f"--loader-throughput with {workers} workers needs {workers * batches} training images or more for "
-            f"--loader-batches {batches} (the folder has {len(data.train_files)}); lower --loader-batches"
+            f"--loader-throughput with {workers} workers needs {workers} training images or more (the folder has "
+            f"{len(data.train_files)}); give it a larger folder"
         )
+    per_item = min(batch_size, len(data.train_files) // (workers * batches))
     views = [(size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)] * 2
     order = list(range(len(data.train_files)))
     labels = data.train_labels.tolist()
