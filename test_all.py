@@ -926,6 +926,7 @@ def test_an_instrument_file_with_a_line_no_run_wrote_is_refused_in_one_line(tmp_
 
 
 @needs_mini
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # (more than 2 cores, on purpose)
 def test_an_image_folder_decodes_the_same_with_any_number_of_workers():
     """--workers decodes an image folder in DataLoader processes, 500 images a batch, in order: the same
     tensors as one process, the held-out split and a subset too."""

@@ -61,7 +61,7 @@ def scalar(number, value, on):
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         fail(number, "the loss is one number (a 0-dim tensor): the mean over the batch", on, "shape ()", shape)
-    return float(value)
+    return float(value.detach())
 
 
 def check_value(number, prop, on, got, expected, tol=1e-4, hint=None):
@@ -74,7 +74,7 @@ def cos(a, b):
 
 
 def rows(t):
-    return [[float(v) for v in row] for row in t]
+    return [[float(v) for v in row] for row in t.detach()]
 
 
 # ---- Exercise 1: solarisation ---------------------------------------------------------------

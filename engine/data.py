@@ -257,7 +257,7 @@ class FolderImages(torch.utils.data.Dataset):
 def _image_folder(root, image_size, subset=None, val_size=None, workers=1):
     """An image folder decoded once, every image resized to image_size x image_size (--loader memory), by
     `workers` processes (DataLoader workers, in order: the tensors are the same for any number; all 60,000 of
-    CIFAR-10's JPEGs took 17 s in one process and 8 s in two on a 2-core CPU, docs/benchmarks.md)."""
+    CIFAR-10's JPEGs took about 14.5 s in one process and 8.5 s in two on a 2-core CPU, docs/benchmarks.md)."""
 
     def decode(samples):
         images = FolderImages([path for path, _ in samples], image_size)
