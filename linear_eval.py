@@ -14,7 +14,6 @@ protocol; the method files log it as linear_top1). This script is the offline pr
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import common
 from engine.checkpoint import load_checkpoint
-from engine.cli import ArgumentParser, HelpFormatter, check_cpu_convolutions, check_ranges
+from engine.cli import ArgumentParser, HelpFormatter, check_cpu_convolutions, check_ranges, default_workers
 from engine.data import load_dataset, load_stream
 from engine.files import atomic_write
 from engine.optim import learning_rate_factor
@@ -197,6 +196,7 @@ def main(argv=None):
         raise common.ConfigError(
             "--loader stream: linear_eval.py trains on fixed features of the evaluation views there; pass --no-augment"
         )
+    args.workers = args.workers or default_workers()
     device = common.setup(args.device, args.seed)
     if args.loader == "stream":
         data = load_stream(
@@ -206,7 +206,7 @@ def main(argv=None):
             train_subset=args.train_subset,
             eval_split=args.eval_split,
             val_size=args.val_size,
-            workers=args.workers or min(32, os.cpu_count() or 1),
+            workers=args.workers,
         )
     else:
         data = load_dataset(
@@ -220,7 +220,7 @@ def main(argv=None):
             download=not args.no_download,
             synthetic_size=trained["synthetic_size"],
             seed=trained["seed"],
-            workers=args.workers or min(32, os.cpu_count() or 1),
+            workers=args.workers,
         )
 
     width, stem = trained.get("width", 64), trained.get("stem", "cifar")  # (checkpoints before the flags)

@@ -112,15 +112,10 @@ def restore(state, models, optimizer, generator, args):
         if key == "stages":  # (parsed from --ema-stages: say it as the flag was written)
             flag, was, now = "--ema-stages", saved.get("ema_stages", was), args.ema_stages
         preset = saved.get("preset", "paper")
+        fix = f"resume with the same {flag} (the run's args.json lists them all)"
         if preset != args.preset:  # a preset sets many flags: name it, not each flag it set in turn
-            raise ConfigError(
-                f"the checkpoint was trained with {flag} {was} but this run has {now}; it was made with --preset "
-                f"{preset}: resume with --preset {preset} (the run's args.json lists every flag)"
-            )
-        raise ConfigError(
-            f"the checkpoint was trained with {flag} {was} but this run has {now}; "
-            f"resume with the same {flag} (the run's args.json lists them all)"
-        )
+            fix = f"it was made with --preset {preset}: resume with --preset {preset} (the run's args.json lists every flag)"
+        raise ConfigError(f"the checkpoint was trained with {flag} {was} but this run has {now}; {fix}")
     try:
         for name, module in models.items():
             module.load_state_dict(state["models"][name])

@@ -395,6 +395,11 @@ LAPTOP_SCALE = {
 }
 
 
+def default_workers():
+    """--workers' default: one process per CPU that os.cpu_count() counts, at most 32."""
+    return min(32, os.cpu_count() or 1)
+
+
 def default_device():
     import torch
 
@@ -474,7 +479,7 @@ def check_args(args, method):
         )
     check_cpu_convolutions(args.device, args.stem, args.width, views, streamed=args.loader == "stream")
     if args.workers is None:
-        args.workers = min(32, os.cpu_count() or 1)
+        args.workers = default_workers()
     if args.aug_chunk is None:  # a GPU pays per kernel launch, so it augments 16 batches per call; a CPU does not
         args.aug_chunk = 16 if args.device.startswith("cuda") else 1
     if args.warmup_epochs is None:  # the paper's 10 of 200 epochs, scaled to shorter runs

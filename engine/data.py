@@ -262,7 +262,8 @@ def _image_folder(root, image_size, subset=None, val_size=None, workers=1):
     def decode(samples):
         images = FolderImages([path for path, _ in samples], image_size)
         num_batches = -(-len(images) // 500)  # batches of 500 images; one process for one batch or one worker
-        processes = min(workers, num_batches) if min(workers, num_batches) > 1 else 0
+        processes = min(workers, num_batches)
+        processes = processes if processes > 1 else 0  # (one DataLoader worker would only add a process)
         # A generator of its own: a DataLoader draws its workers' seed from the one it is given, and from torch's
         # global generator without one, which would move every weight the run initialises after the data.
         reader = loader(

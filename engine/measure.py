@@ -16,11 +16,12 @@ from engine.files import atomic_write, write_failed
 
 
 def read_records(path):
-    """[(line, record)] of an instrument's JSON-lines file; a line that is not one of its records (the file
-    edited, or damaged) ends the resume in one line, before anything is written."""
+    """[(line, record)] of an instrument's JSON-lines file, its whole lines (a killed run's cut last line goes); a
+    line that is not one of its records (the file edited, or damaged) ends the resume in one line, before
+    anything is written."""
     try:
-        lines = path.read_text().splitlines(keepends=True)
-        records = [json.loads(line) if line.endswith("\n") else {"step": float("inf")} for line in lines]
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+        records = [json.loads(line) for line in lines]
         if all(isinstance(record.get("step"), (int, float)) for record in records):
             return list(zip(lines, records))
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
@@ -126,9 +127,7 @@ class Instruments:
         paths = [self.out_dir / self.FILES[key] for key in self.enabled()]
         records = {path: read_records(path) if resume and path.exists() else [] for path in paths}  # all read first
         for path, lines in records.items():
-            keep = [
-                line for line, record in lines if line.endswith("\n") and record["step"] <= step
-            ]  # (a cut line goes)
+            keep = [line for line, record in lines if record["step"] <= step]
             atomic_write(path, lambda f: f.write("".join(keep).encode()))
         if self.rows and not resume:
             self._record_weights(0)  # the starting point of each trajectory
